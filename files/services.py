@@ -1,0 +1,160 @@
+"""Every write to datasets, the catalogue and FILE_DAT goes through here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import structlog
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from files.models import (
+    Dataset,
+    DatasetEntry,
+    DatasetRole,
+    DatasetState,
+    File,
+    FileStatus,
+    FileType,
+)
+from wms import checksums
+from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed
+from wms.statemachine import TransitionResult, apply_transition
+
+log = structlog.get_logger(__name__)
+
+
+@transaction.atomic
+def dataset_register(
+    *,
+    name: str,
+    role: str = DatasetRole.INPUT,
+    location: str = "",
+    uid: uuid.UUID | None = None,
+) -> Dataset:
+    """Create an open dataset; a name or uid already taken is a 409."""
+    if not name or not name.strip():
+        raise ValidationFailed({"name": ["This field may not be blank."]})
+    if role not in DatasetRole.values:
+        raise ValidationFailed({"role": [f"Must be one of {DatasetRole.values}."]})
+    fields: dict[str, Any] = {"name": name.strip(), "role": role, "location": location}
+    if uid is not None:
+        fields["uid"] = uid
+    try:
+        with transaction.atomic():
+            ds = Dataset.objects.create(**fields)
+    except IntegrityError as exc:
+        raise Conflict(f"A dataset named {name!r} (or with this uid) already exists.") from exc
+    log.info("dataset_registered", dataset_uid=str(ds.uid), dataset=ds.name, role=role)
+    return ds
+
+
+def _clean_entry(raw: Mapping[str, Any], index: int) -> dict[str, Any]:
+    errors: dict[str, list[str]] = {}
+    name = str(raw.get("name") or "").strip()
+    if not name:
+        errors["name"] = ["This field is required."]
+    size = raw.get("size", 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        errors["size"] = ["Must be a non-negative integer."]
+    check_sum = str(raw.get("check_sum") or "")
+    if check_sum and not checksums.is_valid(check_sum):
+        errors["check_sum"] = ["Must be '<adler32|sha256|md5>:<hex>' in lower case."]
+    if errors:
+        raise ValidationFailed({f"files[{index}]": errors})
+    return {"name": name, "size": size, "check_sum": check_sum, "url": str(raw.get("url") or "")}
+
+
+@transaction.atomic
+def dataset_add_files(
+    *, dataset: Dataset, files: Iterable[Mapping[str, Any]]
+) -> list[DatasetEntry]:
+    """Register files in an open dataset's catalogue, all or none.
+
+    A closed dataset refuses (409 ``dataset_closed``); a name already in the dataset is a 409.
+    """
+    cleaned = [_clean_entry(f, i) for i, f in enumerate(files)]
+    if not cleaned:
+        raise ValidationFailed({"files": ["At least one file is required."]})
+    names = [c["name"] for c in cleaned]
+    if len(set(names)) != len(names):
+        raise ValidationFailed({"files": ["File names repeat within the request."]})
+    # The row lock orders this against dataset_close: no file slips in after a close.
+    locked = Dataset.objects.select_for_update().filter(pk=dataset.pk).first()
+    if locked is None:
+        raise NotFound(f"Dataset {dataset.uid} does not exist.")
+    if locked.state != DatasetState.OPEN:
+        raise DatasetClosed(f"Dataset {locked.name} is closed and takes no more files.")
+    clash = list(
+        DatasetEntry.objects.filter(dataset=locked, name__in=names).values_list("name", flat=True)[
+            :5
+        ]
+    )
+    if clash:
+        raise Conflict(f"Files already in dataset {locked.name}: {', '.join(clash)}")
+    entries = DatasetEntry.objects.bulk_create(
+        [DatasetEntry(dataset=locked, **c) for c in cleaned], batch_size=5000
+    )
+    Dataset.objects.filter(pk=locked.pk).update(
+        file_count=F("file_count") + len(entries),
+        total_size=F("total_size") + sum(c["size"] for c in cleaned),
+        updated_at=timezone.now(),
+    )
+    log.info("dataset_files_added", dataset_uid=str(locked.uid), count=len(entries))
+    return entries
+
+
+@transaction.atomic
+def dataset_close(*, dataset: Dataset, source: str, reason: str = "") -> TransitionResult:
+    """Close a dataset (open → closed); closing a closed dataset again is a no-op."""
+    Dataset.objects.select_for_update().filter(pk=dataset.pk).first()
+    result = apply_transition(
+        Dataset,
+        dataset.pk,
+        DatasetState.CLOSED,
+        source=source,
+        reason=reason,
+        updates={"closed_at": timezone.now()},
+    )
+    if result.won:
+        log.info("dataset_closed", dataset_uid=str(dataset.uid), source=source)
+    return result
+
+
+def file_create(
+    *,
+    file_name: str,
+    type: str,
+    job_id: int | None = None,
+    task_id: int | None = None,
+    dataset: Dataset | None = None,
+    entry: DatasetEntry | None = None,
+    size: int = 0,
+    check_sum: str = "",
+    status: str = FileStatus.PENDING,
+    url: str = "",
+) -> File:
+    """Create one FILE_DAT row (a job's input, output or log file)."""
+    if type not in FileType.values:
+        raise ValidationFailed({"type": [f"Must be one of {FileType.values}."]})
+    if check_sum and not checksums.is_valid(check_sum):
+        raise ValidationFailed({"check_sum": ["Must be '<adler32|sha256|md5>:<hex>'."]})
+    try:
+        with transaction.atomic():
+            return File.objects.create(
+                file_name=file_name,
+                type=type,
+                job_id=job_id,
+                task_id=task_id,
+                dataset=dataset,
+                entry=entry,
+                size=size,
+                check_sum=check_sum,
+                status=status,
+                url=url,
+            )
+    except IntegrityError as exc:
+        raise Conflict(f"File {file_name!r} already has a job in this task.") from exc

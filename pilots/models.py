@@ -1,0 +1,82 @@
+"""PILOT_DAT: an agent on a worker node that takes jobs from its device queue and runs them."""
+
+from django.db import models
+from django.utils import timezone
+
+from wms.choices import DeviceType
+from wms.models import TransitionLog
+from wms.statemachine import StateMachine
+
+
+class PilotState(models.TextChoices):
+    REGISTERED = "registered", "registered"
+    IDLE = "idle", "idle"
+    BUSY = "busy", "busy"
+    DRAINING = "draining", "draining"
+    TERMINATED = "terminated", "terminated"
+    LOST = "lost", "lost"
+
+
+PS = PilotState
+PILOT_MACHINE = StateMachine(
+    entity="pilot",
+    states=PilotState,
+    transitions={
+        PS.REGISTERED: frozenset({PS.IDLE, PS.BUSY, PS.DRAINING, PS.TERMINATED, PS.LOST}),
+        PS.IDLE: frozenset({PS.BUSY, PS.DRAINING, PS.TERMINATED, PS.LOST}),
+        PS.BUSY: frozenset({PS.IDLE, PS.DRAINING, PS.TERMINATED, PS.LOST}),
+        PS.DRAINING: frozenset({PS.TERMINATED, PS.LOST}),
+        PS.TERMINATED: frozenset(),
+        PS.LOST: frozenset(),
+    },
+)
+
+LIVE_PILOT_STATES = (PS.REGISTERED, PS.IDLE, PS.BUSY, PS.DRAINING)
+
+
+class Pilot(models.Model):
+    STATE_MACHINE = PILOT_MACHINE
+    TRANSITION_MODEL = "pilots.PilotTransition"
+
+    # seed: PILOT_DAT.status, a free-text status line as the pilot reports it
+    status = models.CharField(max_length=255, blank=True, default="")
+    state = models.CharField(
+        max_length=20, choices=PilotState.choices, default=PilotState.REGISTERED
+    )
+    hostname = models.CharField(max_length=255)
+    site = models.CharField(max_length=100, blank=True, default="")
+    device_type = models.CharField(max_length=3, choices=DeviceType.choices, default=DeviceType.CPU)
+    cores = models.PositiveIntegerField(default=1)
+    memory_mb = models.PositiveBigIntegerField(default=0)
+    gpus = models.PositiveIntegerField(default=0)
+    slots = models.PositiveIntegerField(default=1)
+    version = models.CharField(max_length=50, blank=True, default="")
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    token_hash = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    token_revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(
+                fields=["last_heartbeat"],
+                condition=models.Q(state__in=["registered", "idle", "busy", "draining"]),
+                name="pilot_live_heartbeat",
+            ),
+            models.Index(fields=["site", "device_type"], name="pilot_site_device"),
+        ]
+
+    def __str__(self) -> str:
+        return f"pilot {self.pk} ({self.hostname})"
+
+
+class PilotTransition(TransitionLog):
+    subject = models.ForeignKey(Pilot, on_delete=models.CASCADE, related_name="transitions")
+
+    class Meta(TransitionLog.Meta):
+        indexes = [models.Index(fields=["subject", "at"], name="pilot_tr_subject_at")]

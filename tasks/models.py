@@ -1,0 +1,90 @@
+"""TASK_DAT: what a physicist asks for ("run this over every file of that dataset")."""
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.utils import timezone
+
+from wms.choices import DeviceType, Mode
+from wms.models import TransitionLog
+from wms.statemachine import StateMachine
+
+
+class TaskState(models.TextChoices):
+    DEFINED = "defined", "defined"
+    RUNNING = "running", "running"
+    PAUSED = "paused", "paused"
+    FINISHED = "finished", "finished"
+    FAILED = "failed", "failed"
+    CANCELLED = "cancelled", "cancelled"
+
+
+TS = TaskState
+TASK_MACHINE = StateMachine(
+    entity="task",
+    states=TaskState,
+    transitions={
+        TS.DEFINED: frozenset({TS.RUNNING, TS.PAUSED, TS.CANCELLED}),
+        TS.RUNNING: frozenset({TS.PAUSED, TS.FINISHED, TS.FAILED, TS.CANCELLED}),
+        TS.PAUSED: frozenset({TS.RUNNING, TS.CANCELLED}),
+        TS.FINISHED: frozenset(),
+        TS.FAILED: frozenset(),
+        TS.CANCELLED: frozenset(),
+    },
+)
+
+ACTIVE_TASK_STATES = (TS.DEFINED, TS.RUNNING, TS.PAUSED)
+
+
+class Task(models.Model):
+    STATE_MACHINE = TASK_MACHINE
+    TRANSITION_MODEL = "tasks.TaskTransition"
+
+    # --- the seed's TASK_DAT columns ---
+    executable = models.CharField(max_length=255)
+    args = models.CharField(max_length=1024, blank=True, default="")
+    rank = models.IntegerField(
+        default=0,
+        validators=[MinValueValidator(-32768), MaxValueValidator(32767)],
+        help_text="Priority: higher runs first within a device type.",
+    )
+    device_type = models.CharField(max_length=3, choices=DeviceType.choices, default=DeviceType.CPU)
+    mode = models.CharField(max_length=5, choices=Mode.choices, default=Mode.MAP)
+    data_in_uid = models.UUIDField(help_text="DSM uid of the input dataset.")
+    storage_url = models.CharField(max_length=1024, blank=True, default="")
+    data_out_url = models.CharField(max_length=1024, blank=True, default="")
+    # --- what the WMS adds ---
+    name = models.CharField(max_length=255, blank=True, default="")
+    state = models.CharField(max_length=20, choices=TaskState.choices, default=TaskState.DEFINED)
+    files_per_job = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    max_retries = models.PositiveSmallIntegerField(
+        default=3, validators=[MaxValueValidator(100)], help_text="Retries allowed per job."
+    )
+    splitter_enabled = models.BooleanField(default=True)
+    executor_enabled = models.BooleanField(default=True)
+    data_out_uid = models.UUIDField(
+        null=True, blank=True, help_text="DSM uid of the output dataset."
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="tasks"
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["state", "device_type"], name="task_state_device"),
+            models.Index(fields=["owner", "state"], name="task_owner_state"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"task {self.pk}"
+
+
+class TaskTransition(TransitionLog):
+    subject = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="transitions")
+
+    class Meta(TransitionLog.Meta):
+        indexes = [models.Index(fields=["subject", "at"], name="task_tr_subject_at")]

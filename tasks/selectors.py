@@ -1,0 +1,29 @@
+"""Reads of tasks shared by the API, the admin and the services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.db.models import Count
+
+from jobs.models import Job, JobState
+
+
+def task_job_counts(*, task_id: int) -> dict[str, int]:
+    """Jobs of one task per state, every state present (0 where none)."""
+    return tasks_job_counts(task_ids=[task_id]).get(task_id, {s: 0 for s in JobState.values})
+
+
+def tasks_job_counts(*, task_ids: Iterable[int]) -> dict[int, dict[str, int]]:
+    """Jobs per state for several tasks in ONE query (list pages, no N+1)."""
+    ids = list(task_ids)
+    out: dict[int, dict[str, int]] = {tid: {s: 0 for s in JobState.values} for tid in ids}
+    rows = (
+        Job.objects.filter(task_id__in=ids)
+        .values_list("task_id", "state")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    for task_id, state, n in rows:
+        out[task_id][state] = n
+    return out

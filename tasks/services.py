@@ -1,0 +1,152 @@
+"""Every write to tasks goes through here."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import structlog
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from files.selectors import dataset_get
+from jobs.models import Job, JobState
+from tasks.models import Task, TaskState
+from wms.choices import DeviceType, Mode
+from wms.exceptions import NotFound, ValidationFailed
+from wms.statemachine import TransitionResult, apply_transition
+
+log = structlog.get_logger(__name__)
+
+
+def _get(task_id: int) -> Task:
+    try:
+        return Task.objects.get(pk=task_id)
+    except Task.DoesNotExist as exc:
+        raise NotFound(f"Task {task_id} does not exist.") from exc
+
+
+@transaction.atomic
+def task_create(
+    *,
+    owner: AbstractBaseUser,
+    executable: str,
+    data_in_uid: uuid.UUID | str,
+    args: str = "",
+    rank: int = 0,
+    device_type: str = DeviceType.CPU,
+    mode: str = Mode.MAP,
+    storage_url: str = "",
+    data_out_url: str = "",
+    name: str = "",
+    files_per_job: int = 1,
+    max_retries: int = 3,
+    splitter_enabled: bool = True,
+    executor_enabled: bool = True,
+) -> Task:
+    """Define a task over an existing input dataset of the DSM."""
+    dataset = dataset_get(uid=data_in_uid) if data_in_uid else None
+    if dataset is None:
+        raise ValidationFailed({"data_in_uid": ["This field is required."]})
+    task = Task(
+        owner=owner,
+        executable=executable,
+        args=args,
+        rank=rank,
+        device_type=device_type,
+        mode=mode,
+        data_in_uid=dataset.uid,
+        storage_url=storage_url,
+        data_out_url=data_out_url,
+        name=name,
+        files_per_job=files_per_job,
+        max_retries=max_retries,
+        splitter_enabled=splitter_enabled,
+        executor_enabled=executor_enabled,
+    )
+    try:
+        task.full_clean(exclude=["owner"])
+    except DjangoValidationError as exc:
+        raise ValidationFailed(exc.message_dict) from exc
+    task.save(force_insert=True)
+    log.info("task_created", task_id=task.pk, data_in_uid=str(dataset.uid), owner=str(owner))
+    return task
+
+
+_UPDATABLE = {"rank", "splitter_enabled", "executor_enabled", "name", "max_retries"}
+
+
+@transaction.atomic
+def task_update(*, task_id: int, **changes: Any) -> Task:
+    """Change a task's rank, name, retries or enable flags at run time.
+
+    A new rank also applies to the task's jobs that are not dispatched yet, so re-prioritising
+    a task takes effect on its next dispatch.
+    """
+    unknown = set(changes) - _UPDATABLE
+    if unknown:
+        raise ValidationFailed({k: ["This field cannot be changed."] for k in sorted(unknown)})
+    task = Task.objects.select_for_update().filter(pk=task_id).first()
+    if task is None:
+        raise NotFound(f"Task {task_id} does not exist.")
+    for key, value in changes.items():
+        setattr(task, key, value)
+    try:
+        task.full_clean(exclude=["owner"])
+    except DjangoValidationError as exc:
+        raise ValidationFailed(exc.message_dict) from exc
+    task.save(update_fields=[*changes, "updated_at"])
+    if "rank" in changes:
+        Job.objects.filter(task_id=task_id, state=JobState.DEFINED).update(
+            rank=task.rank, updated_at=timezone.now()
+        )
+    log.info("task_updated", task_id=task_id, **{k: changes[k] for k in sorted(changes)})
+    return task
+
+
+def task_transition(
+    *, task_id: int, target: str, source: str, reason: str = ""
+) -> TransitionResult:
+    """Apply one transition of the task state machine (409 if the map forbids it)."""
+    result = apply_transition(Task, task_id, target, source=source, reason=reason)
+    if result.won:
+        log.info(
+            "task_state_changed",
+            task_id=task_id,
+            from_state=result.from_state,
+            to_state=target,
+            source=source,
+        )
+    return result
+
+
+def task_pause(*, task_id: int, source: str, reason: str = "") -> TransitionResult:
+    return task_transition(task_id=task_id, target=TaskState.PAUSED, source=source, reason=reason)
+
+
+def task_resume(*, task_id: int, source: str, reason: str = "") -> TransitionResult:
+    return task_transition(task_id=task_id, target=TaskState.RUNNING, source=source, reason=reason)
+
+
+@transaction.atomic
+def task_cancel(*, task_id: int, source: str, reason: str = "") -> TransitionResult:
+    """Cancel a task and every job of it that is not final yet (idempotent)."""
+    from jobs.services import jobs_cancel
+
+    _get(task_id)
+    result = task_transition(
+        task_id=task_id, target=TaskState.CANCELLED, source=source, reason=reason
+    )
+    jobs_cancel(
+        job_ids=list(
+            Job.objects.filter(
+                task_id=task_id,
+                state__in=[JobState.DEFINED, JobState.QUEUED, JobState.RUNNING],
+            ).values_list("pk", flat=True)
+        ),
+        source=source,
+        reason=reason or f"task {task_id} cancelled",
+    )
+    return result

@@ -1,0 +1,99 @@
+"""factory-boy factories for every model (one module, imported by every test package)."""
+
+import factory
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from files.models import Dataset, DatasetEntry, DatasetRole, File, FileType
+from jobs.models import Job, JobAttempt
+from pilots.models import Pilot
+from pilots.services import hash_token
+from tasks.models import Task
+from wms import checksums
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"physicist{n}")
+    email = factory.LazyAttribute(lambda o: f"{o.username}@example.org")
+    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests")
+
+
+class DatasetFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Dataset
+
+    name = factory.Sequence(lambda n: f"mc.run{n:05d}.evgen")
+    role = DatasetRole.INPUT
+
+
+class DatasetEntryFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = DatasetEntry
+
+    dataset = factory.SubFactory(DatasetFactory)
+    name = factory.Sequence(lambda n: f"events.{n:06d}.root")
+    size = 1024
+    check_sum = factory.LazyAttribute(lambda o: checksums.bytes_checksum(o.name.encode()))
+
+
+class TaskFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Task
+
+    owner = factory.SubFactory(UserFactory)
+    executable = "wms-payload-map"
+    args = "--events 100"
+    rank = 0
+    data_in_uid = factory.LazyFunction(lambda: DatasetFactory().uid)
+    name = factory.Sequence(lambda n: f"task-{n}")
+
+
+class PilotFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Pilot
+
+    hostname = factory.Sequence(lambda n: f"wn{n:03d}.example.org")
+    site = "TEST-SITE"
+    cores = 8
+    memory_mb = 16000
+    started_at = factory.LazyFunction(timezone.now)
+    last_heartbeat = factory.LazyFunction(timezone.now)
+    token_hash = factory.Sequence(lambda n: hash_token(f"token-{n}"))
+
+
+class JobFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Job
+
+    task = factory.SubFactory(TaskFactory)
+    executable = factory.SelfAttribute("task.executable")
+    args = factory.SelfAttribute("task.args")
+    rank = factory.SelfAttribute("task.rank")
+    device_type = factory.SelfAttribute("task.device_type")
+    mode = factory.SelfAttribute("task.mode")
+    retries = factory.SelfAttribute("task.max_retries")
+
+
+class JobAttemptFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = JobAttempt
+
+    job = factory.SubFactory(JobFactory)
+    number = factory.SelfAttribute("job.cur_retry")
+    pilot = factory.SubFactory(PilotFactory)
+
+
+class FileFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = File
+
+    file_name = factory.Sequence(lambda n: f"out.{n:06d}.root")
+    type = FileType.OUTPUT
+    size = 2048
+    check_sum = factory.LazyAttribute(lambda o: checksums.bytes_checksum(o.file_name.encode()))
+    job = factory.SubFactory(JobFactory)
+    task = factory.SelfAttribute("job.task")

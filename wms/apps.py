@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class WmsConfig(AppConfig):
+    name = "wms"
+    verbose_name = "WMS"

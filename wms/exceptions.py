@@ -1,0 +1,88 @@
+"""The WMS's own exceptions (seed Milestone 1: "own exception classes").
+
+Every error a boundary can answer with derives from :class:`WMSError`. Each class carries its
+wire ``code`` and HTTP ``status``; ``wms.api.exception_handler`` turns any of them into
+``{"error": code, "detail": ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WMSError(Exception):
+    code = "wms_error"
+    status = 500
+    default_detail = "Internal error."
+
+    def __init__(self, detail: Any = None, *, code: str | None = None) -> None:
+        self.detail = self.default_detail if detail is None else detail
+        if code is not None:
+            self.code = code
+        super().__init__(self.detail)
+
+
+class ValidationFailed(WMSError):
+    code = "validation_failed"
+    status = 400
+    default_detail = "The request is not valid."
+
+
+class Unauthenticated(WMSError):
+    code = "not_authenticated"
+    status = 401
+    default_detail = "Authentication credentials were not provided or are not valid."
+
+
+class Forbidden(WMSError):
+    code = "permission_denied"
+    status = 403
+    default_detail = "You may not do this."
+
+
+class NotFound(WMSError):
+    code = "not_found"
+    status = 404
+    default_detail = "Not found."
+
+
+class Conflict(WMSError):
+    code = "conflict"
+    status = 409
+    default_detail = "The request conflicts with the current state."
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+    default_detail = "This state change is not allowed."
+
+    def __init__(
+        self,
+        *,
+        entity: str,
+        pk: Any,
+        current: str | None,
+        target: str,
+        detail: Any = None,
+    ) -> None:
+        self.entity, self.pk, self.current, self.target = entity, pk, current, target
+        if detail is None:
+            detail = f"{entity} {pk} cannot go from '{current}' to '{target}'."
+        super().__init__(detail)
+
+
+class DatasetClosed(Conflict):
+    code = "dataset_closed"
+    default_detail = "The dataset is closed and takes no more files."
+
+
+class DSMError(WMSError):
+    code = "dsm_error"
+    status = 502
+    default_detail = "The Data Storage Manager failed."
+
+
+class BrokerError(WMSError):
+    code = "broker_error"
+    status = 503
+    default_detail = "The message broker is unavailable."

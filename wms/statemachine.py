@@ -1,0 +1,185 @@
+"""State machines: one transition map per model, and ONE helper that applies a transition.
+
+A model that has a state machine declares two class attributes::
+
+    STATE_MACHINE = StateMachine(entity="job", states=JobState, transitions={...})
+    TRANSITION_MODEL = "jobs.JobTransition"     # a wms.models.TransitionLog with `subject`
+
+``apply_transition`` changes the state with a conditional UPDATE
+(``UPDATE ... SET state = target WHERE id = ? AND state = <current>`` where ``current`` is one of
+the allowed sources), writes the transition row in the same transaction, and says whether it won.
+Two writers racing on the same row cannot both win: the loser's UPDATE matches no row once the
+winner committed, and the loser re-reads the state it lost to. Asking again for the state the
+object is already in is a harmless no-op; asking for a state the map forbids raises
+``InvalidTransition`` (HTTP 409 at the API).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.apps import apps
+from django.db import models, transaction
+from django.utils import timezone
+
+from wms.exceptions import Conflict, InvalidTransition, NotFound
+
+
+@dataclass(frozen=True)
+class StateMachine:
+    entity: str
+    states: type[models.TextChoices]
+    transitions: Mapping[str, frozenset[str]]
+    _sources: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        values = set(self.states.values)
+        for src, targets in self.transitions.items():
+            unknown = ({src} | set(targets)) - values
+            if unknown:
+                raise ValueError(f"{self.entity}: unknown states in transition map: {unknown}")
+        for target in values:
+            self._sources[target] = frozenset(
+                src for src, targets in self.transitions.items() if target in targets
+            )
+
+    def sources(self, target: str) -> frozenset[str]:
+        """The states from which ``target`` may be reached."""
+        return self._sources.get(target, frozenset())
+
+    def targets(self, source: str) -> frozenset[str]:
+        return frozenset(self.transitions.get(source, frozenset()))
+
+    def allowed(self, source: str, target: str) -> bool:
+        return target in self.targets(source)
+
+    @property
+    def final_states(self) -> frozenset[str]:
+        return frozenset(s for s in self.states.values if not self.transitions.get(s))
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (source, target) pair of distinct states, allowed or not (for tests and docs)."""
+        vals = list(self.states.values)
+        return [(a, b) for a in vals for b in vals if a != b]
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    won: bool
+    from_state: str
+    to_state: str
+
+
+def _log_model(model: type[models.Model]) -> type[models.Model]:
+    return apps.get_model(model.TRANSITION_MODEL)  # type: ignore[attr-defined]
+
+
+def _field_names(model: type[models.Model]) -> set[str]:
+    return {f.name for f in model._meta.concrete_fields}
+
+
+def apply_transition(
+    model: type[models.Model],
+    pk: Any,
+    target: str,
+    *,
+    source: str,
+    reason: str = "",
+    updates: Mapping[str, Any] | None = None,
+    only_from: Iterable[str] | None = None,
+) -> TransitionResult:
+    """Move object ``pk`` of ``model`` to ``target``; see the module docstring.
+
+    ``updates`` are other columns written by the same UPDATE (``time_end``, ``cur_retry``, ...).
+    ``only_from`` narrows the map's sources for this call (e.g. "cancel only if not running").
+    """
+    machine: StateMachine = model.STATE_MACHINE  # type: ignore[attr-defined]
+    allowed = machine.sources(target)
+    if only_from is not None:
+        allowed = allowed & frozenset(only_from)
+    now = timezone.now()
+    fields = _field_names(model)
+    values: dict[str, Any] = {"state": target, **(updates or {})}
+    if "state_changed_at" in fields:
+        values["state_changed_at"] = now
+    if "updated_at" in fields:
+        values["updated_at"] = now
+
+    manager = model._default_manager
+    with transaction.atomic():
+        # A bounded compare-and-set loop: each lost round means another writer changed the
+        # state in between, and the next round re-reads what it changed it to.
+        for _ in range(8):
+            current = manager.filter(pk=pk).values_list("state", flat=True).first()
+            if current is None:
+                raise NotFound(f"{machine.entity} {pk} does not exist.")
+            if current == target:
+                return TransitionResult(won=False, from_state=current, to_state=target)
+            if current not in allowed:
+                raise InvalidTransition(
+                    entity=machine.entity, pk=pk, current=current, target=target
+                )
+            if manager.filter(pk=pk, state=current).update(**values):
+                _log_model(model)._default_manager.create(
+                    subject_id=pk,
+                    from_state=current,
+                    to_state=target,
+                    at=now,
+                    source=source,
+                    reason=reason,
+                )
+                return TransitionResult(won=True, from_state=current, to_state=target)
+    raise Conflict(f"{machine.entity} {pk}: state kept changing under this request; retry.")
+
+
+def apply_transition_bulk(
+    model: type[models.Model],
+    pks: list[Any],
+    target: str,
+    *,
+    from_state: str,
+    source: str,
+    reason: str = "",
+    updates: Mapping[str, Any] | None = None,
+) -> list[Any]:
+    """Move every row of ``pks`` that is in ``from_state`` to ``target`` with ONE UPDATE.
+
+    For batch paths (executor, splitter, reaper) whose caller already holds the rows
+    (``SELECT ... FOR UPDATE SKIP LOCKED``) in the current transaction. Returns the pks moved.
+    """
+    machine: StateMachine = model.STATE_MACHINE  # type: ignore[attr-defined]
+    if not machine.allowed(from_state, target):
+        raise InvalidTransition(entity=machine.entity, pk=pks, current=from_state, target=target)
+    if not pks:
+        return []
+    now = timezone.now()
+    fields = _field_names(model)
+    values: dict[str, Any] = {"state": target, **(updates or {})}
+    if "state_changed_at" in fields:
+        values["state_changed_at"] = now
+    if "updated_at" in fields:
+        values["updated_at"] = now
+    manager = model._default_manager
+    with transaction.atomic():
+        moved = list(manager.filter(pk__in=pks, state=from_state).values_list("pk", flat=True))
+        if not moved:
+            return []
+        manager.filter(pk__in=moved, state=from_state).update(**values)
+        log = _log_model(model)
+        log._default_manager.bulk_create(
+            [
+                log(
+                    subject_id=pk,
+                    from_state=from_state,
+                    to_state=target,
+                    at=now,
+                    source=source,
+                    reason=reason,
+                )
+                for pk in moved
+            ],
+            batch_size=5000,
+        )
+    return moved
