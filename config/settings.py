@@ -195,3 +195,36 @@ DJANGO_STRUCTLOG_CELERY_ENABLED = True
 from wms.logging import configure_logging  # noqa: E402
 
 LOGGING = configure_logging(fmt=WMS_LOG_FORMAT, level=WMS_LOG_LEVEL)
+
+# --- Bus (RabbitMQ topology, DESIGN.md section 5) ---
+WMS_BUS_PREFIX = env.str("WMS_BUS_PREFIX", default="wms")
+WMS_QUEUE_TYPE = env.str("WMS_QUEUE_TYPE", default="classic")  # classic | quorum
+WMS_PUBLISH_CONFIRM_TIMEOUT = env.float("WMS_PUBLISH_CONFIRM_TIMEOUT", default=30.0)
+WMS_SERVER_URL = env.str("WMS_SERVER_URL", default="http://127.0.0.1:8000")
+
+# --- DSM ---
+# The Data Storage Manager backend (docs/dsm.md): "local" keeps the catalogue in the WMS's own
+# tables; "http" talks to an external DSM at WMS_DSM_URL with the bearer token WMS_DSM_TOKEN.
+WMS_DSM_BACKEND = env.str("WMS_DSM_BACKEND", default="local")
+WMS_DSM_URL = env.str("WMS_DSM_URL", default="")
+WMS_DSM_TOKEN = env.str("WMS_DSM_TOKEN", default="")
+# Seconds: "connect,read" (or one value for both).
+WMS_DSM_TIMEOUT = tuple(env.list("WMS_DSM_TIMEOUT", cast=float, default=[3.05, 30.0]))
+WMS_DSM_RETRIES = env.int("WMS_DSM_RETRIES", default=3)  # retries after the first attempt
+WMS_DSM_BACKOFF = env.float("WMS_DSM_BACKOFF", default=0.5)  # first retry delay, then doubles
+WMS_SPLIT_PAGE = env.int("WMS_SPLIT_PAGE", default=10_000)  # files read from the DSM per page
+WMS_SPLIT_BATCH = env.int("WMS_SPLIT_BATCH", default=5_000)  # rows per INSERT
+WMS_SPLIT_MAX_JOBS_PER_RUN = env.int("WMS_SPLIT_MAX_JOBS_PER_RUN", default=200_000)
+WMS_DISPATCH_BATCH = env.int("WMS_DISPATCH_BATCH", default=1_000)  # jobs claimed per batch
+WMS_DISPATCH_MAX_PER_RUN = env.int("WMS_DISPATCH_MAX_PER_RUN", default=50_000)
+WMS_QUEUE_MAX_DEPTH = env.int("WMS_QUEUE_MAX_DEPTH", default=10_000)  # backpressure, 0 = none
+WMS_SPLIT_EVERY = env.float("WMS_SPLIT_EVERY", default=5.0)  # beat periods, seconds
+WMS_DISPATCH_EVERY = env.float("WMS_DISPATCH_EVERY", default=2.0)
+WMS_RECONCILE_EVERY = env.float("WMS_RECONCILE_EVERY", default=60.0)
+
+CELERY_BEAT_SCHEDULE = {
+    "split": {"task": "wms.split", "schedule": WMS_SPLIT_EVERY, "kwargs": {"beat": True}},
+    "dispatch": {"task": "wms.dispatch", "schedule": WMS_DISPATCH_EVERY, "kwargs": {"beat": True}},
+    "reconcile-queued": {"task": "wms.reconcile_queued", "schedule": WMS_RECONCILE_EVERY},
+}
+WMS_BULK_COPY = env.bool("WMS_BULK_COPY", default=True)  # PostgreSQL COPY for bulk inserts

@@ -123,17 +123,39 @@ class File(models.Model):
     check_sum = models.CharField(max_length=80, blank=True, default="")
     time_start = models.DateTimeField(null=True, blank=True)
     time_end = models.DateTimeField(null=True, blank=True)
+    # FK indexes are chosen by hand (db_index=False + the Meta indexes): the splitter inserts
+    # 10^5 rows at a time and every index costs on each of them.
     job = models.ForeignKey(
-        "jobs.Job", on_delete=models.CASCADE, related_name="files", null=True, blank=True
+        "jobs.Job",
+        on_delete=models.CASCADE,
+        related_name="files",
+        null=True,
+        blank=True,
+        db_index=False,
     )
     task = models.ForeignKey(
-        "tasks.Task", on_delete=models.CASCADE, related_name="files", null=True, blank=True
+        "tasks.Task",
+        on_delete=models.CASCADE,
+        related_name="files",
+        null=True,
+        blank=True,
+        db_index=False,
     )
     dataset = models.ForeignKey(
-        Dataset, on_delete=models.PROTECT, related_name="job_files", null=True, blank=True
+        Dataset,
+        on_delete=models.PROTECT,
+        related_name="job_files",
+        null=True,
+        blank=True,
+        db_index=False,
     )
     entry = models.ForeignKey(
-        DatasetEntry, on_delete=models.PROTECT, related_name="job_files", null=True, blank=True
+        DatasetEntry,
+        on_delete=models.PROTECT,
+        related_name="job_files",
+        null=True,
+        blank=True,
+        db_index=False,
     )
     url = models.CharField(max_length=1024, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -158,6 +180,7 @@ class File(models.Model):
         indexes = [
             models.Index(fields=["job", "type"], name="file_job_type"),
             models.Index(fields=["dataset", "type"], name="file_dataset_type"),
+            models.Index(fields=["task", "type"], name="file_task_type"),
         ]
 
     def __str__(self) -> str:

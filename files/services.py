@@ -52,6 +52,55 @@ def dataset_register(
     return ds
 
 
+_DATASET_SPEC_KEYS = frozenset({"name", "role", "location", "uid"})
+
+
+@transaction.atomic
+def datasets_register(*, specs: Iterable[Mapping[str, Any]]) -> list[Dataset]:
+    """Create several open datasets at once, all or none (e.g. a task's inputs and output).
+
+    Each spec is ``{"name", "role"?, "location"?, "uid"?}``; names and uids may not repeat within
+    the request (400) nor clash with an existing dataset (409). One INSERT per dataset.
+    """
+    specs = list(specs)
+    if not specs:
+        raise ValidationFailed({"datasets": ["At least one dataset is required."]})
+    cleaned: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise ValidationFailed({f"datasets[{i}]": ["Must be an object."]})
+        unknown = set(spec) - _DATASET_SPEC_KEYS
+        if unknown:
+            raise ValidationFailed({f"datasets[{i}]": {k: ["Unknown field."] for k in unknown}})
+        uid = spec.get("uid")
+        if uid is not None and not isinstance(uid, uuid.UUID):
+            try:
+                uid = uuid.UUID(str(uid))
+            except ValueError as exc:
+                raise ValidationFailed({f"datasets[{i}]": {"uid": ["Must be a UUID."]}}) from exc
+        cleaned.append(
+            {
+                "name": str(spec.get("name") or "").strip(),
+                "role": spec.get("role") or DatasetRole.INPUT,
+                "location": str(spec.get("location") or ""),
+                "uid": uid,
+            }
+        )
+    names = [c["name"] for c in cleaned]
+    if len(set(names)) != len(names):
+        raise ValidationFailed({"datasets": ["Dataset names repeat within the request."]})
+    uids = [c["uid"] for c in cleaned if c["uid"] is not None]
+    if len(set(uids)) != len(uids):
+        raise ValidationFailed({"datasets": ["Dataset uids repeat within the request."]})
+    created = []
+    for i, fields in enumerate(cleaned):
+        try:
+            created.append(dataset_register(**fields))
+        except ValidationFailed as exc:
+            raise ValidationFailed({f"datasets[{i}]": exc.detail}) from exc
+    return created
+
+
 def _clean_entry(raw: Mapping[str, Any], index: int) -> dict[str, Any]:
     errors: dict[str, list[str]] = {}
     name = str(raw.get("name") or "").strip()
@@ -142,6 +191,10 @@ def file_create(
         raise ValidationFailed({"type": [f"Must be one of {FileType.values}."]})
     if check_sum and not checksums.is_valid(check_sum):
         raise ValidationFailed({"check_sum": ["Must be '<adler32|sha256|md5>:<hex>'."]})
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValidationFailed({"size": ["Must be a non-negative integer."]})
+    if status not in FileStatus.values:
+        raise ValidationFailed({"status": [f"Must be one of {FileStatus.values}."]})
     try:
         with transaction.atomic():
             return File.objects.create(
@@ -158,3 +211,37 @@ def file_create(
             )
     except IntegrityError as exc:
         raise Conflict(f"File {file_name!r} already has a job in this task.") from exc
+
+
+@transaction.atomic
+def catalogue_mirror(*, info: Any, files: list[Any]) -> tuple[Dataset, dict[int, int]]:
+    """Mirror an external DSM's dataset and files into the local catalogue tables.
+
+    With the ``http`` DSM backend the WMS still needs local rows for its FILE_DAT inputs to point
+    at (and for the "one job per input file within a task" constraint). Returns the local
+    dataset and a map DSM file id → local entry id. Idempotent.
+    """
+    ds = Dataset.objects.filter(uid=info.uid).first()
+    if ds is None:
+        try:
+            with transaction.atomic():
+                ds = Dataset.objects.create(
+                    uid=info.uid, name=info.name, role=info.role, location=info.location
+                )
+        except IntegrityError:
+            ds = Dataset.objects.get(uid=info.uid)
+    if files:
+        DatasetEntry.objects.bulk_create(
+            [
+                DatasetEntry(dataset=ds, name=f.name, size=f.size, check_sum=f.check_sum, url=f.url)
+                for f in files
+            ],
+            ignore_conflicts=True,
+            batch_size=5000,
+        )
+    by_name = dict(
+        DatasetEntry.objects.filter(dataset=ds, name__in=[f.name for f in files]).values_list(
+            "name", "id"
+        )
+    )
+    return ds, {f.id: by_name[f.name] for f in files}

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from tasks.models import Task
-from wms.exceptions import NotFound
+from wms.exceptions import InvalidTransition, NotFound
 from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
@@ -85,5 +85,8 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
         current = Job.objects.filter(pk=job_id).values_list("state", flat=True).first()
         if current is None or current in Job.STATE_MACHINE.final_states:
             continue
-        won += job_cancel(job_id=job_id, source=source, reason=reason).won
+        try:
+            won += job_cancel(job_id=job_id, source=source, reason=reason).won
+        except (InvalidTransition, NotFound):
+            continue  # it became final (or went away) since it was read: nothing to cancel
     return won

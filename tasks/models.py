@@ -62,6 +62,11 @@ class Task(models.Model):
     )
     splitter_enabled = models.BooleanField(default=True)
     executor_enabled = models.BooleanField(default=True)
+    split_cursor = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="DSM cursor of the last input file the splitter gave a job (None: none yet).",
+    )
     data_out_uid = models.UUIDField(
         null=True, blank=True, help_text="DSM uid of the output dataset."
     )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from django.db.models import Count
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Count, QuerySet
 
 from jobs.models import Job, JobState
+from tasks.models import Task
 
 
 def task_job_counts(*, task_id: int) -> dict[str, int]:
@@ -27,3 +29,10 @@ def tasks_job_counts(*, task_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     for task_id, state, n in rows:
         out[task_id][state] = n
     return out
+
+
+def tasks_visible_to(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Task]:
+    """The tasks a user may see and act on: their own; staff see every task."""
+    if getattr(user, "is_staff", False):
+        return Task.objects.all()
+    return Task.objects.filter(owner_id=user.pk)

@@ -47,9 +47,13 @@ def task_create(
     executor_enabled: bool = True,
 ) -> Task:
     """Define a task over an existing input dataset of the DSM."""
-    dataset = dataset_get(uid=data_in_uid) if data_in_uid else None
-    if dataset is None:
+    if not data_in_uid:
         raise ValidationFailed({"data_in_uid": ["This field is required."]})
+    try:
+        dataset = dataset_get(uid=data_in_uid)
+    except (NotFound, DjangoValidationError) as exc:
+        # An unknown (or malformed) uid is bad input of this field, as the API answers it.
+        raise ValidationFailed({"data_in_uid": ["No dataset with this uid."]}) from exc
     task = Task(
         owner=owner,
         executable=executable,

@@ -1,7 +1,10 @@
 """factory-boy factories for every model (one module, imported by every test package)."""
 
+import functools
+
 import factory
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import make_password
 from django.utils import timezone
 
 from files.models import Dataset, DatasetEntry, DatasetRole, File, FileType
@@ -12,6 +15,11 @@ from tasks.models import Task
 from wms import checksums
 
 
+@functools.cache
+def _password_hash(raw: str) -> str:
+    return make_password(raw)
+
+
 class UserFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = get_user_model()
@@ -19,7 +27,9 @@ class UserFactory(factory.django.DjangoModelFactory):
 
     username = factory.Sequence(lambda n: f"physicist{n}")
     email = factory.LazyAttribute(lambda o: f"{o.username}@example.org")
-    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests")
+    # Stored hashed in the row (force_login and password login both work); hashed once per run,
+    # since the password hasher is deliberately slow.
+    password = factory.LazyFunction(lambda: _password_hash("pw-for-tests"))
 
 
 class DatasetFactory(factory.django.DjangoModelFactory):

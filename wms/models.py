@@ -23,3 +23,24 @@ class TransitionLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_state} → {self.to_state} ({self.source})"
+
+
+class Switch(models.Model):
+    """A run-time switch of a background service (``splitter``, ``executor``).
+
+    Switching one off takes effect at the next beat cycle, without a restart. ``last_run_at``
+    guards the beat: a cycle runs only if it wins a conditional UPDATE of it, so two beat
+    instances never double-run a service (``wms.switches.service_tick``).
+    """
+
+    name = models.CharField(max_length=50, primary_key=True)
+    enabled = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    updated_by = models.CharField(max_length=150, blank=True, default="")
+    last_run_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'on' if self.enabled else 'off'}"

@@ -7,7 +7,7 @@ from django.db import transaction
 
 
 @transaction.atomic
-def dev_operator_ensure(*, username: str = "admin", password: str = "admin") -> bool:
+def dev_operator_ensure(*, username: str = "admin", password: str = "admin") -> bool:  # noqa: S107 - dev only
     """Create a superuser for development when the database has no user at all.
 
     Returns True when the account was created. Callers check DEBUG first.

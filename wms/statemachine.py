@@ -163,7 +163,14 @@ def apply_transition_bulk(
         values["updated_at"] = now
     manager = model._default_manager
     with transaction.atomic():
-        moved = list(manager.filter(pk__in=pks, state=from_state).values_list("pk", flat=True))
+        # Lock the rows first: a row another writer moved meanwhile is re-checked once its
+        # writer commits and drops out here, so it is neither returned nor logged twice.
+        moved = list(
+            manager.select_for_update()
+            .filter(pk__in=pks, state=from_state)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
         if not moved:
             return []
         manager.filter(pk__in=moved, state=from_state).update(**values)

@@ -1,0 +1,23 @@
+"""Celery tasks of the jobs app: thin, they call the executor."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from jobs.executor import dispatch as run_dispatch
+from jobs.executor import republish_stale
+from wms.kicks import kick
+
+
+@shared_task(name="wms.dispatch", ignore_result=True)
+def dispatch(beat: bool = False) -> int:
+    return run_dispatch(beat=beat).total
+
+
+@shared_task(name="wms.reconcile_queued", ignore_result=True)
+def reconcile_queued() -> int:
+    return republish_stale()
+
+
+def kick_dispatch() -> None:
+    kick("wms.dispatch")

@@ -1,0 +1,170 @@
+"""Admin of pilots: who is out there, how they are doing; terminate and revoke through services.
+
+Pilots register themselves through the API (``pilot_register``), so pilot pages are view-only.
+The token's hash is never shown, searched, filtered or sorted on: the admin says whether the
+token is "set" or "revoked".
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import Count, IntegerField, OuterRef, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.utils.html import format_html
+
+from jobs.models import Job, JobState
+from pilots import services
+from pilots.models import Pilot, PilotState, PilotTransition
+from wms.admin import (
+    ADMIN_SOURCE,
+    IdSearchMixin,
+    ReadOnlyAdminMixin,
+    TransitionInline,
+    TransitionLogAdmin,
+    TransitionSourceFilter,
+    WMSAdminMedia,
+    admin_changelist_url,
+    admin_reason,
+    choices_filter,
+    run_service_action,
+    state_badge,
+)
+
+
+class TokenFilter(admin.SimpleListFilter):
+    title = "token"
+    parameter_name = "token"
+
+    def lookups(self, request, model_admin):
+        return [("set", "set"), ("revoked", "revoked")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "set":
+            return queryset.filter(token_hash__isnull=False)
+        if self.value() == "revoked":
+            return queryset.filter(token_hash__isnull=True)
+        return queryset
+
+
+class PilotTransitionInline(TransitionInline):
+    model = PilotTransition
+
+
+@admin.register(Pilot)
+class PilotAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
+    list_display = (
+        "id",
+        "hostname",
+        "site",
+        "device_type",
+        "state_badge",
+        "status",
+        "running_jobs",
+        "slots",
+        "cores",
+        "gpus",
+        "version",
+        "last_heartbeat",
+        "token_status",
+    )
+    list_display_links = ("id", "hostname")
+    list_filter = ("state", "device_type", "site", TokenFilter, "last_heartbeat", "created_at")
+    search_fields = ("hostname", "site", "version", "status")
+    date_hierarchy = "created_at"
+    ordering = ("-id",)
+    actions = ("terminate_pilots", "revoke_tokens")
+    inlines = (PilotTransitionInline,)
+    Media = WMSAdminMedia
+    # token_hash is deliberately in none of these.
+    fieldsets = (
+        (None, {"fields": ("hostname", "site", "device_type", "state_badge", "status")}),
+        ("Resources", {"fields": ("cores", "memory_mb", "gpus", "slots", "version")}),
+        ("Liveness", {"fields": ("started_at", "last_heartbeat", "metrics", "jobs_link")}),
+        ("Token", {"fields": ("token_status", "token_revoked_at")}),
+        ("Times", {"fields": ("created_at", "updated_at", "state_changed_at")}),
+    )
+    readonly_fields = ("state_badge", "token_status", "jobs_link", "running_jobs")
+
+    def get_queryset(self, request):
+        running = (
+            Job.objects.filter(pilot=OuterRef("pk"), state=JobState.RUNNING)
+            .order_by()
+            .values("pilot")
+            .annotate(n=Count("pk"))
+            .values("n")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _running_jobs=Coalesce(Subquery(running), Value(0), output_field=IntegerField())
+            )
+        )
+
+    def lookup_allowed(self, lookup, value, request=None):
+        # No filtering by token hash from the URL (?token_hash=...): no guessing oracle.
+        if lookup.split("__")[0] == "token_hash":
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, obj):
+        return state_badge(obj.state)
+
+    @admin.display(description="token")
+    def token_status(self, obj):
+        if obj.token_hash:
+            return "set"
+        return "revoked" if obj.token_revoked_at else "none"
+
+    @admin.display(description="running jobs", ordering="_running_jobs")
+    def running_jobs(self, obj):
+        return getattr(obj, "_running_jobs", None)
+
+    @admin.display(description="jobs")
+    def jobs_link(self, obj):
+        return format_html(
+            '<a href="{}">jobs of this pilot</a> · <a href="{}">running now</a>',
+            admin_changelist_url(Job, pilot__id__exact=obj.pk),
+            admin_changelist_url(Job, pilot__id__exact=obj.pk, state__exact=JobState.RUNNING),
+        )
+
+    @admin.action(description="Terminate selected pilots", permissions=["manage"])
+    def terminate_pilots(self, request, queryset):
+        reason = admin_reason(request, "terminated")
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "hostname", "state"),
+            lambda p: services.pilot_terminate(pilot_id=p.pk, source=ADMIN_SOURCE, reason=reason),
+            done="terminated",
+            unchanged="already terminated",
+            log_message="Terminated (admin action).",
+        )
+
+    @admin.action(description="Revoke the token of selected pilots", permissions=["manage"])
+    def revoke_tokens(self, request, queryset):
+        def revoke(pilot):
+            if not pilot.token_hash:
+                return False  # already revoked: keep the time it was revoked
+            services.pilot_revoke_token(pilot_id=pilot.pk)
+            return True
+
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "hostname", "token_hash"),
+            revoke,
+            done="had their token revoked",
+            unchanged="had no token left to revoke",
+            log_message=f"Token revoked (admin action) by {request.user.get_username()}.",
+        )
+
+
+@admin.register(PilotTransition)
+class PilotTransitionAdmin(TransitionLogAdmin):
+    list_filter = (
+        choices_filter("to_state", "to state", PilotState.choices),
+        TransitionSourceFilter,
+        "at",
+    )

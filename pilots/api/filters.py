@@ -1,0 +1,17 @@
+"""Query filters of the pilots API (django-filter)."""
+
+import django_filters
+
+from pilots.models import Pilot, PilotState
+from wms.choices import DeviceType
+
+
+class PilotFilter(django_filters.FilterSet):
+    """``?state=idle&state=busy`` (any of), ``?device_type=``, ``?site=``, ``?hostname=``."""
+
+    state = django_filters.MultipleChoiceFilter(choices=PilotState.choices)
+    device_type = django_filters.ChoiceFilter(choices=DeviceType.choices)
+
+    class Meta:
+        model = Pilot
+        fields = ["state", "device_type", "site", "hostname"]

@@ -1,0 +1,340 @@
+"""Admin of tasks: the operators' view of what is asked for and how far each task has got.
+
+The changelist shows every task's jobs by state as a stacked bar, counted for the whole page in
+ONE query (``tasks.selectors.tasks_job_counts``). Tasks are created and edited only through
+``tasks.services`` (``task_create`` / ``task_update``); state changes are the pause, resume and
+cancel actions. The state itself is never a form field.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin
+from django.contrib.admin.views.main import ChangeList
+from django.utils.html import format_html, format_html_join
+
+from files.models import Dataset
+from files.selectors import dataset_get
+from jobs.models import Job, JobState
+from tasks import services
+from tasks.models import Task, TaskState, TaskTransition
+from tasks.selectors import task_job_counts, tasks_job_counts
+from wms.admin import (
+    ADMIN_SOURCE,
+    IdSearchMixin,
+    ServiceWriteAdminMixin,
+    TransitionInline,
+    TransitionLogAdmin,
+    TransitionSourceFilter,
+    WMSAdminMedia,
+    admin_changelist_url,
+    admin_link,
+    admin_reason,
+    choices_filter,
+    copy_into,
+    run_service_action,
+    state_badge,
+)
+from wms.exceptions import InvalidTransition, NotFound
+
+# The order of the bar's segments: done first, then what is still moving, then the bad ends.
+PROGRESS_ORDER = (
+    JobState.FINISHED,
+    JobState.RUNNING,
+    JobState.QUEUED,
+    JobState.DEFINED,
+    JobState.FAILED,
+    JobState.CANCELLED,
+)
+FINAL_JOB_STATES = {JobState.FINISHED, JobState.FAILED, JobState.CANCELLED}
+
+# What task_create takes (the add form) and what task_update may change (the change form).
+CREATE_FIELDS = (
+    "name",
+    "executable",
+    "args",
+    "data_in_uid",
+    "device_type",
+    "mode",
+    "rank",
+    "files_per_job",
+    "max_retries",
+    "storage_url",
+    "data_out_url",
+    "splitter_enabled",
+    "executor_enabled",
+)
+UPDATE_FIELDS = ("name", "rank", "max_retries", "splitter_enabled", "executor_enabled")
+
+
+def job_progress_bar(task_id: int, counts: dict[str, int]) -> str:
+    """A stacked bar, one segment per job state (count in its title), linked to the jobs."""
+    total = sum(counts.values())
+    if not total:
+        return format_html('<span class="wms-progress-empty">{}</span>', "no jobs")
+    summary = ", ".join(f"{s}: {counts.get(s, 0)}" for s in PROGRESS_ORDER)
+    segments = format_html_join(
+        "",
+        '<span class="wms-seg wms-state-{}" style="width:{}%" title="{}: {}"></span>',
+        (
+            (state, f"{100 * counts[state] / total:.3f}", state, counts[state])
+            for state in PROGRESS_ORDER
+            if counts.get(state)
+        ),
+    )
+    done = sum(counts.get(s, 0) for s in FINAL_JOB_STATES)
+    return format_html(
+        '<a class="wms-progress" href="{}" title="{}">{}</a>'
+        '<span class="wms-progress-label">{}/{} done</span>',
+        admin_changelist_url(Job, task__id__exact=task_id),
+        summary,
+        segments,
+        done,
+        total,
+    )
+
+
+class TaskChangeList(ChangeList):
+    """Counts the jobs of every task on the page in ONE query, after the page is fetched."""
+
+    def get_results(self, request):
+        super().get_results(request)
+        tasks = list(self.result_list)  # evaluates the page once; the template reuses it
+        counts = tasks_job_counts(task_ids=[t.pk for t in tasks])
+        for task in tasks:
+            task._admin_job_counts = counts[task.pk]
+
+
+class TaskAdminForm(forms.ModelForm):
+    """Model validation as usual, plus: the input dataset must exist in the DSM (a read)."""
+
+    class Meta:
+        model = Task
+        fields = CREATE_FIELDS
+
+    def clean_data_in_uid(self):
+        uid = self.cleaned_data["data_in_uid"]
+        try:
+            dataset_get(uid=uid)
+        except NotFound as exc:
+            raise forms.ValidationError(str(exc.detail)) from exc
+        return uid
+
+
+class TaskTransitionInline(TransitionInline):
+    model = TaskTransition
+
+
+@admin.register(Task)
+class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
+    form = TaskAdminForm
+    list_display = (
+        "id",
+        "name",
+        "owner",
+        "state_badge",
+        "job_progress",
+        "device_type",
+        "mode",
+        "rank",
+        "created_at",
+        "state_changed_at",
+    )
+    list_display_links = ("id", "name")
+    list_filter = ("state", "device_type", "mode", "splitter_enabled", "executor_enabled")
+    search_fields = ("name", "executable", "owner__username")
+    uuid_search_fields = ("data_in_uid", "data_out_uid")
+    list_select_related = ("owner",)
+    date_hierarchy = "created_at"
+    ordering = ("-id",)
+    actions = ("pause_tasks", "resume_tasks", "cancel_tasks")
+    inlines = (TaskTransitionInline,)
+    Media = WMSAdminMedia
+
+    add_fieldsets = (
+        (None, {"fields": ("name", "executable", "args", "data_in_uid")}),
+        ("Scheduling", {"fields": ("device_type", "mode", "rank", "files_per_job", "max_retries")}),
+        ("Output", {"fields": ("storage_url", "data_out_url")}),
+        ("Switches", {"fields": ("splitter_enabled", "executor_enabled")}),
+    )
+    change_fieldsets = (
+        (None, {"fields": ("name", "owner", "state_badge", "job_progress_detail")}),
+        ("What runs", {"fields": ("executable", "args", "mode", "files_per_job")}),
+        (
+            "Scheduling",
+            {
+                "fields": (
+                    "device_type",
+                    "rank",
+                    "max_retries",
+                    "splitter_enabled",
+                    "executor_enabled",
+                    "split_cursor",
+                )
+            },
+        ),
+        (
+            "Data",
+            {
+                "fields": (
+                    "data_in_uid",
+                    "input_dataset",
+                    "data_out_uid",
+                    "output_dataset",
+                    "storage_url",
+                    "data_out_url",
+                )
+            },
+        ),
+        ("Times", {"fields": ("created_at", "updated_at", "state_changed_at")}),
+    )
+
+    def get_changelist(self, request, **kwargs):
+        return TaskChangeList
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {
+            "wms_job_states": [str(s) for s in PROGRESS_ORDER],
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context)
+
+    def get_fieldsets(self, request, obj=None):
+        return self.add_fieldsets if obj is None else self.change_fieldsets
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return ()
+        shown = [f for _, opts in self.change_fieldsets for f in opts["fields"]]
+        return tuple(f for f in shown if f not in UPDATE_FIELDS)
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj is not None else ()
+
+    # --- writes: only through tasks.services ---------------------------------------------
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            task = services.task_create(
+                owner=request.user, **{f: form.cleaned_data[f] for f in CREATE_FIELDS}
+            )
+            copy_into(obj, task)
+            return
+        changes = {f: form.cleaned_data[f] for f in form.changed_data if f in UPDATE_FIELDS}
+        if changes:
+            copy_into(obj, services.task_update(task_id=obj.pk, **changes))
+
+    # --- columns ------------------------------------------------------------------------
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, obj):
+        return state_badge(obj.state)
+
+    @admin.display(description="jobs by state")
+    def job_progress(self, obj):
+        counts = getattr(obj, "_admin_job_counts", None)
+        if counts is None:  # not on a changelist page: count for this task alone
+            counts = task_job_counts(task_id=obj.pk)
+        return job_progress_bar(obj.pk, counts)
+
+    @admin.display(description="jobs")
+    def job_progress_detail(self, obj):
+        counts = task_job_counts(task_id=obj.pk)
+        total = sum(counts.values())
+        rows = format_html_join(
+            "",
+            '<tr><td>{}</td><td class="wms-count"><a href="{}">{}</a></td></tr>',
+            (
+                (
+                    state_badge(state),
+                    admin_changelist_url(Job, task__id__exact=obj.pk, state__exact=state),
+                    counts[state],
+                )
+                for state in PROGRESS_ORDER
+            ),
+        )
+        return format_html(
+            '{}<table class="wms-counts"><tbody>{}<tr><th>total</th>'
+            '<th class="wms-count"><a href="{}">{}</a></th></tr></tbody></table>',
+            job_progress_bar(obj.pk, counts),
+            rows,
+            admin_changelist_url(Job, task__id__exact=obj.pk),
+            total,
+        )
+
+    @admin.display(description="input dataset")
+    def input_dataset(self, obj):
+        ds = Dataset.objects.filter(uid=obj.data_in_uid).only("pk", "name").first()
+        return admin_link(Dataset, ds.pk, ds.name) if ds else "not in the DSM catalogue"
+
+    @admin.display(description="output dataset")
+    def output_dataset(self, obj):
+        if obj.data_out_uid is None:
+            return "-"
+        ds = Dataset.objects.filter(uid=obj.data_out_uid).only("pk", "name").first()
+        return admin_link(Dataset, ds.pk, ds.name) if ds else "not in the DSM catalogue"
+
+    # --- actions: state changes through tasks.services ----------------------------------
+
+    @admin.action(description="Pause selected tasks", permissions=["manage"])
+    def pause_tasks(self, request, queryset):
+        reason = admin_reason(request, "paused")
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "name", "state"),
+            lambda t: services.task_pause(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            done="paused",
+            unchanged="already paused",
+            log_message="Paused (admin action).",
+        )
+
+    @admin.action(description="Resume selected paused tasks", permissions=["manage"])
+    def resume_tasks(self, request, queryset):
+        reason = admin_reason(request, "resumed")
+
+        def resume(task):
+            # "Resume" is paused -> running; a defined task is started by the splitter, not here.
+            # A paused task can only move on to running or cancelled, so the check cannot race
+            # into a wrong start: the service still decides (and refuses cancelled).
+            if task.state == TaskState.DEFINED:
+                raise InvalidTransition(
+                    entity="task",
+                    pk=task.pk,
+                    current=task.state,
+                    target=TaskState.RUNNING,
+                    detail=f"task {task.pk} is not paused (it is defined); nothing to resume.",
+                )
+            return services.task_resume(task_id=task.pk, source=ADMIN_SOURCE, reason=reason)
+
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "name", "state"),
+            resume,
+            done="resumed",
+            unchanged="already running",
+            log_message="Resumed (admin action).",
+        )
+
+    @admin.action(description="Cancel selected tasks (and their jobs)", permissions=["manage"])
+    def cancel_tasks(self, request, queryset):
+        reason = admin_reason(request, "cancelled")
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "name", "state"),
+            lambda t: services.task_cancel(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            done="cancelled",
+            unchanged="already cancelled",
+            log_message="Cancelled (admin action).",
+        )
+
+
+@admin.register(TaskTransition)
+class TaskTransitionAdmin(TransitionLogAdmin):
+    list_filter = (
+        choices_filter("to_state", "to state", TaskState.choices),
+        TransitionSourceFilter,
+        "at",
+    )

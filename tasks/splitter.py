@@ -1,0 +1,303 @@
+"""The splitter: a running task's input files become jobs, ``files_per_job`` files per job.
+
+Run by beat every few seconds (``wms.split``) and kicked on commit when a task is created or its
+input dataset gains files. For each task it holds the task row (``FOR UPDATE SKIP LOCKED``: two
+splitters never work on one task at once), reads the input dataset's files after the task's
+``split_cursor`` from the DSM page by page, and creates jobs and their input FILE_DAT rows in
+bulk. The unique constraint ``file_one_job_per_input`` is the last line of defence: an input file
+can never get two jobs in one task. A trailing group smaller than ``files_per_job`` waits until
+the input dataset is closed (more files may come to fill it).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from django.conf import settings
+from django.db import transaction
+from django.db.models import OuterRef, Subquery
+from django.utils import timezone
+
+from files.dsm import DSMClient, FileInfo, get_dsm
+from files.dsm.local import LocalDSMClient
+from files.models import Dataset, File, FileStatus, FileType
+from files.services import catalogue_mirror
+from jobs.models import Job, JobState
+from tasks.models import Task, TaskState
+from wms import db
+from wms.choices import TransitionSource
+from wms.exceptions import WMSError
+from wms.statemachine import apply_transition
+from wms.switches import service_tick, switch_enabled
+
+log = structlog.get_logger(__name__)
+
+SPLITTABLE_STATES = (TaskState.DEFINED, TaskState.RUNNING)
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    task_id: int
+    jobs: int = 0
+    files: int = 0
+    more: bool = False  # stopped at the per-run bound; run again
+
+
+def _entry_ids(dsm: DSMClient, info, files: list[FileInfo]) -> tuple[int, dict[int, int]]:
+    """Local dataset id and DSM file id → local catalogue entry id."""
+    if isinstance(dsm, LocalDSMClient):
+        ds_id = Dataset.objects.filter(uid=info.uid).values_list("id", flat=True).get()
+        return ds_id, {f.id: f.id for f in files}
+    ds, mapping = catalogue_mirror(info=info, files=files)
+    return ds.id, mapping
+
+
+def _create_jobs(task: Task, groups: list[list[FileInfo]], dataset_id: int, entry_of) -> int:
+    """Insert one job per group and one input FILE_DAT row per file, in bulk."""
+    if db.copy_supported():
+        return _copy_jobs(task, groups, dataset_id, entry_of)
+    return _bulk_create_jobs(task, groups, dataset_id, entry_of)
+
+
+def _copy_jobs(task: Task, groups: list[list[FileInfo]], dataset_id: int, entry_of) -> int:
+    now = timezone.now()
+    job_ids = db.allocate_ids(Job, len(groups))
+    file_ids = iter(db.allocate_ids(File, sum(len(g) for g in groups)))
+    file_rows = []
+    job_rows = []
+    for job_id, group in zip(job_ids, groups, strict=True):
+        first = None
+        for f in group:
+            fid = next(file_ids)
+            first = first or fid
+            file_rows.append(
+                (
+                    fid,
+                    f.name,
+                    FileType.INPUT,
+                    f.size,
+                    FileStatus.READY,
+                    f.check_sum,
+                    f.url,
+                    job_id,
+                    task.pk,
+                    dataset_id,
+                    entry_of[f.id],
+                    now,
+                    now,
+                )
+            )
+        job_rows.append(
+            (
+                job_id,
+                uuid.uuid4(),
+                task.pk,
+                first,
+                task.executable,
+                task.args,
+                task.rank,
+                JobState.DEFINED,
+                task.max_retries,
+                0,
+                task.device_type,
+                task.mode,
+                now,
+                now,
+                now,
+            )
+        )
+    # Job.file_in and File.job point at each other: the FKs are checked at commit.
+    db.copy_rows(
+        Job,
+        (
+            "id",
+            "uuid",
+            "task_id",
+            "file_in_id",
+            "executable",
+            "args",
+            "rank",
+            "state",
+            "retries",
+            "cur_retry",
+            "device_type",
+            "mode",
+            "created_at",
+            "updated_at",
+            "state_changed_at",
+        ),
+        job_rows,
+    )
+    db.copy_rows(
+        File,
+        (
+            "id",
+            "file_name",
+            "type",
+            "size",
+            "status",
+            "check_sum",
+            "url",
+            "job_id",
+            "task_id",
+            "dataset_id",
+            "entry_id",
+            "created_at",
+            "updated_at",
+        ),
+        file_rows,
+    )
+    return len(job_rows)
+
+
+def _bulk_create_jobs(task: Task, groups: list[list[FileInfo]], dataset_id: int, entry_of) -> int:
+    now = timezone.now()
+    jobs = Job.objects.bulk_create(
+        [
+            Job(
+                uuid=uuid.uuid4(),
+                task_id=task.pk,
+                executable=task.executable,
+                args=task.args,
+                rank=task.rank,
+                retries=task.max_retries,
+                device_type=task.device_type,
+                mode=task.mode,
+                created_at=now,
+                updated_at=now,
+                state_changed_at=now,
+            )
+            for _ in groups
+        ],
+        batch_size=settings.WMS_SPLIT_BATCH,
+    )
+    File.objects.bulk_create(
+        [
+            File(
+                file_name=f.name,
+                type=FileType.INPUT,
+                size=f.size,
+                check_sum=f.check_sum,
+                status=FileStatus.READY,
+                url=f.url,
+                job_id=job.pk,
+                task_id=task.pk,
+                dataset_id=dataset_id,
+                entry_id=entry_of[f.id],
+                created_at=now,
+                updated_at=now,
+            )
+            for job, group in zip(jobs, groups, strict=True)
+            for f in group
+        ],
+        batch_size=settings.WMS_SPLIT_BATCH,
+    )
+    # JOB_DAT.file_in_id: each new job's first input, set by ONE UPDATE.
+    first_input = (
+        File.objects.filter(job_id=OuterRef("pk"), type=FileType.INPUT).order_by("id").values("id")
+    )
+    Job.objects.filter(pk__in=[j.pk for j in jobs]).update(file_in=Subquery(first_input[:1]))
+    return len(jobs)
+
+
+def task_split(*, task_id: int, dsm: DSMClient | None = None) -> SplitResult:
+    """Give jobs to the input files of one task that have none yet (idempotent)."""
+    own = dsm is None
+    dsm = dsm or get_dsm()
+    try:
+        with transaction.atomic():
+            return _split_locked(task_id, dsm)
+    finally:
+        if own:
+            dsm.close()
+
+
+def _split_locked(task_id: int, dsm: DSMClient) -> SplitResult:
+    if not switch_enabled("splitter"):
+        return SplitResult(task_id=task_id)
+    task = (
+        Task.objects.select_for_update(skip_locked=True)
+        .filter(pk=task_id, state__in=SPLITTABLE_STATES, splitter_enabled=True)
+        .first()
+    )
+    if task is None:  # not splittable now, or another splitter holds it
+        return SplitResult(task_id=task_id)
+    # The dataset's state is read BEFORE its files: if it was closed then, the listing that
+    # follows is complete and a short trailing group may be made into a job.
+    info = dsm.get_dataset(task.data_in_uid)
+    closed = not info.is_open
+    per_job = task.files_per_job
+    page_size = max(per_job, settings.WMS_SPLIT_PAGE // per_job * per_job)
+    used = task.split_cursor  # the last file that has a job: persisted
+    read = used  # the last file read in this run
+    carry: list[FileInfo] = []  # read but not used: a short group waiting for more files
+    jobs_made = files_used = 0
+    more = False
+    while True:
+        page = dsm.list_files(task.data_in_uid, after=read, limit=page_size)
+        if page.files:
+            read = page.files[-1].id
+        last_page = page.next_cursor is None
+        batch = carry + page.files
+        n_full = len(batch) // per_job * per_job
+        take = batch if (last_page and closed) else batch[:n_full]
+        carry = batch[len(take) :]
+        if take:
+            groups = [take[i : i + per_job] for i in range(0, len(take), per_job)]
+            dataset_id, entry_of = _entry_ids(dsm, info, take)
+            jobs_made += _create_jobs(task, groups, dataset_id, entry_of)
+            files_used += len(take)
+            used = take[-1].id
+        if last_page:
+            break
+        if jobs_made >= settings.WMS_SPLIT_MAX_JOBS_PER_RUN:
+            more = True
+            break
+    if used != task.split_cursor:
+        Task.objects.filter(pk=task.pk).update(split_cursor=used, updated_at=timezone.now())
+    if task.state == TaskState.DEFINED:
+        apply_transition(
+            Task,
+            task.pk,
+            TaskState.RUNNING,
+            source=TransitionSource.SPLITTER,
+            reason="splitter started the task",
+        )
+    if jobs_made:
+        log.info("task_split", task_id=task.pk, jobs=jobs_made, files=files_used, more=more)
+        from jobs.tasks import kick_dispatch
+        from tasks.tasks import kick_split
+
+        kick_dispatch()
+        if more:
+            kick_split(task_id=task.pk)
+    return SplitResult(task_id=task.pk, jobs=jobs_made, files=files_used, more=more)
+
+
+def split_all(*, beat: bool = False) -> list[SplitResult]:
+    """One splitter cycle over every splittable task (the beat's entry point).
+
+    ``beat=True`` first claims the cycle (``service_tick``), so two beats never double-run it.
+    """
+    if beat and not service_tick("splitter", min_interval=settings.WMS_SPLIT_EVERY / 2):
+        return []
+    if not switch_enabled("splitter"):
+        return []
+    ids = list(
+        Task.objects.filter(state__in=SPLITTABLE_STATES, splitter_enabled=True)
+        .order_by("-rank", "id")
+        .values_list("id", flat=True)
+    )
+    results = []
+    dsm = get_dsm()
+    try:
+        for task_id in ids:
+            try:
+                results.append(task_split(task_id=task_id, dsm=dsm))
+            except WMSError as exc:  # one task's DSM trouble must not stop the others
+                log.warning("task_split_failed", task_id=task_id, error=exc.code, detail=str(exc))
+    finally:
+        dsm.close()
+    return results

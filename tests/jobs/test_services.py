@@ -1,0 +1,200 @@
+"""jobs.services on the real database: creating, moving and cancelling jobs."""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+
+from jobs.models import AttemptState, Job, JobState, JobTransition
+from jobs.services import job_cancel, job_create, job_transition, jobs_cancel
+from tests.factories import JobAttemptFactory, JobFactory, TaskFactory
+from wms.exceptions import InvalidTransition, NotFound
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+# --- job_create --------------------------------------------------------------------------------
+
+
+def test_job_create_inherits_the_task():
+    task = TaskFactory(
+        executable="wms-payload-map",
+        args="--events 10",
+        rank=12,
+        device_type="gpu",
+        mode="map",
+        max_retries=5,
+    )
+
+    job = job_create(task=task)
+
+    stored = Job.objects.get(pk=job.pk)
+    assert stored.task == task
+    assert (stored.executable, stored.args, stored.rank) == ("wms-payload-map", "--events 10", 12)
+    assert (stored.device_type, stored.mode, stored.retries) == ("gpu", "map", 5)
+    assert (stored.state, stored.cur_retry) == (JobState.DEFINED, 0)
+    assert stored.parent_job is None and stored.pilot is None
+    assert stored.time_start is None and stored.time_end is None
+    assert stored.uuid is not None
+    assert not stored.transitions.exists()
+
+
+def test_job_create_merge_job_with_children():
+    task = TaskFactory(mode="map", args="--events 10")
+    merge = job_create(task=task, mode="merge", args="--sum")
+    child = job_create(task=task, parent_job=merge)
+
+    merge.refresh_from_db()
+    child.refresh_from_db()
+    assert (merge.mode, merge.args, merge.parent_job_id) == ("merge", "--sum", None)
+    assert (child.mode, child.args, child.parent_job_id) == ("map", "--events 10", merge.pk)
+    assert list(merge.children.all()) == [child]
+
+
+def test_job_create_empty_args_override_is_kept():
+    task = TaskFactory(args="--events 10")
+    job = job_create(task=task, args="")
+    job.refresh_from_db()
+    assert job.args == ""
+
+
+def test_job_uuids_are_distinct():
+    task = TaskFactory()
+    assert job_create(task=task).uuid != job_create(task=task).uuid
+
+
+# --- job_transition ----------------------------------------------------------------------------
+
+
+def test_job_transition_logs_source_and_reason():
+    job = JobFactory(state=JobState.DEFINED)
+    assert job_transition(job_id=job.pk, target=JobState.QUEUED, source="executor", reason="b1").won
+    job.refresh_from_db()
+    assert job.state == JobState.QUEUED
+    row = job.transitions.get()
+    assert (row.from_state, row.to_state, row.source, row.reason) == (
+        "defined",
+        "queued",
+        "executor",
+        "b1",
+    )
+
+
+def test_job_transition_refuses_a_forbidden_state():
+    job = JobFactory(state=JobState.DEFINED)
+    with pytest.raises(InvalidTransition):
+        job_transition(job_id=job.pk, target=JobState.FINISHED, source="pilot:1")
+    job.refresh_from_db()
+    assert job.state == JobState.DEFINED and not job.transitions.exists()
+
+
+# --- job_cancel --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [JobState.DEFINED, JobState.QUEUED])
+def test_job_cancel_before_it_runs(state):
+    job = JobFactory(state=state)
+    before = timezone.now()
+
+    result = job_cancel(job_id=job.pk, source="api", reason="not needed")
+
+    assert result.won and result.from_state == state
+    job.refresh_from_db()
+    assert job.state == JobState.CANCELLED
+    assert job.time_end is not None and job.time_end >= before
+    row = job.transitions.get()
+    assert (row.from_state, row.to_state, row.source, row.reason) == (
+        state,
+        "cancelled",
+        "api",
+        "not needed",
+    )
+
+
+def test_job_cancel_of_a_running_job_marks_the_running_attempt():
+    job = JobFactory(state=JobState.RUNNING, cur_retry=1)
+    earlier = JobAttemptFactory(job=job, number=0, state=AttemptState.FAILED)
+    attempt = JobAttemptFactory(job=job, number=1)
+    other = JobAttemptFactory(job=JobFactory(state=JobState.RUNNING))
+    before = timezone.now()
+
+    assert job_cancel(job_id=job.pk, source="api").won
+
+    job.refresh_from_db()
+    attempt.refresh_from_db()
+    earlier.refresh_from_db()
+    other.refresh_from_db()
+    assert job.state == JobState.CANCELLED
+    assert attempt.state == AttemptState.CANCELLED
+    assert attempt.kill_requested_at is not None and attempt.kill_requested_at >= before
+    assert attempt.ended_at == attempt.kill_requested_at == job.time_end
+    assert attempt.kill_acked_at is None  # the pilot has not confirmed the kill yet
+    assert earlier.state == AttemptState.FAILED and earlier.kill_requested_at is None
+    assert other.state == AttemptState.RUNNING and other.kill_requested_at is None
+
+
+def test_job_cancel_is_idempotent():
+    job = JobFactory(state=JobState.RUNNING)
+    attempt = JobAttemptFactory(job=job)
+    first = job_cancel(job_id=job.pk, source="api")
+    attempt.refresh_from_db()
+    kill_time = attempt.kill_requested_at
+    job.refresh_from_db()
+    end = job.time_end
+
+    second = job_cancel(job_id=job.pk, source="api")
+
+    assert first.won is True and second.won is False
+    assert second.from_state == JobState.CANCELLED
+    job.refresh_from_db()
+    attempt.refresh_from_db()
+    assert job.time_end == end  # not rewritten by the repeat
+    assert attempt.kill_requested_at == kill_time
+    assert JobTransition.objects.filter(subject=job).count() == 1
+
+
+@pytest.mark.parametrize("state", [JobState.FINISHED, JobState.FAILED])
+def test_job_cancel_of_a_final_job_is_refused(state):
+    job = JobFactory(state=state)
+    with pytest.raises(InvalidTransition) as info:
+        job_cancel(job_id=job.pk, source="api")
+    assert info.value.status == 409
+    job.refresh_from_db()
+    assert job.state == state and job.time_end is None
+    assert not job.transitions.exists()
+
+
+def test_job_cancel_missing_job():
+    with pytest.raises(NotFound):
+        job_cancel(job_id=987654, source="api")
+
+
+# --- jobs_cancel -------------------------------------------------------------------------------
+
+
+def test_jobs_cancel_skips_final_and_missing_jobs():
+    task = TaskFactory()
+    jobs = {state: JobFactory(task=task, state=state) for state in JobState.values}
+
+    n = jobs_cancel(job_ids=[j.pk for j in jobs.values()] + [987654], source="reaper")
+
+    assert n == 3
+    for was, job in jobs.items():
+        job.refresh_from_db()
+        if was in (JobState.DEFINED, JobState.QUEUED, JobState.RUNNING):
+            assert job.state == JobState.CANCELLED
+            assert job.transitions.get().source == "reaper"
+        else:
+            assert job.state == was
+            assert not job.transitions.exists()
+    # twice: nothing left to cancel
+    assert jobs_cancel(job_ids=[j.pk for j in jobs.values()], source="reaper") == 0
+
+
+def test_jobs_cancel_of_nothing():
+    assert jobs_cancel(job_ids=[], source="api") == 0

@@ -1,0 +1,147 @@
+"""The splitter on the real Postgres: files become jobs, exactly once."""
+
+import math
+import threading
+
+import pytest
+from django.db import connection
+
+from files.models import File, FileType
+from files.services import dataset_add_files, dataset_close, dataset_register
+from jobs.models import Job
+from tasks.models import Task, TaskState
+from tasks.splitter import split_all, task_split
+from tests.factories import TaskFactory
+from wms.switches import switch_set
+
+
+def _dataset(n: int, name: str = "mc.test"):
+    ds = dataset_register(name=name)
+    if n:
+        dataset_add_files(
+            dataset=ds,
+            files=[{"name": f"f{i:05d}.root", "size": 100 + i} for i in range(n)],
+        )
+    return ds
+
+
+@pytest.mark.parametrize(("n_files", "per_job"), [(10, 1), (10, 3), (7, 7), (1, 5), (25, 4)])
+def test_closed_dataset_gives_ceil_n_over_k_jobs(db, n_files, per_job):
+    ds = _dataset(n_files)
+    dataset_close(dataset=ds, source="api")
+    task = TaskFactory(data_in_uid=ds.uid, files_per_job=per_job)
+    result = task_split(task_id=task.pk)
+    assert result.jobs == math.ceil(n_files / per_job)
+    assert Job.objects.filter(task=task).count() == math.ceil(n_files / per_job)
+    inputs = File.objects.filter(task=task, type=FileType.INPUT)
+    assert inputs.count() == n_files
+    assert inputs.values("entry").distinct().count() == n_files
+    # each job: file_in is its first input, at most per_job inputs, inherits the task
+    for job in Job.objects.filter(task=task).prefetch_related("files"):
+        names = sorted(f.file_name for f in job.files.all())
+        assert 1 <= len(names) <= per_job
+        assert job.file_in.file_name == names[0]
+        assert (job.executable, job.rank, job.retries) == (
+            task.executable,
+            task.rank,
+            task.max_retries,
+        )
+    task.refresh_from_db()
+    assert task.state == TaskState.RUNNING
+    assert (
+        task.transitions.filter(from_state="defined", to_state="running", source="splitter").count()
+        == 1
+    )
+
+
+def test_open_dataset_keeps_a_short_group_until_closed(db):
+    ds = _dataset(7)
+    task = TaskFactory(data_in_uid=ds.uid, files_per_job=3)
+    assert task_split(task_id=task.pk).jobs == 2  # 6 files, 1 waits
+    dataset_add_files(dataset=ds, files=[{"name": "late.root", "size": 1}])
+    assert task_split(task_id=task.pk).jobs == 0  # 2 waiting files, still open
+    dataset_close(dataset=ds, source="api")
+    assert task_split(task_id=task.pk).jobs == 1
+    assert File.objects.filter(task=task, type=FileType.INPUT).count() == 8
+    assert task_split(task_id=task.pk).jobs == 0
+
+
+def test_running_twice_creates_nothing_new(db):
+    ds = _dataset(30)
+    task = TaskFactory(data_in_uid=ds.uid)
+    assert task_split(task_id=task.pk).jobs == 30
+    assert task_split(task_id=task.pk).jobs == 0
+    # even with the cursor reset, the unique constraint refuses a second job for a file
+    Task.objects.filter(pk=task.pk).update(split_cursor=None)
+    with pytest.raises(Exception):  # noqa: B017 - IntegrityError through the ORM
+        task_split(task_id=task.pk)
+    assert Job.objects.filter(task=task).count() == 30
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_threads_split_one_task_without_duplicates():
+    ds = _dataset(500, name="mc.race")
+    dataset_close(dataset=ds, source="api")
+    task = TaskFactory(data_in_uid=ds.uid, files_per_job=2)
+    barrier = threading.Barrier(2)
+    results, errors = [], []
+
+    def run():
+        try:
+            barrier.wait()
+            results.append(task_split(task_id=task.pk).jobs)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(results) == 250
+    assert Job.objects.filter(task=task).count() == 250
+    assert (
+        File.objects.filter(task=task, type=FileType.INPUT).values("entry").distinct().count()
+        == 500
+    )
+
+
+def test_one_dataset_feeds_two_tasks(db):
+    ds = _dataset(5)
+    t1, t2 = TaskFactory(data_in_uid=ds.uid), TaskFactory(data_in_uid=ds.uid)
+    assert task_split(task_id=t1.pk).jobs == 5
+    assert task_split(task_id=t2.pk).jobs == 5
+
+
+def test_disabled_splitter_does_nothing_until_enabled(db):
+    ds = _dataset(4)
+    task = TaskFactory(data_in_uid=ds.uid, splitter_enabled=False)
+    assert task_split(task_id=task.pk).jobs == 0
+    Task.objects.filter(pk=task.pk).update(splitter_enabled=True)
+    switch_set(name="splitter", enabled=False, by="test")
+    assert split_all().__len__() == 0
+    assert task_split(task_id=task.pk).jobs == 0
+    assert Job.objects.filter(task=task).count() == 0
+    switch_set(name="splitter", enabled=True, by="test")
+    assert sum(r.jobs for r in split_all()) == 4
+
+
+def test_paused_or_cancelled_tasks_are_not_split(db):
+    ds = _dataset(3)
+    paused = TaskFactory(data_in_uid=ds.uid, state=TaskState.PAUSED)
+    cancelled = TaskFactory(data_in_uid=ds.uid, state=TaskState.CANCELLED)
+    assert task_split(task_id=paused.pk).jobs == 0
+    assert task_split(task_id=cancelled.pk).jobs == 0
+
+
+def test_beat_cycle_runs_once_per_interval(db, settings):
+    settings.WMS_SPLIT_EVERY = 3600
+    ds = _dataset(2)
+    TaskFactory(data_in_uid=ds.uid)
+    first = split_all(beat=True)
+    second = split_all(beat=True)  # a second beat in the same cycle
+    assert sum(r.jobs for r in first) == 2
+    assert second == []

@@ -1,0 +1,177 @@
+"""The server's side of the bus: a connection from settings, the topology, batched publishing.
+
+Job messages are plain JSON (not Celery tasks), persistent, with a priority from the job's rank,
+published in batches on ONE channel. On AMQP the channel is put in confirm mode and the batch
+waits until RabbitMQ has confirmed every message (a nack or a timeout raises ``BrokerError``).
+kombu's virtual transports (the embedded filesystem broker) have no confirms: a write to the
+queue folder that returned is the confirmation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable
+
+from django.conf import settings
+from kombu import Connection, Producer
+from kombu.exceptions import OperationalError
+
+from wms.contract import Command, JobMessage
+from wms.exceptions import BrokerError
+from wms.topology import Topology, rank_to_priority
+
+_local = threading.local()
+
+
+def topology() -> Topology:
+    return Topology(prefix=settings.WMS_BUS_PREFIX, queue_type=settings.WMS_QUEUE_TYPE)
+
+
+def broker_url() -> str:
+    return settings.CELERY_BROKER_URL
+
+
+def new_connection() -> Connection:
+    """A fresh connection to the broker the Celery app uses (same URL, same folders)."""
+    options = dict(getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {})
+    # Confirms are handled per batch below, not message by message.
+    options.pop("confirm_publish", None)
+    return Connection(broker_url(), transport_options=options, connect_timeout=10)
+
+
+def _connection() -> Connection:
+    """This thread's connection, declared once; reconnected after a failure."""
+    conn = getattr(_local, "conn", None)
+    if conn is None or getattr(_local, "url", None) != broker_url():
+        conn = new_connection()
+        conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5)
+        topology().declare(conn)
+        _local.conn, _local.url = conn, broker_url()
+    return conn
+
+
+def reset_connection() -> None:
+    conn = getattr(_local, "conn", None)
+    _local.conn = None
+    if conn is not None:
+        with contextlib.suppress(Exception):  # it is being dropped anyway
+            conn.release()
+
+
+def _publish_confirmed(conn: Connection, channel, items: list[tuple[bytes, str, str, int]]) -> None:
+    """AMQP: publish every item, then wait until all are confirmed."""
+    if not getattr(channel, "_wms_confirm", False):
+        channel.confirm_select()
+        channel._wms_confirm = True
+        channel._wms_tag = 0
+    outstanding: set[int] = set()
+    nacked: list[int] = []
+
+    def on_ack(tag: int, multiple: bool) -> None:
+        if multiple:
+            outstanding.difference_update([t for t in outstanding if t <= tag])
+        else:
+            outstanding.discard(tag)
+
+    def on_nack(tag: int, multiple: bool) -> None:
+        nacked.append(tag)
+        on_ack(tag, multiple)
+
+    channel.events["basic_ack"].add(on_ack)
+    channel.events["basic_nack"].add(on_nack)
+    try:
+        for body, exchange, routing_key, priority in items:
+            msg = channel.prepare_message(
+                body,
+                priority=priority,
+                content_type="application/json",
+                content_encoding="utf-8",
+                properties={"delivery_mode": 2},
+            )
+            channel.basic_publish(msg, exchange=exchange, routing_key=routing_key)
+            channel._wms_tag += 1
+            outstanding.add(channel._wms_tag)
+        deadline = time.monotonic() + settings.WMS_PUBLISH_CONFIRM_TIMEOUT
+        while outstanding:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError(f"{len(outstanding)} message(s) not confirmed in time.")
+            try:
+                conn.drain_events(timeout=min(remaining, 1.0))
+            except TimeoutError:
+                continue
+        if nacked:
+            raise BrokerError(f"The broker refused {len(nacked)} message(s).")
+    finally:
+        channel.events["basic_ack"].discard(on_ack)
+        channel.events["basic_nack"].discard(on_nack)
+
+
+def _publish(items: list[tuple[bytes, str, str, int]]) -> None:
+    if not items:
+        return
+    try:
+        conn = _connection()
+        channel = conn.default_channel
+        if hasattr(channel, "confirm_select"):
+            _publish_confirmed(conn, channel, items)
+        else:
+            producer = Producer(channel)
+            for body, exchange, routing_key, priority in items:
+                producer.publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    priority=priority,
+                    delivery_mode=2,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    retry=False,
+                )
+    except BrokerError:
+        reset_connection()
+        raise
+    except (OperationalError, OSError, ConnectionError) as exc:
+        reset_connection()
+        raise BrokerError(f"Publishing failed: {exc}") from exc
+    except Exception as exc:  # amqp's own exceptions (channel/connection errors)
+        reset_connection()
+        raise BrokerError(f"Publishing failed: {type(exc).__name__}: {exc}") from exc
+
+
+def publish_jobs(messages: Iterable[JobMessage]) -> int:
+    """Publish job messages to their device queues; all confirmed or ``BrokerError``."""
+    topo = topology()
+    exchange = topo.jobs_exchange.name
+    items = [(m.encode(), exchange, m.device_type, rank_to_priority(m.rank)) for m in messages]
+    _publish(items)
+    return len(items)
+
+
+def publish_command(command: Command) -> None:
+    topo = topology()
+    topo.declare(_connection(), queues=[topo.command_queue(command.pilot_id)])
+    _publish(
+        [
+            (
+                command.encode(),
+                topo.commands_exchange.name,
+                topo.command_routing_key(command.pilot_id),
+                0,
+            )
+        ]
+    )
+
+
+def queue_depth(device_type: str) -> int:
+    """Messages ready in a device queue (for backpressure)."""
+    try:
+        conn = _connection()
+        queue = topology().job_queue(device_type)(conn.default_channel)
+        _name, count, _consumers = queue.queue_declare(passive=True)
+        return int(count)
+    except Exception as exc:
+        reset_connection()
+        raise BrokerError(f"Cannot read the depth of {device_type} queue: {exc}") from exc
