@@ -6,6 +6,7 @@
 | ``jobs/`` | list and inspect jobs, cancel a job (jobs.api) |
 | ``files/``, ``datasets/`` | job files; the DSM catalogue of datasets and their files (files.api) |
 | ``pilots/`` | read-only view of the pilots (pilots.api) |
+| ``switches/`` | the splitter's and the executor's global on/off switches (wms.switches_api) |
 
 Anything else under /api/v1/ answers 404 with the API's error body.
 """
@@ -19,6 +20,8 @@ urlpatterns: list = [
     path("", include("jobs.api.urls")),
     path("", include("files.api.urls")),
     path("", include("pilots.api.urls")),
-    # Last: unknown paths (ending in a slash, so APPEND_SLASH still redirects the others).
-    re_path(r"^.*/$", not_found_view),
+    path("", include("wms.switches_api")),
+    # Last: unknown paths, the root included. Only paths ending in a slash, so that APPEND_SLASH
+    # still redirects "/api/v1/tasks" to "/api/v1/tasks/".
+    re_path(r"^(?:.*/)?$", not_found_view),
 ]

@@ -158,12 +158,13 @@ SPECTACULAR_SETTINGS = {
 BROKER_DIR = VAR_DIR / "broker"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    for sub in ("out", "processed"):
+    for sub in ("out", "processed", "control"):
         (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR / "out"),
         "data_folder_out": str(BROKER_DIR / "out"),
         "processed_folder": str(BROKER_DIR / "processed"),
+        "control_folder": str(BROKER_DIR / "control"),
         "store_processed": False,
     }
 else:
@@ -212,19 +213,21 @@ WMS_DSM_TOKEN = env.str("WMS_DSM_TOKEN", default="")
 WMS_DSM_TIMEOUT = tuple(env.list("WMS_DSM_TIMEOUT", cast=float, default=[3.05, 30.0]))
 WMS_DSM_RETRIES = env.int("WMS_DSM_RETRIES", default=3)  # retries after the first attempt
 WMS_DSM_BACKOFF = env.float("WMS_DSM_BACKOFF", default=0.5)  # first retry delay, then doubles
+
+# --- Splitter and executor (DESIGN.md sections 5, 6, 8) ---
 WMS_SPLIT_PAGE = env.int("WMS_SPLIT_PAGE", default=10_000)  # files read from the DSM per page
 WMS_SPLIT_BATCH = env.int("WMS_SPLIT_BATCH", default=5_000)  # rows per INSERT
 WMS_SPLIT_MAX_JOBS_PER_RUN = env.int("WMS_SPLIT_MAX_JOBS_PER_RUN", default=200_000)
-WMS_DISPATCH_BATCH = env.int("WMS_DISPATCH_BATCH", default=1_000)  # jobs claimed per batch
+WMS_DISPATCH_BATCH = env.int("WMS_DISPATCH_BATCH", default=5_000)  # jobs claimed per batch
 WMS_DISPATCH_MAX_PER_RUN = env.int("WMS_DISPATCH_MAX_PER_RUN", default=50_000)
 WMS_QUEUE_MAX_DEPTH = env.int("WMS_QUEUE_MAX_DEPTH", default=10_000)  # backpressure, 0 = none
 WMS_SPLIT_EVERY = env.float("WMS_SPLIT_EVERY", default=5.0)  # beat periods, seconds
 WMS_DISPATCH_EVERY = env.float("WMS_DISPATCH_EVERY", default=2.0)
 WMS_RECONCILE_EVERY = env.float("WMS_RECONCILE_EVERY", default=60.0)
+WMS_BULK_COPY = env.bool("WMS_BULK_COPY", default=True)  # PostgreSQL COPY for bulk inserts
 
 CELERY_BEAT_SCHEDULE = {
     "split": {"task": "wms.split", "schedule": WMS_SPLIT_EVERY, "kwargs": {"beat": True}},
     "dispatch": {"task": "wms.dispatch", "schedule": WMS_DISPATCH_EVERY, "kwargs": {"beat": True}},
     "reconcile-queued": {"task": "wms.reconcile_queued", "schedule": WMS_RECONCILE_EVERY},
 }
-WMS_BULK_COPY = env.bool("WMS_BULK_COPY", default=True)  # PostgreSQL COPY for bulk inserts

@@ -30,12 +30,10 @@ from wms.admin import (
     ServiceWriteAdminMixin,
     TransitionInline,
     TransitionLogAdmin,
-    TransitionSourceFilter,
     WMSAdminMedia,
     admin_changelist_url,
     admin_link,
     admin_reason,
-    choices_filter,
     copy_into,
     run_service_action,
     state_badge,
@@ -179,6 +177,7 @@ class DatasetEntryAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin)
     autocomplete_fields = ("dataset",)
     ordering = ("-id",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # no per-filter COUNT over a big table
     Media = WMSAdminMedia
 
     def get_fields(self, request, obj=None):
@@ -232,6 +231,7 @@ class FileAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     raw_id_fields = ("job", "task", "dataset", "entry")
     ordering = ("-id",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # no per-filter COUNT over a big table
     Media = WMSAdminMedia
     fieldsets = (
         (None, {"fields": ("file_name", "type", "status_badge", "size_human", "check_sum")}),
@@ -266,8 +266,4 @@ class FileAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
 @admin.register(DatasetTransition)
 class DatasetTransitionAdmin(TransitionLogAdmin):
-    list_filter = (
-        choices_filter("to_state", "to state", DatasetState.choices),
-        TransitionSourceFilter,
-        "at",
-    )
+    state_choices = DatasetState.choices

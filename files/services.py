@@ -22,6 +22,7 @@ from files.models import (
 )
 from wms import checksums
 from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed
+from wms.kicks import kick
 from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
@@ -101,6 +102,16 @@ def datasets_register(*, specs: Iterable[Mapping[str, Any]]) -> list[Dataset]:
     return created
 
 
+def _kick_splitter(dataset_uid: uuid.UUID) -> None:
+    """After commit, ask the splitter to look at the tasks reading this dataset."""
+    from tasks.models import ACTIVE_TASK_STATES, Task
+
+    for task_id in Task.objects.filter(
+        data_in_uid=dataset_uid, state__in=ACTIVE_TASK_STATES
+    ).values_list("id", flat=True):
+        kick("wms.split", task_id=task_id)
+
+
 def _clean_entry(raw: Mapping[str, Any], index: int) -> dict[str, Any]:
     errors: dict[str, list[str]] = {}
     name = str(raw.get("name") or "").strip()
@@ -153,6 +164,7 @@ def dataset_add_files(
         updated_at=timezone.now(),
     )
     log.info("dataset_files_added", dataset_uid=str(locked.uid), count=len(entries))
+    _kick_splitter(locked.uid)
     return entries
 
 
@@ -170,6 +182,7 @@ def dataset_close(*, dataset: Dataset, source: str, reason: str = "") -> Transit
     )
     if result.won:
         log.info("dataset_closed", dataset_uid=str(dataset.uid), source=source)
+        _kick_splitter(dataset.uid)  # a short trailing group may now become a job
     return result
 
 

@@ -23,12 +23,10 @@ from wms.admin import (
     ReadOnlyAdminMixin,
     TransitionInline,
     TransitionLogAdmin,
-    TransitionSourceFilter,
     WMSAdminMedia,
     admin_changelist_url,
     admin_link,
     admin_reason,
-    choices_filter,
     run_service_action,
     short,
     state_badge,
@@ -143,6 +141,7 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     raw_id_fields = ("task", "parent_job", "file_in", "file_out", "file_log", "pilot")
     ordering = ("-id",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # no per-filter COUNT over a big table
     actions = ("cancel_jobs",)
     inlines = (JobAttemptInline, JobTransitionInline, JobFileInline)
     Media = WMSAdminMedia
@@ -233,6 +232,7 @@ class JobAttemptAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     raw_id_fields = ("job", "pilot")
     ordering = ("-id",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # no per-filter COUNT over a big table
     Media = WMSAdminMedia
     readonly_fields = ("state_badge",)
     exclude = ("state",)
@@ -252,8 +252,4 @@ class JobAttemptAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
 @admin.register(JobTransition)
 class JobTransitionAdmin(TransitionLogAdmin):
-    list_filter = (
-        choices_filter("to_state", "to state", JobState.choices),
-        TransitionSourceFilter,
-        "at",
-    )
+    state_choices = JobState.choices

@@ -133,6 +133,7 @@ def _claim(device_type: str, limit: int) -> tuple[list[int], list[JobMessage]]:
         from_state=JobState.DEFINED,
         source=TransitionSource.EXECUTOR,
         reason="dispatched",
+        locked=True,
     )
     return moved, build_messages(moved)
 
@@ -152,6 +153,7 @@ def _unclaim(job_ids: list[int], reason: str) -> int:
             from_state=JobState.QUEUED,
             source=TransitionSource.EXECUTOR,
             reason=reason,
+            locked=True,
         )
     )
 

@@ -10,8 +10,8 @@ from django.utils import timezone
 
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from tasks.models import Task
-from wms.exceptions import InvalidTransition, NotFound
-from wms.statemachine import TransitionResult, apply_transition
+from wms.exceptions import NotFound
+from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
 log = structlog.get_logger(__name__)
 
@@ -79,14 +79,44 @@ def job_cancel(*, job_id: int, source: str, reason: str = "") -> TransitionResul
 
 @transaction.atomic
 def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int:
-    """Cancel several jobs; jobs already final are skipped. Returns how many were cancelled."""
-    won = 0
-    for job_id in job_ids:
-        current = Job.objects.filter(pk=job_id).values_list("state", flat=True).first()
-        if current is None or current in Job.STATE_MACHINE.final_states:
-            continue
-        try:
-            won += job_cancel(job_id=job_id, source=source, reason=reason).won
-        except (InvalidTransition, NotFound):
-            continue  # it became final (or went away) since it was read: nothing to cancel
-    return won
+    """Cancel many jobs in bulk; jobs already final are skipped. Returns how many were cancelled.
+
+    Per chunk: the rows are locked (``FOR UPDATE``, waiting for a pilot's start in flight),
+    then one UPDATE + one bulk insert of transition rows per source state, and one UPDATE of
+    the running attempts. A constant number of queries per 5,000 jobs.
+    """
+    ids = list(job_ids)
+    now = timezone.now()
+    cancelled = 0
+    open_states = (JobState.DEFINED, JobState.QUEUED, JobState.RUNNING)
+    for start in range(0, len(ids), 5000):
+        rows = list(
+            Job.objects.select_for_update()
+            .filter(pk__in=ids[start : start + 5000], state__in=open_states)
+            .order_by("pk")
+            .values_list("pk", "state")
+        )
+        by_state: dict[str, list[int]] = {}
+        for pk, state in rows:
+            by_state.setdefault(state, []).append(pk)
+        for state, pks in by_state.items():
+            cancelled += len(
+                apply_transition_bulk(
+                    Job,
+                    pks,
+                    JobState.CANCELLED,
+                    from_state=state,
+                    source=source,
+                    reason=reason,
+                    updates={"time_end": now},
+                    locked=True,
+                )
+            )
+        running = by_state.get(JobState.RUNNING, [])
+        if running:
+            JobAttempt.objects.filter(job_id__in=running, state=AttemptState.RUNNING).update(
+                state=AttemptState.CANCELLED, kill_requested_at=now, ended_at=now
+            )
+    if cancelled:
+        log.info("jobs_cancelled", count=cancelled, source=source)
+    return cancelled

@@ -21,11 +21,9 @@ from wms.admin import (
     ReadOnlyAdminMixin,
     TransitionInline,
     TransitionLogAdmin,
-    TransitionSourceFilter,
     WMSAdminMedia,
     admin_changelist_url,
     admin_reason,
-    choices_filter,
     run_service_action,
     state_badge,
 )
@@ -163,8 +161,4 @@ class PilotAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
 @admin.register(PilotTransition)
 class PilotTransitionAdmin(TransitionLogAdmin):
-    list_filter = (
-        choices_filter("to_state", "to state", PilotState.choices),
-        TransitionSourceFilter,
-        "at",
-    )
+    state_choices = PilotState.choices

@@ -25,12 +25,10 @@ from wms.admin import (
     ServiceWriteAdminMixin,
     TransitionInline,
     TransitionLogAdmin,
-    TransitionSourceFilter,
     WMSAdminMedia,
     admin_changelist_url,
     admin_link,
     admin_reason,
-    choices_filter,
     copy_into,
     run_service_action,
     state_badge,
@@ -333,8 +331,4 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
 @admin.register(TaskTransition)
 class TaskTransitionAdmin(TransitionLogAdmin):
-    list_filter = (
-        choices_filter("to_state", "to state", TaskState.choices),
-        TransitionSourceFilter,
-        "at",
-    )
+    state_choices = TaskState.choices

@@ -11,11 +11,12 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from files.selectors import dataset_get
+from files.dsm import get_dsm
 from jobs.models import Job, JobState
 from tasks.models import Task, TaskState
 from wms.choices import DeviceType, Mode
 from wms.exceptions import NotFound, ValidationFailed
+from wms.kicks import kick
 from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
@@ -50,7 +51,8 @@ def task_create(
     if not data_in_uid:
         raise ValidationFailed({"data_in_uid": ["This field is required."]})
     try:
-        dataset = dataset_get(uid=data_in_uid)
+        with get_dsm() as dsm:  # the configured DSM, local or external
+            dataset = dsm.get_dataset(data_in_uid)
     except (NotFound, DjangoValidationError) as exc:
         # An unknown (or malformed) uid is bad input of this field, as the API answers it.
         raise ValidationFailed({"data_in_uid": ["No dataset with this uid."]}) from exc
@@ -76,6 +78,7 @@ def task_create(
         raise ValidationFailed(exc.message_dict) from exc
     task.save(force_insert=True)
     log.info("task_created", task_id=task.pk, data_in_uid=str(dataset.uid), owner=str(owner))
+    kick("wms.split", task_id=task.pk)
     return task
 
 
@@ -111,10 +114,17 @@ def task_update(*, task_id: int, **changes: Any) -> Task:
 
 
 def task_transition(
-    *, task_id: int, target: str, source: str, reason: str = ""
+    *,
+    task_id: int,
+    target: str,
+    source: str,
+    reason: str = "",
+    only_from: tuple[str, ...] | None = None,
 ) -> TransitionResult:
     """Apply one transition of the task state machine (409 if the map forbids it)."""
-    result = apply_transition(Task, task_id, target, source=source, reason=reason)
+    result = apply_transition(
+        Task, task_id, target, source=source, reason=reason, only_from=only_from
+    )
     if result.won:
         log.info(
             "task_state_changed",
@@ -130,8 +140,24 @@ def task_pause(*, task_id: int, source: str, reason: str = "") -> TransitionResu
     return task_transition(task_id=task_id, target=TaskState.PAUSED, source=source, reason=reason)
 
 
+@transaction.atomic
 def task_resume(*, task_id: int, source: str, reason: str = "") -> TransitionResult:
-    return task_transition(task_id=task_id, target=TaskState.RUNNING, source=source, reason=reason)
+    """paused → running, and the splitter and executor are kicked. Only a paused task resumes:
+    a defined task is started by the splitter, not by a resume."""
+    result = task_transition(
+        task_id=task_id,
+        target=TaskState.RUNNING,
+        source=source,
+        reason=reason,
+        only_from=(TaskState.PAUSED,),
+    )
+    if result.won:
+        from jobs.tasks import kick_dispatch
+        from tasks.tasks import kick_split
+
+        kick_split(task_id=task_id)
+        kick_dispatch()
+    return result
 
 
 @transaction.atomic

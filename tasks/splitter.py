@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from files.dsm import DSMClient, FileInfo, get_dsm
+from files.dsm import MAX_PAGE_SIZE, DSMClient, FileInfo, get_dsm
 from files.dsm.local import LocalDSMClient
 from files.models import Dataset, File, FileStatus, FileType
 from files.services import catalogue_mirror
@@ -229,7 +229,8 @@ def _split_locked(task_id: int, dsm: DSMClient) -> SplitResult:
     info = dsm.get_dataset(task.data_in_uid)
     closed = not info.is_open
     per_job = task.files_per_job
-    page_size = max(per_job, settings.WMS_SPLIT_PAGE // per_job * per_job)
+    # Groups may span pages: what a page leaves over is carried into the next one.
+    page_size = max(1, min(settings.WMS_SPLIT_PAGE, MAX_PAGE_SIZE))
     used = task.split_cursor  # the last file that has a job: persisted
     read = used  # the last file read in this run
     carry: list[FileInfo] = []  # read but not used: a short group waiting for more files

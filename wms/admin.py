@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
@@ -57,8 +58,6 @@ def admin_changelist_url(model: type[models.Model], **params: Any) -> str:
     opts = model._meta
     url = reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist")
     if params:
-        from urllib.parse import urlencode
-
         url += "?" + urlencode(params)
     return url
 
@@ -281,16 +280,21 @@ class TransitionLogAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
     list_display = ("id", "subject_link", "from_state_badge", "to_state_badge", "at", "source")
     list_display_links = ("id",)
-    # Subclasses put a to-state filter first: choices_filter("to_state", "to state", X.choices)
-    list_filter: tuple[Any, ...] = (TransitionSourceFilter, "at")
+    # The states of the subject's machine (``TaskState.choices``...), for the to-state filter.
+    state_choices: Any = ()
     search_fields = ("reason",)
     id_search_fields = ("pk", "subject_id")
     readonly_fields = ("subject_link", *TRANSITION_FIELDS)
     fields = ("subject_link", *TRANSITION_FIELDS)
     ordering = ("-id",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # no per-filter COUNT over a big table
     list_per_page = 100
     Media = WMSAdminMedia
+
+    def get_list_filter(self, request):
+        to_state = choices_filter("to_state", "to state", self.state_choices)
+        return (to_state, TransitionSourceFilter, "at")
 
     @admin.display(description="object", ordering="subject_id")
     def subject_link(self, obj):

@@ -71,7 +71,13 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, WMSError):
         if exc.status >= 500:
             log.error("request_failed", error=exc.code, detail=str(exc.detail))
-        return error_response(exc.code, exc.detail, exc.status)
+        challenge = _auth_challenge(context.get("request")) if exc.status == 401 else None
+        return error_response(
+            exc.code,
+            exc.detail,
+            exc.status,
+            {"WWW-Authenticate": challenge} if challenge else None,
+        )
     if isinstance(exc, Http404):
         return error_response("not_found", "Not found.", status.HTTP_404_NOT_FOUND)
     if isinstance(exc, DjangoPermissionDenied):
@@ -167,10 +173,10 @@ class StableOrderingFilter(OrderingFilter):
     from one page to the next."""
 
     def get_ordering(self, request: Any, queryset: Any, view: Any) -> list[str] | None:
-        ordering = super().get_ordering(request, queryset, view)
-        if not ordering:
-            return ordering
-        ordering = list(ordering)
+        terms = super().get_ordering(request, queryset, view)
+        if not terms:
+            return None
+        ordering = list(terms)
         if not any(term.lstrip("-") in ("id", "pk") for term in ordering):
             ordering.append("-id" if ordering[0].startswith("-") else "id")
         return ordering
@@ -180,13 +186,21 @@ class StableOrderingFilter(OrderingFilter):
 
 
 class StrictFieldsMixin:
-    """Input serializers answer 400 for a field they do not take, instead of ignoring it.
+    """For input serializers: they validate, services write.
 
-    A client that sends ``{"state": "running"}`` to a PATCH learns that the field cannot be
-    changed here, rather than getting a 200 that changed nothing.
+    A field the serializer does not take answers 400 instead of being ignored: a client that
+    sends ``{"state": "running"}`` to a PATCH learns that the field cannot be changed here,
+    rather than getting a 200 that changed nothing. And ``save()`` is refused: the view hands
+    ``validated_data`` to a service (DESIGN.md section 2, one write path per change).
     """
 
     unknown_field_message = "Unknown field."
+
+    def create(self, validated_data: Any) -> Any:
+        raise NotImplementedError("Input serializers do not write: call a service.")
+
+    def update(self, instance: Any, validated_data: Any) -> Any:
+        raise NotImplementedError("Input serializers do not write: call a service.")
 
     def to_internal_value(self, data: Any) -> Any:
         errors: dict[str, Any] = {}
@@ -203,7 +217,8 @@ class StrictFieldsMixin:
                 for name, field in self.fields.items()  # type: ignore[attr-defined]
                 if not field.read_only
             }
-            for key in sorted(set(data.keys()) - writable):
+            # The browsable API's HTML forms post their CSRF token along with the fields.
+            for key in sorted(set(data.keys()) - writable - {"csrfmiddlewaretoken"}):
                 errors[key] = [self.unknown_field_message]
         if errors:
             raise serializers.ValidationError(errors)

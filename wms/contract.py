@@ -22,6 +22,13 @@ COMMANDS = ("kill_job", "drain", "shutdown")
 FINAL_STATES = ("finished", "failed")
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"))
+
+
+def _dumps(data: dict[str, Any]) -> bytes:
+    return _encoder.encode(data).encode()
+
+
 class ContractError(ValueError):
     """A message that does not follow the contract."""
 
@@ -55,10 +62,35 @@ class JobMessage:
     kind: str = JOB
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand, not dataclasses.asdict: the executor encodes 10^4 of these per second.
+        return {
+            "v": self.v,
+            "kind": self.kind,
+            "job_uuid": self.job_uuid,
+            "attempt": self.attempt,
+            "task_id": self.task_id,
+            "executable": self.executable,
+            "args": self.args,
+            "device_type": self.device_type,
+            "mode": self.mode,
+            "rank": self.rank,
+            "inputs": [
+                {
+                    "name": f.name,
+                    "dataset_uid": f.dataset_uid,
+                    "url": f.url,
+                    "size": f.size,
+                    "check_sum": f.check_sum,
+                }
+                for f in self.inputs
+            ],
+            "output_url": self.output_url,
+            "output_dataset_uid": self.output_dataset_uid,
+            "server_url": self.server_url,
+        }
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        return _dumps(self.to_dict())
 
 
 @dataclass(frozen=True)

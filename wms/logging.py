@@ -82,12 +82,13 @@ def _timestamp(_logger: Any, _name: str, ed: dict[str, Any]) -> dict[str, Any]:
     return ed
 
 
-def _shared_processors() -> list[Any]:
+def _shared_processors(fmt: str = "console") -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        _timestamp,
+        # console: the seed's time; json: ISO 8601 with its zone, what log collectors parse
+        _timestamp if fmt == "console" else structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.CallsiteParameterAdder(
             {
                 structlog.processors.CallsiteParameter.FILENAME,
@@ -102,7 +103,7 @@ def configure_logging(*, fmt: str = "console", level: str = "INFO") -> dict[str,
     """Configure structlog and return the ``LOGGING`` dict for Django's settings."""
     if fmt not in {"console", "json"}:
         raise ValueError(f"WMS_LOG_FORMAT must be 'console' or 'json', not {fmt!r}")
-    shared = _shared_processors()
+    shared = _shared_processors(fmt)
     structlog.configure(
         processors=[
             *shared,

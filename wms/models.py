@@ -41,6 +41,8 @@ class Switch(models.Model):
 
     class Meta:
         ordering = ["name"]
+        verbose_name = "service switch"
+        verbose_name_plural = "service switches"
 
     def __str__(self) -> str:
         return f"{self.name}: {'on' if self.enabled else 'off'}"

@@ -24,6 +24,7 @@ from django.apps import apps
 from django.db import models, transaction
 from django.utils import timezone
 
+from wms import db
 from wms.exceptions import Conflict, InvalidTransition, NotFound
 
 
@@ -143,11 +144,14 @@ def apply_transition_bulk(
     source: str,
     reason: str = "",
     updates: Mapping[str, Any] | None = None,
+    locked: bool = False,
 ) -> list[Any]:
     """Move every row of ``pks`` that is in ``from_state`` to ``target`` with ONE UPDATE.
 
     For batch paths (executor, splitter, reaper) whose caller already holds the rows
-    (``SELECT ... FOR UPDATE SKIP LOCKED``) in the current transaction. Returns the pks moved.
+    (``SELECT ... FOR UPDATE SKIP LOCKED``) in the current transaction. ``locked=True`` says
+    the caller selected exactly these rows in ``from_state`` under that lock, so they are not
+    read again. Returns the pks moved.
     """
     machine: StateMachine = model.STATE_MACHINE  # type: ignore[attr-defined]
     if not machine.allowed(from_state, target):
@@ -163,30 +167,45 @@ def apply_transition_bulk(
         values["updated_at"] = now
     manager = model._default_manager
     with transaction.atomic():
-        # Lock the rows first: a row another writer moved meanwhile is re-checked once its
-        # writer commits and drops out here, so it is neither returned nor logged twice.
-        moved = list(
-            manager.select_for_update()
-            .filter(pk__in=pks, state=from_state)
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        )
-        if not moved:
-            return []
-        manager.filter(pk__in=moved, state=from_state).update(**values)
+        if locked:
+            moved = list(pks)
+        else:
+            # Lock the rows first: a row another writer moved meanwhile is re-checked once its
+            # writer commits and drops out here, so it is neither returned nor logged twice.
+            moved = list(
+                manager.select_for_update()
+                .filter(pk__in=pks, state=from_state)
+                .order_by("pk")
+                .values_list("pk", flat=True)
+            )
+            if not moved:
+                return []
+        updated = manager.filter(pk__in=moved, state=from_state).update(**values)
+        if updated != len(moved):
+            raise Conflict(
+                f"{machine.entity}: {len(moved) - updated} row(s) left {from_state} under a "
+                "batch that should have held them; the batch is rolled back."
+            )
         log = _log_model(model)
-        log._default_manager.bulk_create(
-            [
-                log(
-                    subject_id=pk,
-                    from_state=from_state,
-                    to_state=target,
-                    at=now,
-                    source=source,
-                    reason=reason,
-                )
-                for pk in moved
-            ],
-            batch_size=5000,
-        )
+        if db.copy_supported():
+            db.copy_rows(
+                log,
+                ("subject_id", "from_state", "to_state", "at", "source", "reason"),
+                ((pk, from_state, target, now, source, reason) for pk in moved),
+            )
+        else:
+            log._default_manager.bulk_create(
+                [
+                    log(
+                        subject_id=pk,
+                        from_state=from_state,
+                        to_state=target,
+                        at=now,
+                        source=source,
+                        reason=reason,
+                    )
+                    for pk in moved
+                ],
+                batch_size=5000,
+            )
     return moved

@@ -35,7 +35,9 @@ class FileSerializer(serializers.ModelSerializer):
     file belongs to and ``entry`` the id of the catalogue entry an input file reads.
     """
 
-    dataset = serializers.SlugRelatedField(slug_field="uid", read_only=True)
+    dataset: serializers.SlugRelatedField[Dataset] = serializers.SlugRelatedField(
+        slug_field="uid", read_only=True
+    )
 
     class Meta:
         model = File

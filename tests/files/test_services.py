@@ -29,11 +29,6 @@ from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def _files(n: int, start: int = 0, size: int = 100) -> list[dict]:
     return [
         {

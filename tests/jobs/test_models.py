@@ -12,11 +12,6 @@ from tests.factories import JobAttemptFactory, JobFactory
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 # --- one running attempt per job ---------------------------------------------------------------
 
 

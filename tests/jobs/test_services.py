@@ -13,11 +13,6 @@ from wms.exceptions import InvalidTransition, NotFound
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 # --- job_create --------------------------------------------------------------------------------
 
 

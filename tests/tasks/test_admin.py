@@ -13,6 +13,7 @@ from jobs.models import Job, JobState, JobTransition
 from tasks import services
 from tasks.models import Task, TaskState, TaskTransition
 from tests.factories import DatasetFactory, JobFactory, TaskFactory, UserFactory
+from wms.exceptions import Conflict
 
 pytestmark = pytest.mark.django_db
 
@@ -377,3 +378,36 @@ def test_staff_with_view_permission_only_cannot_run_actions(client):
     )
     client.post(CHANGELIST, {"action": "cancel_tasks", "_selected_action": [task.pk]})
     assert Task.objects.get(pk=task.pk).state == TaskState.DEFINED
+    view = client.get(change_url(task))
+    assert view.status_code == 200
+    assert view.context["adminform"].form.fields == {}
+
+
+def test_a_domain_error_while_saving_is_a_message_not_a_500(admin_client_logged, monkeypatch):
+    """A service may still refuse what the form accepted (a race): nothing is saved."""
+
+    def refuse(**kwargs):
+        raise Conflict("The input dataset was deleted meanwhile.")
+
+    monkeypatch.setattr(services, "task_create", refuse)
+    dataset = DatasetFactory()
+    response = admin_client_logged.post(
+        ADD,
+        {
+            "name": "raced",
+            "executable": "x",
+            "data_in_uid": str(dataset.uid),
+            "device_type": "cpu",
+            "mode": "map",
+            "rank": "0",
+            "files_per_job": "1",
+            "max_retries": "3",
+        },
+        follow=True,
+    )
+    assert response.status_code == 200
+    assert (
+        "error",
+        "Not saved: The input dataset was deleted meanwhile.",
+    ) in messages_of(response)
+    assert not Task.objects.filter(name="raced").exists()

@@ -6,7 +6,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState
-from tasks.api.serializers import JobCountsSerializer
+from tasks.api.serializers import JobCountsSerializer, TaskUpdateSerializer
 from tasks.models import Task, TaskState, TaskTransition
 from tests.factories import DatasetFactory, JobFactory, TaskFactory, UserFactory
 
@@ -494,3 +494,26 @@ def test_a_user_token_belongs_to_one_user(other_user):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     assert _ids(client.get(URL)) == []
+
+
+def test_input_serializers_refuse_to_write(user):
+    """Views hand validated data to a service; an input serializer's save() is a bug."""
+    task = TaskFactory(owner=user)
+    serializer = TaskUpdateSerializer(task, data={"rank": 5}, partial=True)
+    assert serializer.is_valid()
+    with pytest.raises(NotImplementedError):
+        serializer.save()
+    task.refresh_from_db()
+    assert task.rank == 0
+
+
+def test_an_html_form_post_may_carry_its_csrf_token(user):
+    """The browsable API posts ``csrfmiddlewaretoken`` with the fields: not an unknown field."""
+    client = APIClient(enforce_csrf_checks=False)
+    client.force_authenticate(user)
+    dataset = DatasetFactory()
+    response = client.post(
+        URL,
+        {"executable": "x", "data_in_uid": str(dataset.uid), "csrfmiddlewaretoken": "t"},
+    )
+    assert response.status_code == 201, response.json()

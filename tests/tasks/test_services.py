@@ -24,11 +24,6 @@ from wms.exceptions import InvalidTransition, NotFound, ValidationFailed
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def dataset():
     return DatasetFactory()

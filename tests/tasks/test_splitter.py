@@ -145,3 +145,40 @@ def test_beat_cycle_runs_once_per_interval(db, settings):
     second = split_all(beat=True)  # a second beat in the same cycle
     assert sum(r.jobs for r in first) == 2
     assert second == []
+
+
+def test_portable_bulk_create_path_gives_the_same_jobs(db, settings):
+    """WMS_BULK_COPY=false: the path SQLite takes, run here on Postgres."""
+    settings.WMS_BULK_COPY = False
+    ds = _dataset(11)
+    dataset_close(dataset=ds, source="api")
+    task = TaskFactory(data_in_uid=ds.uid, files_per_job=4)
+    assert task_split(task_id=task.pk).jobs == 3
+    for job in Job.objects.filter(task=task):
+        first = job.files.filter(type=FileType.INPUT).order_by("id").first()
+        assert job.file_in_id == first.id
+    assert File.objects.filter(task=task, type=FileType.INPUT).count() == 11
+
+
+def test_resume_applies_only_to_a_paused_task(db):
+    from tasks.services import task_pause, task_resume
+    from wms.exceptions import InvalidTransition
+
+    ds = _dataset(1)
+    task = TaskFactory(data_in_uid=ds.uid)
+    with pytest.raises(InvalidTransition):
+        task_resume(task_id=task.pk, source="api")  # defined: the splitter starts it
+    task_pause(task_id=task.pk, source="api")
+    assert task_split(task_id=task.pk).jobs == 0
+    assert task_resume(task_id=task.pk, source="api").won
+    assert task_split(task_id=task.pk).jobs == 1
+
+
+def test_groups_span_dsm_pages(db, settings):
+    settings.WMS_SPLIT_PAGE = 4  # pages of 4 files, groups of 3
+    ds = _dataset(10)
+    dataset_close(dataset=ds, source="api")
+    task = TaskFactory(data_in_uid=ds.uid, files_per_job=3)
+    assert task_split(task_id=task.pk).jobs == 4
+    sizes = sorted(j.files.count() for j in Job.objects.filter(task=task))
+    assert sizes == [1, 3, 3, 3]

@@ -59,7 +59,7 @@ def test_switch_actions(admin_client_logged, admin_user):
     )
 
     msgs = messages_of(response)
-    assert ("success", "1 switch switched off.") in msgs
-    assert ("warning", "1 switch already off.") in msgs
+    assert ("success", "1 service switch switched off.") in msgs
+    assert ("warning", "1 service switch already off.") in msgs
     splitter = Switch.objects.get(pk="splitter")
     assert splitter.enabled is False and splitter.updated_by == admin_user.username

@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from rest_framework.test import APIRequestFactory
 from rest_framework.views import APIView
 
-from wms.exceptions import DatasetClosed, DSMError, InvalidTransition
+from wms.exceptions import DatasetClosed, DSMError, InvalidTransition, Unauthenticated
 
 factory = APIRequestFactory()
 
@@ -73,6 +73,14 @@ def test_unauthenticated_is_401_even_with_session_authentication_first():
     assert response.data["error"] == "not_authenticated"
 
 
+def test_a_domain_unauthenticated_error_carries_the_challenge():
+    view = _view(Unauthenticated(), authentication=(SessionAuthentication, TokenAuthentication))
+    response = view(factory.get("/x"))
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == "Token"
+    assert response.data["error"] == "not_authenticated"
+
+
 def test_unauthenticated_without_any_challenge_is_403():
     """A 401 must carry a challenge; with session authentication alone, 403 it is."""
     view = _view(None, permission=IsAuthenticated, authentication=(SessionAuthentication,))
@@ -82,8 +90,9 @@ def test_unauthenticated_without_any_challenge_is_403():
     assert not response.has_header("WWW-Authenticate")
 
 
-def test_an_unknown_api_path_answers_404_with_the_error_body(api_client):
-    response = api_client.get("/api/v1/no-such-thing/")
+@pytest.mark.parametrize("path", ["/api/v1/no-such-thing/", "/api/v1/", "/api/v1/tasks/1/x/"])
+def test_an_unknown_api_path_answers_404_with_the_error_body(api_client, path):
+    response = api_client.get(path)
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
 

@@ -142,7 +142,9 @@ def test_json_lines_parse_with_event_level_logger_timestamp_and_context(capture)
     assert (first["pilot_id"], first["jobs"], first["request_id"]) == (4, 2, "req-9")
     assert (first["filename"], first["lineno"]) == ("test_logging.py", line_no)
     assert first["process"] == os.getpid()
-    datetime.strptime(first["timestamp"], "%Y-%m-%d %H:%M:%S,%f")
+    # ISO 8601 with its zone (UTC), what log collectors parse
+    stamp = datetime.fromisoformat(first["timestamp"])
+    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
     assert (second["event"], second["level"], second["logger"]) == (
         "slow request",
         "warning",

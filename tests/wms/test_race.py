@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 
+from files.models import DatasetEntry, DatasetState
+from files.services import dataset_add_files, dataset_close
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
 from tasks.models import Task, TaskState, TaskTransition
 from tasks.services import task_cancel
-from tests.factories import JobAttemptFactory, JobFactory, TaskFactory
-from wms.exceptions import InvalidTransition
+from tests.factories import DatasetFactory, JobAttemptFactory, JobFactory, TaskFactory
+from wms.exceptions import DatasetClosed, InvalidTransition
 from wms.statemachine import apply_transition, apply_transition_bulk
 
 pytestmark = [
@@ -30,11 +32,6 @@ pytestmark = [
 ]
 
 TIMEOUT = 20
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 class Racer(threading.Thread):
@@ -324,3 +321,35 @@ def test_task_cancel_while_a_job_finishes_cancels_the_rest():
     assert list(
         JobTransition.objects.filter(subject=finishing).values_list("to_state", flat=True)
     ) == ["finished"]
+
+
+def test_no_file_slips_into_a_dataset_being_closed():
+    ds = DatasetFactory()
+
+    first, second = _held_race(
+        lambda: dataset_close(dataset=ds, source="api"),
+        lambda: dataset_add_files(dataset=ds, files=[{"name": "late.root", "size": 1}]),
+    )
+
+    assert first.won is True
+    assert isinstance(second, DatasetClosed)
+    ds.refresh_from_db()
+    assert (ds.state, ds.file_count) == (DatasetState.CLOSED, 0)
+    assert not DatasetEntry.objects.filter(dataset=ds).exists()
+
+
+def test_files_added_before_a_close_are_all_counted():
+    ds = DatasetFactory()
+
+    first, second = _held_race(
+        lambda: dataset_add_files(
+            dataset=ds, files=[{"name": f"f{i}.root", "size": 10} for i in range(3)]
+        ),
+        lambda: dataset_close(dataset=ds, source="api"),
+    )
+
+    assert len(first) == 3
+    assert second.won is True
+    ds.refresh_from_db()
+    assert (ds.state, ds.file_count, ds.total_size) == (DatasetState.CLOSED, 3, 30)
+    assert DatasetEntry.objects.filter(dataset=ds).count() == 3
