@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -28,3 +28,19 @@ try:
     app.steps["worker"].add(DjangoStructLogInitStep)
 except ImportError:  # pragma: no cover - django-structlog always ships it
     pass
+
+
+@worker_ready.connect
+def _declare_bus_topology(**_kwargs: object) -> None:
+    """Declare the exchanges and queues of the bus at worker start-up (idempotent)."""
+    import structlog
+
+    from wms import bus
+
+    conn = bus.new_connection()
+    try:
+        bus.topology().declare(conn)
+    except Exception as exc:  # the broker may come later; publishing declares again
+        structlog.get_logger(__name__).warning("bus_declare_failed", error=str(exc))
+    finally:
+        conn.release()

@@ -19,6 +19,7 @@ queues stay short and the order by rank is decided here, at claim time.
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -166,6 +167,50 @@ def _room(device_type: str) -> int:
     return max(0, limit)
 
 
+# Publishing runs in one long-lived thread (its own broker connection, see wms.bus), so that
+# the next batch is claimed in the database while the previous one is being published and
+# confirmed: the two halves overlap instead of adding up.
+_publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wms-publish")
+
+
+def _dispatch_device(device_type: str, room: int, result: DispatchResult) -> None:
+    in_flight: tuple[list[int], Future] | None = None
+
+    def settle(batch: tuple[list[int], Future]) -> bool:
+        ids, future = batch
+        try:
+            future.result()
+        except BrokerError as exc:
+            back = _unclaim(ids, reason=f"publish failed: {exc.detail}")
+            result.failed += len(ids)
+            log.warning(
+                "dispatch_publish_failed",
+                device_type=device_type,
+                jobs=len(ids),
+                returned=back,
+                detail=str(exc.detail),
+            )
+            return False
+        result.published[device_type] += len(ids)
+        return True
+
+    while room > 0:
+        ids, messages = _claim(device_type, min(settings.WMS_DISPATCH_BATCH, room))
+        if in_flight is not None and not settle(in_flight):
+            in_flight = None
+            if ids:  # claimed while the previous batch failed: give it back too
+                _unclaim(ids, reason="publish of the previous batch failed")
+                result.failed += len(ids)
+            break
+        in_flight = None
+        if not ids:
+            break
+        in_flight = (ids, _publisher.submit(bus.publish_jobs, messages))
+        room -= len(ids)
+    if in_flight is not None:
+        settle(in_flight)
+
+
 def dispatch(
     *, device_types: tuple[str, ...] = tuple(DeviceType.values), beat: bool = False
 ) -> DispatchResult:
@@ -184,25 +229,7 @@ def dispatch(
         if room == 0:
             result.throttled.append(device_type)
             continue
-        while room > 0:
-            ids, messages = _claim(device_type, min(settings.WMS_DISPATCH_BATCH, room))
-            if not ids:
-                break
-            try:
-                bus.publish_jobs(messages)
-            except BrokerError as exc:
-                back = _unclaim(ids, reason=f"publish failed: {exc.detail}")
-                result.failed += len(ids)
-                log.warning(
-                    "dispatch_publish_failed",
-                    device_type=device_type,
-                    jobs=len(ids),
-                    returned=back,
-                    detail=str(exc.detail),
-                )
-                break
-            result.published[device_type] += len(ids)
-            room -= len(ids)
+        _dispatch_device(device_type, room, result)
         if result.published[device_type]:
             log.info("jobs_dispatched", device_type=device_type, jobs=result.published[device_type])
     return result

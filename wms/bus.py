@@ -44,11 +44,13 @@ def new_connection() -> Connection:
 def _connection() -> Connection:
     """This thread's connection, declared once; reconnected after a failure."""
     conn = getattr(_local, "conn", None)
-    if conn is None or getattr(_local, "url", None) != broker_url():
+    key = (broker_url(), settings.WMS_BUS_PREFIX, settings.WMS_QUEUE_TYPE)
+    if conn is None or getattr(_local, "key", None) != key:
+        reset_connection()
         conn = new_connection()
         conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5)
         topology().declare(conn)
-        _local.conn, _local.url = conn, broker_url()
+        _local.conn, _local.key = conn, key
     return conn
 
 
