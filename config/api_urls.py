@@ -6,6 +6,8 @@
 | ``jobs/`` | list and inspect jobs, cancel a job (jobs.api) |
 | ``files/``, ``datasets/`` | job files; the DSM catalogue of datasets and their files (files.api) |
 | ``pilots/`` | read-only view of the pilots (pilots.api) |
+| ``pilots/register/``, ``pilots/<id>/…`` | the pilot protocol: register, heartbeat, ... |
+| ``jobs/<uuid>/start/``, ``.../report/`` | pilot protocol: start a job, report on it |
 | ``switches/`` | the splitter's and the executor's global on/off switches (wms.switches_api) |
 
 Anything else under /api/v1/ answers 404 with the API's error body.
@@ -16,6 +18,9 @@ from django.urls import include, path, re_path
 from wms.api import not_found_view
 
 urlpatterns: list = [
+    # The pilot protocol first: "pilots/register/" would otherwise be read as a pilot's id.
+    path("", include("pilots.api.pilot_urls")),
+    path("", include("jobs.api.pilot_urls")),
     path("", include("tasks.api.urls")),
     path("", include("jobs.api.urls")),
     path("", include("files.api.urls")),

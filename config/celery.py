@@ -22,6 +22,11 @@ def _use_django_logging(**_kwargs: object) -> None:
     dictConfig(settings.LOGGING)
 
 
+# The consumer of pilots' status events (<prefix>.events), in a thread of every worker.
+from jobs.bootsteps import EventsConsumerStep  # noqa: E402
+
+app.steps["consumer"].add(EventsConsumerStep)
+
 try:
     from django_structlog.celery.steps import DjangoStructLogInitStep
 

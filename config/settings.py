@@ -118,6 +118,9 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
+        # A pilot's token (docs/pilot-api.md) is recognised everywhere, so that a user
+        # endpoint answers a pilot 403 ("not for pilots") rather than 401.
+        "pilots.auth.PilotTokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_FILTER_BACKENDS": [
@@ -151,6 +154,12 @@ SPECTACULAR_SETTINGS = {
         "DatasetRoleEnum": "files.models.DatasetRole",
         "FileTypeEnum": "files.models.FileType",
         "FileStatusEnum": "files.models.FileStatus",
+        "PilotReportedStateEnum": ["idle", "busy", "draining"],
+        "StatusEventStateEnum": ["running", "finished", "failed"],
+        "ReportedFileTypeEnum": ["output", "log"],
+        "EventOutcomeEnum": ["applied", "duplicate", "ignored"],
+        "StatusEventKindEnum": ["event"],
+        "PilotCommandEnum": "pilots.models.CommandKind",
     },
 }
 
@@ -224,10 +233,28 @@ WMS_QUEUE_MAX_DEPTH = env.int("WMS_QUEUE_MAX_DEPTH", default=10_000)  # backpres
 WMS_SPLIT_EVERY = env.float("WMS_SPLIT_EVERY", default=5.0)  # beat periods, seconds
 WMS_DISPATCH_EVERY = env.float("WMS_DISPATCH_EVERY", default=2.0)
 WMS_RECONCILE_EVERY = env.float("WMS_RECONCILE_EVERY", default=60.0)
+WMS_KICKS_ENABLED = env.bool("WMS_KICKS_ENABLED", default=True)  # on-commit kicks of beat work
 WMS_BULK_COPY = env.bool("WMS_BULK_COPY", default=True)  # PostgreSQL COPY for bulk inserts
+
+# --- Pilots (docs/pilot-api.md) ---
+# Where a task's outputs go when it names no data_out_url: <root>/task-<id>.
+WMS_OUTPUT_ROOT = env.str("WMS_OUTPUT_ROOT", default="") or (VAR_DIR / "outputs").as_uri()
+WMS_REAP_EVERY = env.float("WMS_REAP_EVERY", default=30.0)  # the reaper of silent pilots, s
+# The consumer of pilots' status events on the bus (<prefix>.events): a batch is applied when
+# it holds WMS_EVENTS_BATCH events or its first event waited WMS_EVENTS_MAX_WAIT seconds.
+WMS_EVENTS_BATCH = env.int("WMS_EVENTS_BATCH", default=500)
+WMS_EVENTS_MAX_WAIT = env.float("WMS_EVENTS_MAX_WAIT", default=0.5)
+# Run that consumer inside every Celery worker (a bootstep); off when `manage.py
+# consume_events` runs it apart.
+WMS_EVENTS_IN_WORKER = env.bool("WMS_EVENTS_IN_WORKER", default=True)
 
 CELERY_BEAT_SCHEDULE = {
     "split": {"task": "wms.split", "schedule": WMS_SPLIT_EVERY, "kwargs": {"beat": True}},
     "dispatch": {"task": "wms.dispatch", "schedule": WMS_DISPATCH_EVERY, "kwargs": {"beat": True}},
     "reconcile-queued": {"task": "wms.reconcile_queued", "schedule": WMS_RECONCILE_EVERY},
+    "reap-pilots": {
+        "task": "wms.reap_pilots",
+        "schedule": WMS_REAP_EVERY,
+        "kwargs": {"beat": True},
+    },
 }

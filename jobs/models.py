@@ -168,6 +168,9 @@ class JobAttempt(models.Model):
     error_code = models.CharField(max_length=64, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
     metrics = models.JSONField(default=dict, blank=True)
+    metrics_updated_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the pilot last reported the attempt's metrics."
+    )
     kill_requested_at = models.DateTimeField(null=True, blank=True)
     kill_acked_at = models.DateTimeField(null=True, blank=True)
 
@@ -177,6 +180,12 @@ class JobAttempt(models.Model):
             models.UniqueConstraint(fields=["job", "number"], name="attempt_unique_number"),
             models.UniqueConstraint(
                 fields=["job"], condition=Q(state="running"), name="attempt_one_running_per_job"
+            ),
+        ]
+        indexes = [
+            # The reaper's and a terminating pilot's question: "what is this pilot running?"
+            models.Index(
+                fields=["pilot"], condition=Q(state="running"), name="attempt_running_pilot"
             ),
         ]
 

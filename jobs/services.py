@@ -1,16 +1,51 @@
-"""Every write to jobs and their attempts goes through here."""
+"""Every write to jobs and their attempts goes through here.
+
+The pilot-facing writes (docs/pilot-api.md) are:
+
+- :func:`job_start`: a pilot's atomic claim of a ``queued`` job's current attempt;
+- :func:`job_events_apply`: pilots' status events (running metrics, final reports), the ONE
+  function behind the REST ``report``, the bulk ``events`` endpoint and the bus consumer;
+  :func:`job_report` is its single-event form;
+- :func:`attempts_interrupt`: the running attempts of a pilot that terminated or was lost end,
+  and their jobs are retried or failed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import F, OuterRef, Subquery
 from django.utils import timezone
 
+from files.dsm import get_dsm
+from files.dsm.local import LocalDSMClient
+from files.models import Dataset, File, FileStatus, FileType
+from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event
+from jobs.executor import build_messages
 from jobs.models import AttemptState, Job, JobAttempt, JobState
+from pilots.models import CommandKind, Pilot, PilotState
+from pilots.services import CommandSpec, pilot_commands_create
 from tasks.models import Task
-from wms.exceptions import NotFound
+from wms import db
+from wms.contract import JobMessage, StatusEvent
+from wms.exceptions import (
+    Conflict,
+    DatasetClosed,
+    Forbidden,
+    JobNotQueued,
+    NotFound,
+    PilotNotLive,
+    StaleAttempt,
+    ValidationFailed,
+    WMSError,
+    WrongDevice,
+)
 from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
 log = structlog.get_logger(__name__)
@@ -59,8 +94,10 @@ def job_transition(*, job_id: int, target: str, source: str, reason: str = "") -
 def job_cancel(*, job_id: int, source: str, reason: str = "") -> TransitionResult:
     """Cancel one job (idempotent; a finished or failed job answers 409).
 
-    A running attempt is marked cancelled with the time the kill was asked for; the kill
-    command to the pilot is sent by the pilot side (see DESIGN.md section 5).
+    A running attempt is marked cancelled with the time the kill was asked for, and its pilot
+    gets a ``kill_job`` command (published to its command queue after commit, and carried by
+    its next heartbeat). The pilot's final report of the attempt records the kill's
+    acknowledgement (``kill_acked_at``).
     """
     if not Job.objects.filter(pk=job_id).exists():
         raise NotFound(f"Job {job_id} does not exist.")
@@ -69,9 +106,7 @@ def job_cancel(*, job_id: int, source: str, reason: str = "") -> TransitionResul
         Job, job_id, JobState.CANCELLED, source=source, reason=reason, updates={"time_end": now}
     )
     if result.won and result.from_state == JobState.RUNNING:
-        JobAttempt.objects.filter(job_id=job_id, state=AttemptState.RUNNING).update(
-            state=AttemptState.CANCELLED, kill_requested_at=now, ended_at=now
-        )
+        _kill_running_attempts([job_id], now=now, reason=reason or f"job cancelled ({source})")
     if result.won:
         log.info("job_cancelled", job_id=job_id, from_state=result.from_state, source=source)
     return result
@@ -82,8 +117,9 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
     """Cancel many jobs in bulk; jobs already final are skipped. Returns how many were cancelled.
 
     Per chunk: the rows are locked (``FOR UPDATE``, waiting for a pilot's start in flight),
-    then one UPDATE + one bulk insert of transition rows per source state, and one UPDATE of
-    the running attempts. A constant number of queries per 5,000 jobs.
+    then one UPDATE + one bulk insert of transition rows per source state, one UPDATE of the
+    running attempts and one insert of their pilots' kill commands. A constant number of
+    queries per 5,000 jobs.
     """
     ids = list(job_ids)
     now = timezone.now()
@@ -114,9 +150,620 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
             )
         running = by_state.get(JobState.RUNNING, [])
         if running:
-            JobAttempt.objects.filter(job_id__in=running, state=AttemptState.RUNNING).update(
-                state=AttemptState.CANCELLED, kill_requested_at=now, ended_at=now
-            )
+            _kill_running_attempts(running, now=now, reason=reason or f"job cancelled ({source})")
     if cancelled:
         log.info("jobs_cancelled", count=cancelled, source=source)
     return cancelled
+
+
+def _kill_running_attempts(job_ids: list[int], *, now: Any, reason: str) -> int:
+    """The running attempts of these (just cancelled) jobs: cancelled, with a kill command to
+    each one's pilot. Three queries, whatever the number."""
+    rows = list(
+        JobAttempt.objects.filter(job_id__in=job_ids, state=AttemptState.RUNNING).values(
+            "pk", "job_id", "job__uuid", "number", "pilot_id"
+        )
+    )
+    if not rows:
+        return 0
+    JobAttempt.objects.filter(pk__in=[r["pk"] for r in rows]).update(
+        state=AttemptState.CANCELLED, kill_requested_at=now, ended_at=now
+    )
+    pilot_commands_create(
+        commands=[
+            CommandSpec(
+                pilot_id=r["pilot_id"],
+                command=CommandKind.KILL_JOB,
+                job_id=r["job_id"],
+                job_uuid=str(r["job__uuid"]),
+                attempt=r["number"],
+                reason=reason,
+            )
+            for r in rows
+            if r["pilot_id"] is not None
+        ]
+    )
+    return len(rows)
+
+
+# --- the pilot protocol: start ------------------------------------------------------------------
+
+
+def job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMessage:
+    """A pilot's atomic claim of one attempt of a job; returns the job message to run.
+
+    The pilot's row, then the job's, are locked (``FOR UPDATE``, in this order everywhere),
+    so of two pilots starting the same job (a duplicated message) the second one waits and
+    then finds the job ``running``: ``job_not_queued``. Refused (409, nothing written):
+
+    - ``stale_attempt``: the message is of another attempt than the job's ``cur_retry``;
+    - ``wrong_device``: the job needs another device type than the pilot's;
+    - ``job_not_queued``: cancelled, finished, failed, running, or back to ``defined``;
+    - ``pilot_not_live``: the pilot is terminated or lost.
+
+    On success the job is ``running`` with this pilot and ``time_start``, the attempt row
+    exists (``attempt_unique_number`` and ``attempt_one_running_per_job`` are the last line
+    of defence), and an idle pilot is busy. A constant number of queries.
+    """
+    try:
+        return _job_start(pilot=pilot, job_uuid=job_uuid, attempt=attempt)
+    except IntegrityError as exc:  # the constraints say what the locks should have said
+        raise JobNotQueued(f"Attempt {attempt} of job {job_uuid} was already started.") from exc
+
+
+@transaction.atomic
+def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMessage:
+    pilot_state = (
+        Pilot.objects.select_for_update()
+        .filter(pk=pilot.pk)
+        .values_list("state", flat=True)
+        .first()
+    )
+    if pilot_state is None:
+        raise NotFound(f"Pilot {pilot.pk} does not exist.")
+    if pilot_state in (PilotState.TERMINATED, PilotState.LOST):
+        raise PilotNotLive(f"Pilot {pilot.pk} is {pilot_state}; it may not start jobs.")
+    try:
+        uid = job_uuid if isinstance(job_uuid, uuid.UUID) else uuid.UUID(str(job_uuid))
+    except ValueError as exc:
+        raise NotFound(f"Job {job_uuid} does not exist.") from exc
+    job = (
+        Job.objects.select_for_update(of=("self",))
+        .filter(uuid=uid)
+        .values("id", "state", "cur_retry", "device_type")
+        .first()
+    )
+    if job is None:
+        raise NotFound(f"Job {uid} does not exist.")
+    if attempt != job["cur_retry"]:
+        raise StaleAttempt(
+            f"Job {uid} is at attempt {job['cur_retry']}; this message is of attempt {attempt}."
+        )
+    if job["device_type"] != pilot.device_type:
+        raise WrongDevice(
+            f"Job {uid} needs a {job['device_type']} pilot; this one is {pilot.device_type}."
+        )
+    if job["state"] != JobState.QUEUED:
+        raise JobNotQueued(f"Job {uid} is {job['state']}, not queued.")
+    now = timezone.now()
+    source = f"pilot:{pilot.pk}"
+    apply_transition(
+        Job,
+        job["id"],
+        JobState.RUNNING,
+        source=source,
+        reason=f"attempt {attempt} started",
+        updates={"pilot_id": pilot.pk, "time_start": now, "time_end": None},
+        only_from=(JobState.QUEUED,),
+    )
+    JobAttempt.objects.create(job_id=job["id"], number=attempt, pilot_id=pilot.pk, started_at=now)
+    if pilot_state in (PilotState.REGISTERED, PilotState.IDLE):
+        apply_transition(Pilot, pilot.pk, PilotState.BUSY, source=source, reason="job started")
+    log.info("job_started", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
+    return build_messages([job["id"]])[0]
+
+
+# --- the pilot protocol: status events ----------------------------------------------------------
+
+
+def _raise_refused(outcome: EventOutcome) -> None:
+    for exc_class in (ValidationFailed, NotFound, Forbidden, Conflict):
+        if outcome.error == exc_class.code:
+            raise exc_class(outcome.detail)
+    raise WMSError(outcome.detail, code=outcome.error)
+
+
+def job_report(
+    *, pilot: Pilot, job_uuid: uuid.UUID | str, event: Mapping[str, Any]
+) -> EventOutcome:
+    """One status event of one job from its pilot (REST ``report``): the single-event form of
+    :func:`job_events_apply`. A refused event raises (400, 403, 404); nothing is written."""
+    cleaned = clean_event(event, pilot_id=pilot.pk, job_uuid=job_uuid)  # the URL's job
+    (outcome,) = job_events_apply(events=[cleaned], pilot_id=pilot.pk)
+    if not outcome.ok:
+        _raise_refused(outcome)
+    return outcome
+
+
+@dataclass
+class _Attempt:
+    """An attempt as a batch of events sees it, and what the batch does to it."""
+
+    pk: int
+    job_id: int
+    number: int
+    pilot_id: int | None
+    state: str
+    started_at: Any = None  # these three are read only for final reports
+    kill_acked_at: Any = None
+    metrics_updated_at: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # new keys, merged into the stored
+    exit_code: int | None = None
+    error_code: str = ""
+    error_message: str = ""
+    ended_at: Any = None
+    metrics_dirty: bool = False
+    ended: bool = False
+
+
+@dataclass
+class _FileRow:
+    job_id: int
+    task_id: int
+    name: str  # the name in FILE_DAT and, if registered, in the DSM
+    type: str
+    size: int
+    check_sum: str
+    url: str
+    status: str
+    register: bool  # into the task's output dataset
+    started_at: Any
+    dataset_uid: uuid.UUID | None = None
+
+
+_JOB_COLUMNS = ("id", "uuid", "state", "cur_retry", "retries", "task_id")
+
+
+def _event_files(
+    ev: StatusEvent, job: dict[str, Any], att: _Attempt, *, finished: bool
+) -> list[_FileRow]:
+    """The FILE_DAT rows of a final report. A finished attempt's outputs and every log go to
+    the task's output dataset; outputs of an attempt that did not finish are kept as
+    ``partial`` rows only (a retry writes them again under the same names)."""
+    rows = []
+    for out in ev.outputs:
+        is_log = out["type"] == FileType.LOG
+        register = finished or is_log
+        if is_log or not finished:
+            name = f"{job['uuid']}/{ev.attempt}/{out['name']}"
+        else:
+            name = f"{job['uuid']}/{out['name']}"
+        rows.append(
+            _FileRow(
+                job_id=job["id"],
+                task_id=job["task_id"],
+                name=name,
+                type=out["type"],
+                size=out["size"],
+                check_sum=out["check_sum"],
+                url=out["url"],
+                status=FileStatus.READY if register else FileStatus.PARTIAL,
+                register=register,
+                started_at=att.started_at,
+            )
+        )
+    return rows
+
+
+def _end_attempt(att: _Attempt, ev: StatusEvent, now: Any, *, state: str | None = None) -> None:
+    att.state = state or ev.state
+    att.exit_code = ev.exit_code
+    att.error_code = ev.error_code
+    att.error_message = ev.error_message
+    if ev.metrics:
+        att.metrics = {**att.metrics, **ev.metrics}
+        att.metrics_dirty = True
+    att.ended_at = now
+    att.ended = True
+
+
+def _register_outputs(files: list[_FileRow], now: Any) -> dict[tuple[uuid.UUID, str], int | None]:
+    """Register the files in their tasks' output datasets through the DSM; one call per
+    dataset. Returns (dataset uid, name) → local catalogue entry id (None with an external
+    DSM). A closed dataset leaves its files ``failed``; a name already there (a write of an
+    external DSM whose answer was lost) is taken as registered."""
+    by_dataset: dict[uuid.UUID, list[_FileRow]] = defaultdict(list)
+    for f in files:
+        if f.register and f.dataset_uid is not None:
+            by_dataset[f.dataset_uid].append(f)
+    entries: dict[tuple[uuid.UUID, str], int | None] = {}
+    if not by_dataset:
+        return entries
+    dsm = get_dsm()
+    try:
+        local = isinstance(dsm, LocalDSMClient)
+        for uid, group in by_dataset.items():
+            specs = [
+                {"name": f.name, "size": f.size, "check_sum": f.check_sum, "url": f.url}
+                for f in group
+            ]
+            try:
+                infos = dsm.register_files(uid, specs)
+            except DatasetClosed as exc:
+                log.error("outputs_not_registered", dataset_uid=str(uid), detail=str(exc.detail))
+                for f in group:
+                    f.status = FileStatus.FAILED
+                continue
+            except Conflict:
+                infos = []
+                for spec in specs:
+                    try:
+                        infos.extend(dsm.register_files(uid, [spec]))
+                    except Conflict:
+                        log.warning(
+                            "output_already_registered", dataset_uid=str(uid), name=spec["name"]
+                        )
+            except NotFound:
+                log.error("output_dataset_missing", dataset_uid=str(uid))
+                for f in group:
+                    f.status = FileStatus.FAILED
+                continue
+            for info in infos:
+                entries[(uid, info.name)] = info.id if local else None
+    finally:
+        dsm.close()
+    return entries
+
+
+@transaction.atomic
+def job_events_apply(
+    *, events: Sequence[Mapping[str, Any] | StatusEvent], pilot_id: int | None = None
+) -> list[EventOutcome]:
+    """Apply pilots' status events; one outcome per event, in order. THE write path of
+    attempt reports: REST ``report`` (:func:`job_report`), the bulk ``events`` endpoint, the
+    bus consumer and the heartbeat's running metrics all come here.
+
+    ``pilot_id`` is the authenticated pilot (REST): every event is its own. Without it (the
+    bus) each event names its pilot. Per event:
+
+    - invalid → ``validation_failed``; unknown job → ``not_found``; an attempt of another
+      pilot → ``permission_denied``. Nothing of a refused event is written; the others go on.
+    - ``running`` of the running attempt → its metrics are stored (``applied``).
+    - ``finished`` / ``failed`` of the running attempt of a running job → the attempt ends
+      (exit code, error, metrics, ``ended_at``); its files become FILE_DAT rows and are
+      registered in the task's output dataset; the job becomes ``finished``, or for a failure
+      ``defined`` with ``cur_retry + 1`` while retries are left, else ``failed`` (``applied``).
+    - a final report of an attempt cancelled with its job: its end, files (the log; outputs as
+      ``partial``) and ``kill_acked_at`` are recorded, the job stays cancelled (``applied``).
+    - the same final report again → ``duplicate``; a report of an attempt that is no longer
+      running (lost, superseded) or was never started → ``ignored``. A late report never
+      moves a job backwards.
+
+    A batch is one transaction with a bounded number of queries, whatever its size: the jobs
+    with a final event are locked (``FOR UPDATE``, in id order), attempts are read in one
+    query, running metrics written with one bulk UPDATE (guarded by ``state = running``),
+    ended attempts with another, FILE_DAT rows with one INSERT, job transitions with one
+    UPDATE per target state. A DSM failure (``DSMError``) fails the whole batch (retry later).
+    """
+    results: list[EventOutcome | None] = [None] * len(events)
+    cleaned: list[tuple[int, StatusEvent]] = []
+    for i, raw in enumerate(events):
+        try:
+            cleaned.append((i, clean_event(raw, pilot_id=pilot_id)))
+        except ValidationFailed as exc:
+            results[i] = EventOutcome.refused(raw, exc)
+    if cleaned:
+        _apply_events(cleaned, results)
+    return results  # type: ignore[return-value]
+
+
+def _apply_events(
+    cleaned: list[tuple[int, StatusEvent]], results: list[EventOutcome | None]
+) -> None:
+    now = timezone.now()
+    final_uuids = {ev.job_uuid for _, ev in cleaned if ev.state != "running"}
+    other_uuids = {ev.job_uuid for _, ev in cleaned} - final_uuids
+    # Running metrics need little: the columns read are the ones the events need.
+    jobs: dict[str, dict[str, Any]] = {}
+    if final_uuids:
+        for row in (
+            Job.objects.select_for_update(of=("self",))
+            .filter(**db.in_values("uuid", final_uuids))
+            .order_by("id")
+            .values_list(*_JOB_COLUMNS)
+        ):
+            jobs[str(row[1])] = dict(zip(_JOB_COLUMNS, row, strict=True))
+    if other_uuids:
+        for pk, uid, state in Job.objects.filter(**db.in_values("uuid", other_uuids)).values_list(
+            "id", "uuid", "state"
+        ):
+            jobs[str(uid)] = {"id": pk, "uuid": uid, "state": state}
+    attempts: dict[tuple[int, int], _Attempt] = {}
+    if jobs:
+        # The stored metrics are not read: new keys are merged into them by the UPDATE.
+        columns = ["pk", "job_id", "number", "pilot_id", "state"]
+        if final_uuids:
+            columns += ["started_at", "kill_acked_at", "metrics_updated_at"]
+        for row in JobAttempt.objects.filter(
+            **db.in_values("job_id", [j["id"] for j in jobs.values()]),
+            number__in={ev.attempt for _, ev in cleaned},
+        ).values_list(*columns):
+            attempts[(row[1], row[2])] = _Attempt(*row)
+
+    # (target, source, reason) → job ids: one UPDATE and one log insert per group
+    transitions: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    files: list[_FileRow] = []
+    retried = False
+    for i, ev in cleaned:
+        job = jobs.get(ev.job_uuid)
+        if job is None:
+            results[i] = EventOutcome.refused(ev, NotFound(f"Job {ev.job_uuid} does not exist."))
+            continue
+        att = attempts.get((job["id"], ev.attempt))
+        if att is None:  # never started: nothing to report on
+            results[i] = EventOutcome(ev.job_uuid, ev.attempt, IGNORED, job["state"])
+            continue
+        if att.pilot_id != ev.pilot_id:
+            results[i] = EventOutcome.refused(
+                ev,
+                Forbidden(f"Attempt {ev.attempt} of job {ev.job_uuid} is not this pilot's."),
+            )
+            continue
+        outcome = IGNORED
+        if ev.state == "running":
+            if att.state == AttemptState.RUNNING and not att.ended:
+                if ev.metrics:
+                    att.metrics = {**att.metrics, **ev.metrics}
+                    att.metrics_dirty = True
+                outcome = APPLIED
+        elif att.state == AttemptState.RUNNING:
+            current = job["state"] == JobState.RUNNING and job["cur_retry"] == ev.attempt
+            finished = ev.state == AttemptState.FINISHED
+            _end_attempt(att, ev, now)
+            files.extend(_event_files(ev, job, att, finished=finished))
+            if current:
+                code = ev.error_code or f"exit code {ev.exit_code}"
+                target: str
+                if finished:
+                    target, reason = JobState.FINISHED, "attempt finished"
+                elif job["cur_retry"] < job["retries"]:
+                    target, reason = JobState.DEFINED, f"attempt failed ({code}); retry"
+                    job["cur_retry"] += 1
+                    retried = True
+                else:
+                    target, reason = JobState.FAILED, f"attempt failed ({code}); no retry left"
+                transitions[(target, f"pilot:{ev.pilot_id}", reason)].append(job["id"])
+                job["state"] = target
+            outcome = APPLIED
+        elif att.state == AttemptState.CANCELLED and att.kill_acked_at is None:
+            _end_attempt(att, ev, now, state=AttemptState.CANCELLED)
+            att.kill_acked_at = now
+            files.extend(_event_files(ev, job, att, finished=False))
+            outcome = APPLIED
+        elif att.state == ev.state or (
+            att.state == AttemptState.CANCELLED and att.kill_acked_at is not None
+        ):
+            outcome = DUPLICATE
+        results[i] = EventOutcome(ev.job_uuid, ev.attempt, outcome, job["state"])
+
+    metrics_only = [a for a in attempts.values() if a.metrics_dirty and not a.ended]
+    # Guarded by state = running: an attempt a concurrent report just ended keeps its end.
+    db.update_rows(
+        JobAttempt,
+        ("metrics", "metrics_updated_at"),
+        [(a.pk, a.metrics, now) for a in metrics_only],
+        where={"state": AttemptState.RUNNING},
+        merge=("metrics",),
+    )
+    db.update_rows(
+        JobAttempt,
+        (
+            "state",
+            "exit_code",
+            "error_code",
+            "error_message",
+            "metrics",
+            "metrics_updated_at",
+            "ended_at",
+            "kill_acked_at",
+        ),
+        [
+            (
+                a.pk,
+                a.state,
+                a.exit_code,
+                a.error_code,
+                a.error_message,
+                a.metrics,
+                now if a.metrics_dirty else a.metrics_updated_at,
+                a.ended_at,
+                a.kill_acked_at,
+            )
+            for a in attempts.values()
+            if a.ended
+        ],
+        merge=("metrics",),
+    )
+    for (target, source, reason), ids in transitions.items():
+        updates: dict[str, Any] = (
+            {"cur_retry": F("cur_retry") + 1} if target == JobState.DEFINED else {"time_end": now}
+        )
+        apply_transition_bulk(
+            Job,
+            ids,
+            target,
+            from_state=JobState.RUNNING,
+            source=source,
+            reason=reason,
+            updates=updates,
+            locked=True,
+        )
+    if files:
+        # Last: registering in the DSM locks the output dataset's row until commit, and every
+        # report of the task's jobs waits for that lock.
+        _store_files(files, now)
+    if transitions:
+        counts: dict[str, int] = defaultdict(int)
+        for (target, _, _), ids in transitions.items():
+            counts[target] += len(ids)
+        log.info("job_attempts_ended", **counts)
+    if retried:
+        from jobs.tasks import kick_dispatch
+
+        kick_dispatch()
+
+
+def _store_files(files: list[_FileRow], now: Any) -> None:
+    """FILE_DAT rows of reported files (one INSERT), registered in the tasks' output datasets
+    (one DSM call per dataset), and the jobs' ``file_out`` / ``file_log`` (one UPDATE, two
+    when some jobs have a log and no output)."""
+    # The task's output dataset, and its row in the local catalogue if there is one (the
+    # ``http`` DSM's datasets may have none), in one query.
+    local_dataset = Dataset.objects.filter(uid=OuterRef("data_out_uid")).values("id")[:1]
+    dataset_ids: dict[uuid.UUID, int | None] = {}
+    out_uids: dict[int, uuid.UUID | None] = {}
+    for task_id, uid, dataset_id in (
+        Task.objects.filter(pk__in={f.task_id for f in files})
+        .annotate(out_dataset_id=Subquery(local_dataset))
+        .values_list("id", "data_out_uid", "out_dataset_id")
+    ):
+        out_uids[task_id] = uid
+        if uid is not None:
+            dataset_ids[uid] = dataset_id
+    for f in files:
+        f.dataset_uid = out_uids.get(f.task_id)
+    entries = _register_outputs(files, now)
+    rows = File.objects.bulk_create(
+        [
+            File(
+                file_name=f.name,
+                type=f.type,
+                size=f.size,
+                status=f.status,
+                check_sum=f.check_sum,
+                url=f.url,
+                job_id=f.job_id,
+                task_id=f.task_id,
+                dataset_id=dataset_ids.get(f.dataset_uid)
+                if f.register and f.dataset_uid is not None
+                else None,
+                entry_id=entries.get((f.dataset_uid, f.name))
+                if f.dataset_uid is not None
+                else None,
+                time_start=f.started_at,
+                time_end=now,
+                created_at=now,
+                updated_at=now,
+            )
+            for f in files
+        ],
+        batch_size=1000,
+    )
+    file_out: dict[int, int] = {}
+    file_log: dict[int, int] = {}
+    for f, row in zip(files, rows, strict=True):
+        if f.type == FileType.LOG:
+            file_log[f.job_id] = row.pk
+        elif f.status == FileStatus.READY:
+            file_out.setdefault(f.job_id, row.pk)
+    both = [(j, out, file_log[j]) for j, out in file_out.items() if j in file_log]
+    db.update_rows(Job, ("file_out", "file_log"), both)
+    db.update_rows(Job, ("file_out",), [(j, o) for j, o in file_out.items() if j not in file_log])
+    db.update_rows(Job, ("file_log",), [(j, lg) for j, lg in file_log.items() if j not in file_out])
+
+
+# --- the end of a pilot: its running attempts ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InterruptResult:
+    attempts: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+@transaction.atomic
+def attempts_interrupt(
+    *,
+    attempt_state: str,
+    error_code: str,
+    error_message: str,
+    source: str,
+    pilot_ids: Sequence[int] | None = None,
+    pilot_states: Sequence[str] | None = None,
+    skip_locked: bool = False,
+    limit: int = 10_000,
+) -> InterruptResult:
+    """End the running attempts of some pilots (by id, or every pilot in some states) without
+    a report from them: ``attempt_state`` (``failed`` or ``lost``) with ``error_code``.
+
+    Their jobs (locked ``FOR UPDATE``, ``SKIP LOCKED`` for the reaper) go back to ``defined``
+    with ``cur_retry + 1`` while retries are left, else to ``failed``; the executor is kicked.
+    A constant number of queries per call (at most ``limit`` jobs).
+    """
+    if pilot_ids is None and pilot_states is None:
+        raise ValueError("attempts_interrupt needs pilot_ids or pilot_states")
+    if attempt_state not in (AttemptState.FAILED, AttemptState.LOST):
+        raise ValueError(f"attempt_state must be failed or lost, not {attempt_state!r}")
+    # ONE filter() call: every condition on ``attempts`` applies to the same attempt row (a
+    # second call would join attempts again and match a job by any of its old attempts).
+    attempt_is: dict[str, Any] = {
+        "attempts__state": AttemptState.RUNNING,
+        "attempts__number": F("cur_retry"),
+    }
+    if pilot_ids is not None:
+        attempt_is["attempts__pilot_id__in"] = list(pilot_ids)
+    if pilot_states is not None:
+        attempt_is["attempts__pilot__state__in"] = list(pilot_states)
+    rows = list(
+        Job.objects.filter(state=JobState.RUNNING, **attempt_is)
+        .select_for_update(skip_locked=skip_locked, of=("self",))
+        .order_by("id")
+        .values_list("id", "cur_retry", "retries", "attempts__id")[:limit]
+    )
+    if not rows:
+        return InterruptResult()
+    now = timezone.now()
+    n = JobAttempt.objects.filter(
+        pk__in=[attempt for _, _, _, attempt in rows], state=AttemptState.RUNNING
+    ).update(
+        state=attempt_state,
+        error_code=error_code,
+        error_message=error_message,
+        ended_at=now,
+    )
+    retry = [pk for pk, cur, allowed, _ in rows if cur < allowed]
+    fail = [pk for pk, cur, allowed, _ in rows if cur >= allowed]
+    apply_transition_bulk(
+        Job,
+        retry,
+        JobState.DEFINED,
+        from_state=JobState.RUNNING,
+        source=source,
+        reason=f"attempt {attempt_state} ({error_code}); retry",
+        updates={"cur_retry": F("cur_retry") + 1},
+        locked=True,
+    )
+    apply_transition_bulk(
+        Job,
+        fail,
+        JobState.FAILED,
+        from_state=JobState.RUNNING,
+        source=source,
+        reason=f"attempt {attempt_state} ({error_code}); no retry left",
+        updates={"time_end": now},
+        locked=True,
+    )
+    log.info(
+        "attempts_interrupted",
+        attempts=n,
+        retried=len(retry),
+        failed=len(fail),
+        error_code=error_code,
+        source=source,
+    )
+    if retry:
+        from jobs.tasks import kick_dispatch
+
+        kick_dispatch()
+    return InterruptResult(attempts=n, retried=len(retry), failed=len(fail))

@@ -14,7 +14,7 @@ from django.utils.html import format_html
 
 from jobs.models import Job, JobState
 from pilots import services
-from pilots.models import Pilot, PilotState, PilotTransition
+from pilots.models import Pilot, PilotCommand, PilotState, PilotTransition
 from wms.admin import (
     ADMIN_SOURCE,
     IdSearchMixin,
@@ -48,6 +48,40 @@ class PilotTransitionInline(TransitionInline):
     model = PilotTransition
 
 
+COMMAND_FIELDS = (
+    "id",
+    "command",
+    "job",
+    "attempt",
+    "reason",
+    "created_at",
+    "published_at",
+    "delivered_at",
+    "acked_at",
+)
+
+
+class PilotCommandInline(admin.TabularInline):
+    """The commands sent to the pilot and how far each got (published, delivered, acked)."""
+
+    model = PilotCommand
+    fields = COMMAND_FIELDS
+    readonly_fields = COMMAND_FIELDS
+    extra = 0
+    max_num = 0
+    can_delete = False
+    ordering = ("-created_at",)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Pilot)
 class PilotAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     list_display = (
@@ -71,7 +105,7 @@ class PilotAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     date_hierarchy = "created_at"
     ordering = ("-id",)
     actions = ("terminate_pilots", "revoke_tokens")
-    inlines = (PilotTransitionInline,)
+    inlines = (PilotTransitionInline, PilotCommandInline)
     Media = WMSAdminMedia
     # token_hash is deliberately in none of these.
     fieldsets = (
@@ -162,3 +196,24 @@ class PilotAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 @admin.register(PilotTransition)
 class PilotTransitionAdmin(TransitionLogAdmin):
     state_choices = PilotState.choices
+
+
+@admin.register(PilotCommand)
+class PilotCommandAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Commands to pilots (created by services: a cancel's kill_job, a lost pilot's shutdown)."""
+
+    list_display = (
+        "created_at",
+        "command",
+        "pilot",
+        "job",
+        "attempt",
+        "published_at",
+        "delivered_at",
+        "acked_at",
+    )
+    list_filter = ("command", "created_at")
+    raw_id_fields = ("pilot", "job")
+    readonly_fields = COMMAND_FIELDS
+    ordering = ("-created_at",)
+    list_select_related = ("pilot",)

@@ -1,5 +1,7 @@
 """PILOT_DAT: an agent on a worker node that takes jobs from its device queue and runs them."""
 
+import uuid
+
 from django.db import models
 from django.utils import timezone
 
@@ -80,3 +82,52 @@ class PilotTransition(TransitionLog):
 
     class Meta(TransitionLog.Meta):
         indexes = [models.Index(fields=["subject", "at"], name="pilot_tr_subject_at")]
+
+
+class CommandKind(models.TextChoices):
+    KILL_JOB = "kill_job", "kill job"
+    DRAIN = "drain", "drain"
+    SHUTDOWN = "shutdown", "shut down"
+
+
+class PilotCommand(models.Model):
+    """An order to one pilot: kill one attempt of a job, drain, or shut down.
+
+    A command reaches the pilot by two paths (DESIGN.md section 5): it is published to the
+    pilot's command queue after commit (``published_at``) and returned by the pilot's next
+    heartbeat (``delivered_at``, once). The pilot de-duplicates by ``id`` and acknowledges it
+    in a later heartbeat (``acked_at``).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    pilot = models.ForeignKey(Pilot, on_delete=models.CASCADE, related_name="commands")
+    command = models.CharField(max_length=20, choices=CommandKind.choices)
+    job = models.ForeignKey(
+        "jobs.Job", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    attempt = models.PositiveSmallIntegerField(null=True, blank=True)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    delivered_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a heartbeat reply carried it (once)."
+    )
+    published_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the pilot's command queue took it."
+    )
+    acked_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the pilot said it had it."
+    )
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [
+            # The heartbeat's question: "what has this pilot not been given yet?"
+            models.Index(
+                fields=["pilot", "created_at"],
+                condition=models.Q(delivered_at__isnull=True),
+                name="pilotcmd_undelivered",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.command} → pilot {self.pilot_id}"

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import structlog
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
@@ -47,7 +48,13 @@ def task_create(
     splitter_enabled: bool = True,
     executor_enabled: bool = True,
 ) -> Task:
-    """Define a task over an existing input dataset of the DSM."""
+    """Define a task over an existing input dataset of the DSM.
+
+    The task's output dataset is registered in the DSM at once (role ``output``, named
+    ``<name or "task">.<id>.out``, located at ``data_out_url``), and its uid kept in
+    ``data_out_uid``: every output and log of the task's jobs is registered there. An empty
+    ``data_out_url`` defaults to ``<WMS_OUTPUT_ROOT>/task-<id>``.
+    """
     if not data_in_uid:
         raise ValidationFailed({"data_in_uid": ["This field is required."]})
     try:
@@ -77,7 +84,25 @@ def task_create(
     except DjangoValidationError as exc:
         raise ValidationFailed(exc.message_dict) from exc
     task.save(force_insert=True)
-    log.info("task_created", task_id=task.pk, data_in_uid=str(dataset.uid), owner=str(owner))
+    # The output dataset, in the DSM, named after the task (its id makes the name unique);
+    # the outputs go under data_out_url, by default a folder of the task under WMS_OUTPUT_ROOT.
+    if not task.data_out_url:
+        task.data_out_url = f"{settings.WMS_OUTPUT_ROOT.rstrip('/')}/task-{task.pk}"
+    with get_dsm() as dsm:
+        output = dsm.register_dataset(
+            f"{(task.name or 'task')[:200]}.{task.pk}.out",
+            role="output",
+            location=task.data_out_url,
+        )
+    task.data_out_uid = output.uid
+    task.save(update_fields=["data_out_url", "data_out_uid", "updated_at"])
+    log.info(
+        "task_created",
+        task_id=task.pk,
+        data_in_uid=str(dataset.uid),
+        data_out_uid=str(output.uid),
+        owner=str(owner),
+    )
     kick("wms.split", task_id=task.pk)
     return task
 

@@ -12,6 +12,14 @@ def _fast_password_hasher(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _no_kicks(settings):
+    """In-process tests send no on-commit kicks to the real broker's control queue (they would
+    pile up there: no worker of the test consumes them). End-to-end tests run real workers
+    with their own control queue and turn kicks back on in the processes they start."""
+    settings.WMS_KICKS_ENABLED = False
+
+
 @pytest.fixture
 def user(db):
     return UserFactory()
@@ -65,7 +73,7 @@ def bus_prefix(settings):
     bus.reset_connection()
     conn = bus.new_connection()
     try:
-        bus.topology().delete(conn)
+        bus.topology().delete(conn, pilot_ids=bus.declared_command_queues(prefix))
     finally:
         conn.release()
         bus.reset_connection()
@@ -93,3 +101,63 @@ def drain_queue():
         return out
 
     return _drain
+
+
+# --- the pilot protocol (docs/pilot-api.md) -----------------------------------------------------
+
+
+@pytest.fixture
+def make_pilot(db):
+    """``make_pilot(**registration)`` → (pilot, APIClient speaking with the pilot's own token)."""
+    from pilots.services import pilot_register
+
+    def _make(**kwargs):
+        kwargs.setdefault("hostname", "wn.test.example.org")
+        pilot, token = pilot_register(**kwargs)
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Pilot {token}")
+        client.token = token
+        return pilot, client
+
+    return _make
+
+
+@pytest.fixture
+def output_task(db, user):
+    """A task made by ``task_create``: it has an output dataset in the (local) DSM."""
+    from tasks.services import task_create
+    from tests.factories import DatasetFactory
+
+    return task_create(
+        owner=user,
+        executable="wms-payload-map",
+        data_in_uid=DatasetFactory().uid,
+        name="reco",
+        max_retries=2,
+    )
+
+
+@pytest.fixture
+def read_commands():
+    """``read_commands(pilot_id)``: every message in a pilot's command queue, decoded (none
+    when the queue does not exist), consumed."""
+    import json
+
+    from wms import bus
+
+    def _read(pilot_id: int) -> list[dict]:
+        conn = bus.new_connection()
+        out = []
+        try:
+            queue = bus.topology().command_queue(pilot_id)(conn.default_channel)
+            try:
+                queue.queue_declare(passive=True)
+            except conn.channel_errors:
+                return []
+            while (msg := queue.get(no_ack=True)) is not None:
+                out.append(json.loads(msg.body))
+        finally:
+            conn.release()
+        return out
+
+    return _read

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from files.models import Dataset, DatasetEntry, DatasetRole, File, FileType
 from jobs.models import Job, JobAttempt
-from pilots.models import Pilot
+from pilots.models import CommandKind, Pilot, PilotCommand
 from pilots.services import hash_token
 from tasks.models import Task
 from wms import checksums
@@ -73,6 +73,15 @@ class PilotFactory(factory.django.DjangoModelFactory):
     started_at = factory.LazyFunction(timezone.now)
     last_heartbeat = factory.LazyFunction(timezone.now)
     token_hash = factory.Sequence(lambda n: hash_token(f"token-{n}"))
+
+
+class PilotCommandFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = PilotCommand
+
+    pilot = factory.SubFactory(PilotFactory)
+    command = CommandKind.DRAIN
+    reason = "test"
 
 
 class JobFactory(factory.django.DjangoModelFactory):

@@ -152,19 +152,47 @@ def publish_jobs(messages: Iterable[JobMessage]) -> int:
     return len(items)
 
 
-def publish_command(command: Command) -> None:
+# (prefix, pilot id) of every command queue this process declared: tests delete them after.
+_command_queues: set[tuple[str, int]] = set()
+
+
+def declared_command_queues(prefix: str) -> list[int]:
+    """The pilot ids whose command queue this process declared under ``prefix``."""
+    return sorted(pilot_id for p, pilot_id in _command_queues if p == prefix)
+
+
+def publish_commands(commands: Iterable[Command]) -> int:
+    """Publish commands to their pilots' queues (declared first), all confirmed or
+    ``BrokerError``. A pilot's queue is durable: a command waits there while the pilot is busy
+    or away, and the heartbeat reply carries it too."""
+    commands = list(commands)
+    if not commands:
+        return 0
     topo = topology()
-    topo.declare(_connection(), queues=[topo.command_queue(command.pilot_id)])
-    _publish(
-        [
-            (
-                command.encode(),
-                topo.commands_exchange.name,
-                topo.command_routing_key(command.pilot_id),
-                0,
-            )
-        ]
-    )
+    try:
+        conn = _connection()
+        declared: set[int] | None = getattr(conn, "_wms_command_queues", None)
+        if declared is None:
+            declared = set()
+            setattr(conn, "_wms_command_queues", declared)  # noqa: B010 - not a kombu attribute
+        new = sorted({c.pilot_id for c in commands} - declared)
+        if new:
+            topo.declare(conn, queues=[topo.command_queue(p) for p in new])
+            declared.update(new)
+            _command_queues.update((topo.prefix, p) for p in new)
+    except BrokerError:
+        reset_connection()
+        raise
+    except Exception as exc:
+        reset_connection()
+        raise BrokerError(f"Declaring command queues failed: {exc}") from exc
+    exchange = topo.commands_exchange.name
+    _publish([(c.encode(), exchange, topo.command_routing_key(c.pilot_id), 0) for c in commands])
+    return len(commands)
+
+
+def publish_command(command: Command) -> None:
+    publish_commands([command])
 
 
 def queue_depth(device_type: str) -> int:

@@ -76,6 +76,34 @@ class DatasetClosed(Conflict):
     default_detail = "The dataset is closed and takes no more files."
 
 
+class JobNotQueued(Conflict):
+    """A pilot's start of a job that is not ``queued`` (started elsewhere, cancelled, ...)."""
+
+    code = "job_not_queued"
+    default_detail = "The job is not queued: it was cancelled, finished or started elsewhere."
+
+
+class StaleAttempt(Conflict):
+    """A pilot's start with a message of another attempt than the job's current one."""
+
+    code = "stale_attempt"
+    default_detail = "The message is of an older attempt of the job."
+
+
+class WrongDevice(Conflict):
+    """A pilot's start of a job of another device type than its own."""
+
+    code = "wrong_device"
+    default_detail = "The job needs another device type than this pilot's."
+
+
+class PilotNotLive(Conflict):
+    """A call of a pilot that is terminated or lost: it may not take new work."""
+
+    code = "pilot_not_live"
+    default_detail = "This pilot is terminated or lost; register again."
+
+
 class DSMError(WMSError):
     code = "dsm_error"
     status = 502

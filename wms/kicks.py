@@ -15,6 +15,11 @@ log = structlog.get_logger(__name__)
 
 
 def kick(task_name: str, **kwargs: Any) -> None:
+    from django.conf import settings
+
+    if not getattr(settings, "WMS_KICKS_ENABLED", True):
+        return
+
     def send() -> None:
         from config.celery import app
 

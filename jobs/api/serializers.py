@@ -25,6 +25,7 @@ class JobAttemptSerializer(serializers.ModelSerializer):
             "error_code",
             "error_message",
             "metrics",
+            "metrics_updated_at",
             "kill_requested_at",
             "kill_acked_at",
         ]

@@ -1,6 +1,6 @@
 """Plain stdlib logging in the seed's line shape, to stderr.
 
-    | pilot: 2024-01-25 08:51:33,645 | INFO | agent.py:41 | 4711 >>> job_started job_uuid=... attempt=0
+    | pilot: 2024-01-25 08:51:33,645 | INFO | agent.py:41 | 4711 >>> job_started attempt=0
 
 Events are snake_case words followed by ``key=value`` context, built by :func:`kv`.
 """
@@ -13,7 +13,10 @@ import time
 from typing import Any
 
 LOGGER_NAME = "pilot"
-FORMAT = "| %(name)s: %(asctime)s | %(levelname)s | %(filename)s:%(lineno)d | %(process)d >>> %(message)s"
+FORMAT = (
+    "| %(name)s: %(asctime)s | %(levelname)s | %(filename)s:%(lineno)d | %(process)d >>> "
+    "%(message)s"
+)
 
 log = logging.getLogger(LOGGER_NAME)
 

@@ -137,3 +137,18 @@ def test_token_filter(admin_client_logged):
     assert list(set_.context["cl"].result_list) == [kept]
     gone = admin_client_logged.get(CHANGELIST, {"token": "revoked"})
     assert list(gone.context["cl"].result_list) == [revoked]
+
+
+def test_the_pilot_page_lists_its_commands_and_the_commands_page_is_read_only(
+    admin_client_logged,
+):
+    from django.urls import reverse
+
+    from tests.factories import PilotCommandFactory
+
+    command = PilotCommandFactory(reason="maintenance window")
+    page = admin_client_logged.get(reverse("admin:pilots_pilot_change", args=[command.pilot_id]))
+    assert page.status_code == 200 and "maintenance window" in page.content.decode()
+    listing = admin_client_logged.get(reverse("admin:pilots_pilotcommand_changelist"))
+    assert listing.status_code == 200 and "drain" in listing.content.decode()
+    assert admin_client_logged.get(reverse("admin:pilots_pilotcommand_add")).status_code == 403

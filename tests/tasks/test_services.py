@@ -366,3 +366,45 @@ def test_tasks_job_counts_in_one_query(django_assert_num_queries):
 
 def test_tasks_job_counts_of_nothing():
     assert tasks_job_counts(task_ids=[]) == {}
+
+
+# --- the output dataset ------------------------------------------------------------------------
+
+
+def test_task_create_registers_its_output_dataset_in_the_dsm(user, dataset, settings):
+    from files.dsm import get_dsm
+
+    settings.WMS_OUTPUT_ROOT = "file:///data/wms/"
+    task = task_create(owner=user, executable="run.sh", data_in_uid=dataset.uid, name="reco")
+    twin = task_create(owner=user, executable="run.sh", data_in_uid=dataset.uid, name="reco")
+
+    task.refresh_from_db()
+    assert task.data_out_url == f"file:///data/wms/task-{task.pk}"
+    with get_dsm() as dsm:
+        info = dsm.get_dataset(task.data_out_uid)
+    assert (info.name, info.role, info.state, info.location) == (
+        f"reco.{task.pk}.out",
+        "output",
+        "open",
+        task.data_out_url,
+    )
+    assert twin.data_out_uid != task.data_out_uid  # same task name, distinct datasets
+
+
+def test_task_create_keeps_a_given_output_url_and_names_a_nameless_task(user, dataset):
+    from files.models import Dataset
+
+    task = task_create(
+        owner=user, executable="run.sh", data_in_uid=dataset.uid, data_out_url="root://eos//out"
+    )
+    out = Dataset.objects.get(uid=task.data_out_uid)
+    assert (out.name, out.location) == (f"task.{task.pk}.out", "root://eos//out")
+    assert Task.objects.get(pk=task.pk).data_out_url == "root://eos//out"
+
+
+def test_an_invalid_task_registers_no_output_dataset(user, dataset):
+    from files.models import Dataset
+
+    with pytest.raises(ValidationFailed):
+        task_create(owner=user, executable="", data_in_uid=dataset.uid)
+    assert not Dataset.objects.filter(role="output").exists()

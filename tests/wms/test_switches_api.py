@@ -12,7 +12,11 @@ from wms.models import Switch
 def test_anyone_authenticated_reads_only_staff_switch(db, api_client, admin_user):
     resp = api_client.get("/api/v1/switches/")
     assert resp.status_code == 200
-    assert {s["name"]: s["enabled"] for s in resp.json()} == {"splitter": True, "executor": True}
+    assert {s["name"]: s["enabled"] for s in resp.json()} == {
+        "splitter": True,
+        "executor": True,
+        "reaper": True,
+    }
     resp = api_client.patch("/api/v1/switches/splitter/", {"enabled": False}, format="json")
     assert resp.status_code == 403 and resp.json()["error"] == "permission_denied"
     assert not Switch.objects.filter(enabled=False).exists()
@@ -32,7 +36,7 @@ def test_bad_input_is_400_and_unknown_service_404(db, admin_user):
     assert resp.status_code == 400 and "enabled" in resp.json()["detail"]
     resp = staff.patch("/api/v1/switches/executor/", {"enabled": False, "x": 1}, format="json")
     assert resp.status_code == 400 and "x" in resp.json()["detail"]
-    assert staff.get("/api/v1/switches/reaper/").status_code == 404
+    assert staff.get("/api/v1/switches/sweeper/").status_code == 404
     assert not Switch.objects.filter(enabled=False).exists()
 
 

@@ -1,0 +1,63 @@
+"""The pilot protocol's job endpoints (docs/pilot-api.md): a pilot starts a job, reports on
+it. Thin: validate, call one service, render. Only a pilot's own token is accepted."""
+
+from __future__ import annotations
+
+import uuid
+
+from drf_spectacular.utils import extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from jobs.api.pilot_serializers import (
+    JobMessageSerializer,
+    JobReportReplySerializer,
+    JobReportSerializer,
+    JobStartSerializer,
+)
+from jobs.services import job_report, job_start
+from pilots.api.pilot_views import TAGS, PilotProtocolView
+from pilots.auth import request_pilot
+from wms.api import error_responses
+
+
+class JobStartView(PilotProtocolView):
+    @extend_schema(
+        tags=TAGS,
+        summary="A pilot starts a job",
+        description="The atomic claim of the job message's attempt: `queued → running` with "
+        "this pilot. 200: run the job message returned. 409 (`job_not_queued`, "
+        "`stale_attempt`, `wrong_device`, `pilot_not_live`): drop the message.",
+        request=JobStartSerializer,
+        responses={200: JobMessageSerializer, **error_responses(400, 404, 409)},
+    )
+    def post(self, request: Request, job_uuid: uuid.UUID) -> Response:
+        serializer = JobStartSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        message = job_start(
+            pilot=request_pilot(request),
+            job_uuid=job_uuid,
+            attempt=serializer.validated_data["attempt"],
+        )
+        return Response(message.to_dict())
+
+
+class JobReportView(PilotProtocolView):
+    @extend_schema(
+        tags=TAGS,
+        summary="A pilot reports on its attempt of a job",
+        description="`running`: the attempt's metrics are stored. `finished` / `failed`: the "
+        "attempt ends, its files are registered (FILE_DAT and the task's output dataset), the "
+        "job finishes, goes back to `defined` for a retry, or fails. The same final report "
+        "twice is a `duplicate`; a report of an attempt no longer running is `ignored`. "
+        "403: the attempt is another pilot's.",
+        request=JobReportSerializer,
+        responses={200: JobReportReplySerializer, **error_responses(400, 404)},
+    )
+    def post(self, request: Request, job_uuid: uuid.UUID) -> Response:
+        serializer = JobReportSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        outcome = job_report(
+            pilot=request_pilot(request), job_uuid=job_uuid, event=serializer.validated_data
+        )
+        return Response({"job_state": outcome.job_state, "outcome": outcome.outcome})

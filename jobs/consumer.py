@@ -1,0 +1,278 @@
+"""The consumer of pilots' status events on the bus (``<prefix>.events``, DESIGN.md section 5).
+
+Pilots may publish ``wms.contract.StatusEvent`` bodies to the events exchange instead of calling
+the REST ``report``. This consumer takes them in batches (``WMS_EVENTS_BATCH`` events, or
+whatever came within ``WMS_EVENTS_MAX_WAIT`` seconds of a batch's first event) and applies
+each batch with ``jobs.services.job_events_apply``, the same function as the REST endpoints,
+in one transaction. Messages are acknowledged only after that transaction committed:
+
+- applied, duplicate, ignored, or refused (invalid, unknown job, another pilot's attempt):
+  acked; a refused event is logged and dropped (sending it again would not help);
+- a body that is not a JSON object: logged, acked (dropped), never a crash;
+- a transient failure (the database or the DSM is down): the batch is requeued and the
+  consumer waits a little; the events come back and are applied later;
+- an unexpected error (a bug): the batch is retried event by event, so that only the event
+  that triggers it is dropped (logged with its traceback).
+
+It runs in a thread of every Celery worker (``EventsConsumerStep``, registered in
+``config/celery.py``; ``WMS_EVENTS_IN_WORKER=false`` turns that off) or apart with
+``manage.py consume_events``. Either way it has its own broker connection, so a slow batch
+never stalls the worker's own event loop. Several consumers share the queue (competing
+consumers); since a batch locks its jobs in id order, concurrent batches do not deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, connection
+from kombu import Connection, Consumer
+from kombu.message import Message
+
+from jobs.services import job_events_apply
+from wms import bus
+from wms.exceptions import BrokerError, DSMError
+
+log = structlog.get_logger(__name__)
+
+TRANSIENT = (DatabaseError, DSMError, BrokerError)
+RETRY_PAUSE = 2.0  # seconds to wait after a transient failure before taking more
+
+
+@dataclass
+class BatchResult:
+    received: int = 0
+    applied: int = 0  # applied, duplicate or ignored
+    refused: int = 0  # invalid, unknown job, another pilot's attempt: logged and dropped
+    malformed: int = 0  # not a JSON object: logged and dropped
+    requeued: int = 0  # a transient failure: back to the queue
+
+    def __add__(self, other: BatchResult) -> BatchResult:
+        return BatchResult(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, ...]:
+        return (self.received, self.applied, self.refused, self.malformed, self.requeued)
+
+
+def _decode(message: Message) -> dict[str, Any] | None:
+    try:
+        data = json.loads(message.body)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _settle(messages: list[Message], outcomes: list[Any], result: BatchResult) -> None:
+    for message, outcome in zip(messages, outcomes, strict=True):
+        if outcome.ok:
+            result.applied += 1
+        else:
+            result.refused += 1
+            log.warning(
+                "event_refused",
+                job_uuid=outcome.job_uuid,
+                attempt=outcome.attempt,
+                error=outcome.error,
+                detail=outcome.detail,
+            )
+        message.ack()
+
+
+def apply_messages(messages: list[Message]) -> BatchResult:
+    """Apply one batch of event messages (the consumer's batch function); ack after commit."""
+    result = BatchResult(received=len(messages))
+    events: list[dict[str, Any]] = []
+    carriers: list[Message] = []
+    for message in messages:
+        data = _decode(message)
+        if data is None:
+            result.malformed += 1
+            log.warning("event_malformed", body=repr(message.body[:200]))
+            message.ack()
+            continue
+        events.append(data)
+        carriers.append(message)
+    if not events:
+        return result
+    if not connection.in_atomic_block:
+        close_old_connections()  # a connection the database dropped is replaced, not reused
+    try:
+        outcomes = job_events_apply(events=events)
+    except TRANSIENT as exc:
+        _requeue(carriers, result, exc)
+        return result
+    except Exception:
+        log.exception("event_batch_failed", events=len(events))
+        _one_by_one(events, carriers, result)
+        return result
+    _settle(carriers, outcomes, result)
+    return result
+
+
+def _requeue(messages: list[Message], result: BatchResult, exc: BaseException) -> None:
+    log.warning("event_batch_requeued", events=len(messages), error=f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, DatabaseError) and not connection.in_atomic_block:
+        connection.close()
+    for message in messages:
+        message.requeue()
+    result.requeued += len(messages)
+
+
+def _one_by_one(events: list[dict[str, Any]], messages: list[Message], result: BatchResult) -> None:
+    for event, message in zip(events, messages, strict=True):
+        try:
+            outcomes = job_events_apply(events=[event])
+        except TRANSIENT as exc:
+            _requeue([message], result, exc)
+            continue
+        except Exception:
+            log.exception("event_dropped", job_uuid=str(event.get("job_uuid", "")))
+            result.refused += 1
+            message.ack()
+            continue
+        _settle([message], outcomes, result)
+
+
+class EventBatcher:
+    """Collects messages until a batch is full or its first message waited long enough."""
+
+    def __init__(self, *, batch_size: int | None = None, max_wait: float | None = None) -> None:
+        self.batch_size = batch_size or settings.WMS_EVENTS_BATCH
+        self.max_wait = settings.WMS_EVENTS_MAX_WAIT if max_wait is None else max_wait
+        self.messages: list[Message] = []
+        self.first_at: float | None = None
+        self.total = BatchResult()
+        self.paused_until = 0.0
+
+    def add(self, message: Message) -> None:
+        if not self.messages:
+            self.first_at = time.monotonic()
+        self.messages.append(message)
+
+    def time_left(self) -> float:
+        """Seconds until the current batch is due (``max_wait`` when it is empty)."""
+        if self.first_at is None:
+            return self.max_wait
+        return max(0.0, self.first_at + self.max_wait - time.monotonic())
+
+    def due(self) -> bool:
+        return bool(self.messages) and (
+            len(self.messages) >= self.batch_size or self.time_left() <= 0
+        )
+
+    def flush(self) -> BatchResult:
+        messages, self.messages, self.first_at = self.messages, [], None
+        if not messages:
+            return BatchResult()
+        result = apply_messages(messages)
+        self.total = self.total + result
+        if result.requeued:
+            self.paused_until = time.monotonic() + RETRY_PAUSE
+        return result
+
+    def drop(self) -> None:
+        """Forget the buffered messages (their connection is gone: the broker redelivers)."""
+        self.messages, self.first_at = [], None
+
+
+def consume(
+    conn: Connection,
+    *,
+    stop: threading.Event | None = None,
+    batch_size: int | None = None,
+    max_wait: float | None = None,
+    max_batches: int | None = None,
+    idle_timeout: float | None = None,
+) -> BatchResult:
+    """Consume ``<prefix>.events`` on ``conn`` and apply it batch by batch.
+
+    Runs until ``stop`` is set, ``max_batches`` batches were applied, or nothing arrived for
+    ``idle_timeout`` seconds (the two last for tests and one-shot runs). Connection errors are
+    raised to the caller (:func:`run` reconnects).
+    """
+    batcher = EventBatcher(batch_size=batch_size, max_wait=max_wait)
+    queue = bus.topology().events_queue()
+    batches = 0
+    last_seen = time.monotonic()
+    consumer = Consumer(
+        conn.default_channel,
+        queues=[queue],
+        on_message=batcher.add,
+        prefetch_count=min(65535, batcher.batch_size * 2),
+    )
+    try:
+        with consumer:
+            while not (stop is not None and stop.is_set()):
+                pause = batcher.paused_until - time.monotonic()
+                if pause > 0:
+                    if stop is not None:
+                        stop.wait(pause)
+                    else:
+                        time.sleep(pause)
+                    continue
+                before = len(batcher.messages)
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=min(batcher.time_left() or 0.05, 1.0))
+                if len(batcher.messages) > before:
+                    last_seen = time.monotonic()
+                if batcher.due():
+                    batcher.flush()
+                    batches += 1
+                    if max_batches is not None and batches >= max_batches:
+                        break
+                elif (
+                    idle_timeout is not None
+                    and not batcher.messages
+                    and time.monotonic() - last_seen > idle_timeout
+                ):
+                    break
+    except BaseException:
+        batcher.drop()
+        raise
+    return batcher.total
+
+
+def run(*, stop: threading.Event, batch_size: int | None = None) -> None:
+    """The long-running consumer: consume, and reconnect (with backoff) when the broker goes."""
+    delay = 1.0
+    log.info("events_consumer_started", queue=bus.topology().events_queue().name)
+    while not stop.is_set():
+        conn = bus.new_connection()
+        try:
+            conn.ensure_connection(max_retries=1)
+            bus.topology().declare(conn, queues=[bus.topology().events_queue()])
+            delay = 1.0
+            consume(conn, stop=stop, batch_size=batch_size)
+        except conn.connection_errors + conn.channel_errors + (OSError,) as exc:
+            log.warning("events_consumer_reconnecting", error=str(exc), wait=delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+        finally:
+            with contextlib.suppress(Exception):  # a broken connection is dropped anyway
+                conn.release()
+    log.info("events_consumer_stopped")
+
+
+class ConsumerThread(threading.Thread):
+    """:func:`run` in a daemon thread (the Celery worker's bootstep starts one)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="wms-events-consumer", daemon=True)
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            run(stop=self.stop_event)
+        finally:
+            connection.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.join(timeout)

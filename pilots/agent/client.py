@@ -1,0 +1,196 @@
+"""The pilot's side of the REST protocol (docs/pilot-api.md), with retries and backoff.
+
+Every answer is classified the way the contract says a pilot must treat it:
+
+- ``ok`` (2xx): done;
+- ``conflict`` (409): final, nothing to retry;
+- ``rejected`` (other 4xx): a bug on the pilot's side, logged, the request is dropped;
+- ``retry`` (5xx, connection errors, time-outs): try again later, with backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from pilots.agent import __version__
+from pilots.agent.logs import kv, log
+
+OK = "ok"
+CONFLICT = "conflict"
+REJECTED = "rejected"
+RETRY = "retry"
+
+API = "/api/v1"
+
+
+@dataclass
+class ApiResult:
+    outcome: str  # ok | conflict | rejected | retry
+    status: int | None  # None: no HTTP answer (connection refused, time-out)
+    body: Any = field(default=None)
+    error: str = ""  # the "error" code of a 4xx/5xx body, or the exception text
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == OK
+
+    def describe(self) -> str:
+        if self.status is None:
+            return f"no answer ({self.error})"
+        return f"HTTP {self.status}" + (f" {self.error}" if self.error else "")
+
+
+def classify(status: int) -> str:
+    if 200 <= status < 300:
+        return OK
+    if status == 409:
+        return CONFLICT
+    if 400 <= status < 500:
+        return REJECTED
+    return RETRY
+
+
+class Backoff:
+    """Exponential backoff with jitter: first, 2*first, ... capped at ``maximum``."""
+
+    def __init__(self, first: float = 1.0, maximum: float = 60.0) -> None:
+        self.first = first
+        self.maximum = maximum
+        self.failures = 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.first * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return delay * random.uniform(0.8, 1.0)
+
+
+class PilotClient:
+    """REST calls of one pilot. ``token`` is the pilot's own token, set after registration."""
+
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        timeout: float = 30.0,
+        token: str = "",
+        pilot_id: int | None = None,
+    ) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.timeout = (min(timeout, 10.0), timeout)  # (connect, read)
+        self.token = token
+        self.pilot_id = pilot_id
+        self._local = threading.local()  # requests.Session is not thread-safe: one per thread
+
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = f"wms-pilot/{__version__}"
+            self._local.session = session
+        return session
+
+    def close(self) -> None:
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+            self._local.session = None
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def post(self, path: str, payload: dict[str, Any], *, auth: str) -> ApiResult:
+        """One POST; never raises for HTTP or network trouble (the result says what happened)."""
+        url = f"{self.server_url}{API}{path}"
+        try:
+            response = self.session.post(
+                url, json=payload, headers={"Authorization": auth}, timeout=self.timeout
+            )
+        except requests.RequestException as exc:
+            return ApiResult(RETRY, None, None, f"{type(exc).__name__}: {exc}")
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = response.text[:500]
+        error = ""
+        if response.status_code >= 400:
+            error = str(body.get("error", "")) if isinstance(body, dict) else ""
+        return ApiResult(classify(response.status_code), response.status_code, body, error)
+
+    def post_retrying(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        auth: str,
+        retries: int,
+        backoff: Backoff | None = None,
+        stop: threading.Event | None = None,
+    ) -> ApiResult:
+        """POST, retried on ``retry`` outcomes up to ``retries`` more times (or until ``stop``)."""
+        backoff = backoff or Backoff(1.0, 30.0)
+        result = self.post(path, payload, auth=auth)
+        for _ in range(retries):
+            if result.outcome != RETRY:
+                break
+            delay = backoff.next()
+            log.warning(kv("api_retry", path=path, answer=result.describe(), wait=f"{delay:.1f}"))
+            if stop is not None:
+                if stop.wait(delay):
+                    break
+            else:
+                time.sleep(delay)
+            result = self.post(path, payload, auth=auth)
+        return result
+
+    def _pilot_auth(self, token: str | None = None) -> str:
+        return f"Pilot {token or self.token}"
+
+    # --- the endpoints -------------------------------------------------------------------------
+
+    def register(
+        self,
+        payload: dict[str, Any],
+        *,
+        register_token: str,
+        retries: int = 0,
+        stop: threading.Event | None = None,
+    ) -> ApiResult:
+        return self.post_retrying(
+            "/pilots/register/",
+            payload,
+            auth=f"Token {register_token}",
+            retries=retries,
+            backoff=Backoff(1.0, 60.0),
+            stop=stop,
+        )
+
+    def heartbeat(self, payload: dict[str, Any]) -> ApiResult:
+        return self.post(f"/pilots/{self.pilot_id}/heartbeat/", payload, auth=self._pilot_auth())
+
+    def terminate(self, reason: str, *, retries: int = 2) -> ApiResult:
+        return self.post_retrying(
+            f"/pilots/{self.pilot_id}/terminate/",
+            {"reason": reason},
+            auth=self._pilot_auth(),
+            retries=retries,
+            backoff=Backoff(0.5, 5.0),
+        )
+
+    def start(self, job_uuid: str, attempt: int) -> ApiResult:
+        """One try: on no answer the caller requeues the message and backs off."""
+        return self.post(f"/jobs/{job_uuid}/start/", {"attempt": attempt}, auth=self._pilot_auth())
+
+    def report(
+        self, job_uuid: str, payload: dict[str, Any], *, token: str | None = None
+    ) -> ApiResult:
+        """One try; final reports are retried by the spool's sender, with the token stored there."""
+        return self.post(f"/jobs/{job_uuid}/report/", payload, auth=self._pilot_auth(token))

@@ -1,0 +1,332 @@
+"""The pilot's configuration: flags > environment (``WMS_PILOT_*``) > config file > defaults.
+
+Every option has one name (``work_dir``) used three ways: the flag ``--work-dir``, the variable
+``WMS_PILOT_WORK_DIR`` and the key ``work_dir`` (or ``work-dir``) of the config file, an INI file
+with a ``[pilot]`` section or a TOML file (``.toml``) with a ``[pilot]`` table or top-level keys.
+The file is named by ``--config`` or ``WMS_PILOT_CONFIG``.
+
+kombu transport options of the broker connection (the folders of the filesystem transport, for
+instance) come the same way: ``--broker-option data_folder_in=/x`` (repeatable),
+``WMS_PILOT_BROKER_DATA_FOLDER_IN=/x``, or the key ``broker_data_folder_in`` of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "WMS_PILOT_"
+BROKER_PREFIX = "broker_"  # broker_<transport option>, except broker_url
+CONFIG_ENV = "WMS_PILOT_CONFIG"
+SECTION = "pilot"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class PilotConfig:
+    server_url: str = "http://127.0.0.1:8000"
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    register_token: str = ""
+    device_type: str = "cpu"
+    site: str = ""
+    hostname: str = ""
+    gpus: int = -1
+    work_dir: str = "wms-pilot"
+    spool_dir: str = ""
+    slots: int = 1
+    idle_timeout: float = 0.0
+    heartbeat_interval: float = 30.0
+    report_interval: float = 300.0
+    grace_period: float = 30.0
+    bus_prefix: str = "wms"
+    queue_type: str = "classic"
+    poll_interval: float = 2.0
+    stage_in: str = "inplace"
+    keep_job_dirs: bool = False
+    http_timeout: float = 30.0
+    register_retries: int = 10
+    log_level: str = "INFO"
+    broker_options: dict[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir).expanduser().absolute()
+
+    @property
+    def spool_path(self) -> Path:
+        if self.spool_dir:
+            return Path(self.spool_dir).expanduser().absolute()
+        return self.work_path / "spool"
+
+    def redacted(self) -> dict[str, Any]:
+        """The values, with the register token masked (for ``--print-config`` and logs)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["register_token"]:
+            out["register_token"] = "***"  # noqa: S105 - a mask, not a password
+        out["broker_url"] = _hide_password(out["broker_url"])
+        out["broker_options"] = dict(out["broker_options"])
+        return out
+
+
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+# --- parsing of one value ---------------------------------------------------------------------
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):  # TOML has real booleans
+        return value
+    low = str(value).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _number(kind: type, minimum: float | None = None, positive: bool = False) -> Callable:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("a number is wanted, not a boolean")
+        number = kind(value)
+        if positive and number <= 0:
+            raise ValueError("must be greater than 0")
+        if minimum is not None and number < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _text(value: Any) -> str:
+    return str(value).strip()
+
+
+def _url(value: Any) -> str:
+    return str(value).strip().rstrip("/")
+
+
+def _level(value: Any) -> str:
+    text = str(value).strip().upper()
+    if text not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("server_url", _url, "base URL of the WMS (the /api/v1/ calls go under it)", "URL"),
+    Option("broker_url", _text, "RabbitMQ URL (kombu syntax: amqp://user:pass@host:5672/vhost)"),
+    Option("register_token", _text, "user API token allowed to register pilots", "TOKEN"),
+    Option("device_type", _choice("cpu", "gpu"), "the job queue to take jobs from: cpu or gpu"),
+    Option("site", _text, "site name reported at registration"),
+    Option("hostname", _text, "host name reported at registration (default: the FQDN)"),
+    Option("gpus", _number(int, minimum=-1), "GPUs reported (default -1: detect)", "N"),
+    Option("work_dir", _text, "where job work directories are made", "DIR"),
+    Option("spool_dir", _text, "final reports not yet acknowledged (default WORK_DIR/spool)"),
+    Option("slots", _number(int, minimum=1), "jobs run in parallel", "N"),
+    Option(
+        "idle_timeout", _number(float, minimum=0), "exit after so long without a job (0: never)"
+    ),
+    Option("heartbeat_interval", _number(float, positive=True), "seconds between heartbeats"),
+    Option("report_interval", _number(float, positive=True), "seconds between running reports"),
+    Option("grace_period", _number(float, minimum=0), "seconds from SIGTERM to SIGKILL on a kill"),
+    Option("bus_prefix", _text, "prefix of the exchange and queue names (the server's wins)"),
+    Option("queue_type", _choice("classic", "quorum"), "RabbitMQ queue type, as the server's"),
+    Option("poll_interval", _number(float, positive=True), "longest wait between empty polls"),
+    Option("stage_in", _choice("inplace", "copy"), "file inputs: used in place or copied"),
+    Option("keep_job_dirs", _bool, "keep each job's work directory after its report (true/false)"),
+    Option("http_timeout", _number(float, positive=True), "seconds to wait for the WMS"),
+    Option("register_retries", _number(int, minimum=0), "registration attempts after the first"),
+    Option("log_level", _level, "DEBUG, INFO, WARNING or ERROR"),
+)
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+DEFAULTS = PilotConfig()
+
+
+# --- the three sources ------------------------------------------------------------------------
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """Options from an INI (``[pilot]`` section) or TOML (``.toml``) file; unknown keys are
+    errors (a typo must not pass silently)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    raw: Mapping[str, Any]
+    if path.suffix.lower() == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        raw = data[SECTION] if isinstance(data.get(SECTION), dict) else data
+    else:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read_string(text, source=str(path))
+        except configparser.Error as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        if not parser.has_section(SECTION):
+            raise ConfigError(f"config file {path} has no [{SECTION}] section")
+        raw = dict(parser.items(SECTION))
+    out: dict[str, Any] = {}
+    broker: dict[str, str] = {}
+    for key, value in raw.items():
+        name = key.strip().lower().replace("-", "_")
+        if name in OPTION_BY_NAME:
+            out[name] = value
+        elif name.startswith(BROKER_PREFIX) and len(name) > len(BROKER_PREFIX):
+            broker[name[len(BROKER_PREFIX) :]] = str(value)
+        else:
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+    if broker:
+        out["broker_options"] = broker
+    return out
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {o.name: environ[o.env] for o in OPTIONS if o.env in environ}
+    env_prefix = ENV_PREFIX + BROKER_PREFIX.upper()
+    broker = {
+        key[len(env_prefix) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(env_prefix) and key != OPTION_BY_NAME["broker_url"].env
+    }
+    if broker:
+        out["broker_options"] = broker
+    return out
+
+
+def _broker_flags(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--broker-option {item!r}: want KEY=VALUE")
+        out[key.strip().lower().replace("-", "_")] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pilots.agent import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="wms-pilot",
+        description=(
+            "The WMS pilot: registers with the WMS, takes jobs of its device type from RabbitMQ "
+            "and runs them. Every option is also a WMS_PILOT_<NAME> environment variable and a "
+            "key of the config file; flags win over the environment, the environment over the "
+            "file, the file over the defaults."
+        ),
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"INI ([{SECTION}] section) or .toml file ({CONFIG_ENV})"
+    )
+    for o in OPTIONS:
+        default = getattr(DEFAULTS, o.name)
+        parser.add_argument(
+            o.flag,
+            dest=o.name,
+            default=None,
+            metavar=o.metavar or o.name.upper(),
+            help=f"{o.help} [{o.env}; default: {default!r}]",
+        )
+    parser.add_argument(
+        "--broker-option",
+        dest="broker_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"a kombu transport option of the broker connection, repeatable "
+        f"[{ENV_PREFIX}{BROKER_PREFIX.upper()}<KEY>; file key {BROKER_PREFIX}<key>]",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration and exit"
+    )
+    parser.add_argument("--version", action="version", version=f"wms-pilot {__version__}")
+    return parser
+
+
+def load(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[PilotConfig, argparse.Namespace]:
+    """Parse flags, read the environment and the config file; return the merged configuration."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    flags: dict[str, Any] = {
+        o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name) is not None
+    }
+    if args.broker_options:
+        flags["broker_options"] = _broker_flags(args.broker_options)
+    return merge(
+        flags=flags,
+        environ=environ,
+        config_file=args.config or environ.get(CONFIG_ENV) or None,
+    ), args
+
+
+def merge(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> PilotConfig:
+    values: dict[str, tuple[Any, str]] = {}
+    broker: dict[str, str] = {}  # merged key by key, with the same precedence
+    sources: list[tuple[dict[str, Any], Callable[[str], str]]] = [
+        (read_file(config_file) if config_file else {}, lambda k: f"config file {config_file}"),
+        (read_env(environ or {}), lambda k: OPTION_BY_NAME[k].env),
+        (dict(flags or {}), lambda k: OPTION_BY_NAME[k].flag),
+    ]
+    for found, where in sources:
+        broker.update(found.pop("broker_options", {}))
+        values.update({k: (v, where(k)) for k, v in found.items()})
+    parsed: dict[str, Any] = {"broker_options": broker}
+    for name, (value, source) in values.items():
+        try:
+            parsed[name] = OPTION_BY_NAME[name].parse(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} = {value!r} (from {source}): {exc}") from exc
+    return PilotConfig(**parsed)

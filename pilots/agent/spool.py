@@ -1,0 +1,260 @@
+"""The spool: final reports kept on local disk until the WMS has acknowledged them.
+
+A final report is written here (temporary file, fsync, rename: atomic) *before* it is sent, and
+deleted only when the server answered 2xx, 409 or another 4xx (the contract's "done" and "final,
+nothing to retry"; the last two are logged). On 5xx, time-outs or a refused connection it stays,
+and :class:`ReportSender` sends it again with backoff, in the background, and at the next start
+of a pilot that uses the same spool directory. So a WMS outage loses no result.
+
+Each entry holds what is needed to send it again later, even by another run of the pilot: the
+server URL, the pilot id and the pilot token the attempt was started with (an attempt belongs to
+the pilot that started it, so a report sent with a newer pilot's token would be refused). The
+files are therefore readable by their owner only (mode 0600, directory 0700).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pilots.agent.client import CONFLICT, OK, REJECTED, ApiResult, Backoff, PilotClient
+from pilots.agent.logs import kv, log
+
+SUFFIX = ".report.json"
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    path: Path
+    job_uuid: str
+    attempt: int
+    pilot_id: int | None
+    server_url: str
+    token: str
+    report: dict[str, Any]
+
+
+class Spool:
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _name(self, job_uuid: str, attempt: int) -> str:
+        return f"{_SAFE.sub('_', job_uuid)}.{int(attempt)}{SUFFIX}"
+
+    def put(
+        self,
+        *,
+        job_uuid: str,
+        attempt: int,
+        report: dict[str, Any],
+        pilot_id: int | None,
+        server_url: str,
+        token: str,
+    ) -> Path:
+        """Write one final report atomically (tmp + fsync + rename + fsync of the directory)."""
+        document = {
+            "job_uuid": job_uuid,
+            "attempt": attempt,
+            "pilot_id": pilot_id,
+            "server_url": server_url,
+            "token": token,
+            "spooled_at": datetime.now(UTC).isoformat(),
+            "report": report,
+        }
+        final = self.directory / self._name(job_uuid, attempt)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(document, fh, separators=(",", ":"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self._fsync_dir()
+        return final
+
+    def _fsync_dir(self) -> None:
+        try:
+            fd = os.open(self.directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def paths(self) -> list[Path]:
+        """The spooled reports, oldest first (temporary files are not reports yet)."""
+        found = []
+        for path in self.directory.glob(f"*{SUFFIX}"):
+            if path.name.startswith("."):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                found.append((path.stat().st_mtime, path))
+        return [p for _, p in sorted(found)]
+
+    def read(self, path: Path) -> SpoolEntry | None:
+        """An entry, or None if it is gone (sent by someone else) or unreadable (set aside)."""
+        try:
+            data = json.loads(path.read_text())
+            return SpoolEntry(
+                path=path,
+                job_uuid=str(data["job_uuid"]),
+                attempt=int(data["attempt"]),
+                pilot_id=data.get("pilot_id"),
+                server_url=str(data["server_url"]),
+                token=str(data.get("token", "")),
+                report=dict(data["report"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            bad = path.with_name(path.name + ".bad")
+            with contextlib.suppress(OSError):
+                path.rename(bad)
+            log.error(kv("spool_entry_unreadable", path=path, moved_to=bad, error=exc))
+            return None
+
+    def remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def __len__(self) -> int:
+        return len(self.paths())
+
+
+class ReportSender:
+    """Sends the spooled reports, in a background thread, with backoff while the WMS is away."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        timeout: float = 30.0,
+        first_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        on_result: Callable[[SpoolEntry, ApiResult], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.timeout = timeout
+        self.backoff = Backoff(first_backoff, max_backoff)
+        self.on_result = on_result
+        self._clients: dict[str, PilotClient] = {}
+        self._lock = threading.Lock()  # one pass at a time (the thread, or a final flush)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _client(self, server_url: str) -> PilotClient:
+        client = self._clients.get(server_url)
+        if client is None:
+            client = self._clients[server_url] = PilotClient(server_url, timeout=self.timeout)
+        return client
+
+    def send_one(self, entry: SpoolEntry) -> ApiResult:
+        result = self._client(entry.server_url).report(
+            entry.job_uuid, entry.report, token=entry.token
+        )
+        context = {
+            "job_uuid": entry.job_uuid,
+            "attempt": entry.attempt,
+            "state": entry.report.get("state"),
+            "answer": result.describe(),
+        }
+        if result.outcome == OK:
+            self.spool.remove(entry.path)
+            body = result.body if isinstance(result.body, dict) else {}
+            log.info(kv("report_sent", **context, outcome=body.get("outcome", "")))
+        elif result.outcome in (CONFLICT, REJECTED):
+            self.spool.remove(entry.path)
+            log.warning(kv("report_refused_dropped", **context, detail=_detail(result)))
+        else:
+            log.warning(kv("report_kept_in_spool", **context))
+        if self.on_result is not None:
+            self.on_result(entry, result)
+        return result
+
+    def flush(self) -> int:
+        """One pass over the spool; stops at the first report the WMS could not take. Returns
+        the number of reports still spooled."""
+        with self._lock:
+            for path in self.spool.paths():
+                entry = self.spool.read(path)
+                if entry is None:
+                    continue
+                result = self.send_one(entry)
+                if result.outcome not in (OK, CONFLICT, REJECTED):
+                    break
+            return len(self.spool)
+
+    def flush_until(self, deadline: float) -> int:
+        """Passes with backoff until the spool is empty or ``deadline`` (time.monotonic) passes."""
+        backoff = Backoff(0.5, 5.0)
+        left = self.flush()
+        while left and time.monotonic() < deadline:
+            time.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+            left = self.flush()
+        return left
+
+    def wake(self) -> None:
+        """A new report was spooled: send it now (and reset the backoff)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        delay = 0.0
+        while not self._stop.is_set():
+            woken = self._wake.wait(delay) if delay else self._wake.is_set()
+            if self._stop.is_set():
+                break
+            if woken:
+                self._wake.clear()
+                self.backoff.reset()
+            try:
+                left = self.flush()
+            except Exception as exc:  # keep the thread alive whatever one pass hits
+                log.exception(kv("spool_pass_failed", error=exc))
+                left = 1
+            if left:
+                delay = self.backoff.next()
+                log.info(kv("spool_retry_later", reports=left, wait=f"{delay:.1f}"))
+            else:
+                self.backoff.reset()
+                delay = 3600.0  # nothing to do until woken
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pilot-spool", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for client in self._clients.values():
+            client.close()
+
+
+def _detail(result: ApiResult) -> str:
+    body = result.body
+    if isinstance(body, dict):
+        return str(body.get("detail", body.get("error", "")))[:300]
+    return str(body or "")[:300]

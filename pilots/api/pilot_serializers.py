@@ -1,0 +1,151 @@
+"""Serializers of the pilot protocol's pilot endpoints (docs/pilot-api.md): registration,
+heartbeat, terminate and bulk events. Input serializers validate; the views hand
+``validated_data`` to ``pilots.services`` / ``jobs.services``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from jobs.api.pilot_serializers import JobStatusEventSerializer
+from jobs.events import OUTCOMES
+from pilots.models import CommandKind
+from pilots.services import REPORTED_STATES
+from wms.api import StrictFieldsMixin
+from wms.choices import DeviceType
+
+MAX_EVENTS = 1000
+MAX_HEARTBEAT_JOBS = 10_000
+
+
+class PilotRegisterSerializer(StrictFieldsMixin, serializers.Serializer):
+    """What a pilot says about itself when it registers."""
+
+    hostname = serializers.CharField(max_length=255)
+    site = serializers.CharField(max_length=100, allow_blank=True, default="")
+    device_type = serializers.ChoiceField(choices=DeviceType.choices)
+    cores = serializers.IntegerField(min_value=1, max_value=1_000_000, default=1)
+    memory_mb = serializers.IntegerField(min_value=0, max_value=2**62, default=0)
+    gpus = serializers.IntegerField(min_value=0, max_value=1_000_000, default=0)
+    slots = serializers.IntegerField(min_value=1, max_value=1_000_000, default=1)
+    version = serializers.CharField(max_length=50, allow_blank=True, default="")
+
+
+class PilotRegistrationSerializer(serializers.Serializer):
+    """The answer to a registration. ``token`` is shown this once: only its hash is kept."""
+
+    pilot_id = serializers.IntegerField()
+    token = serializers.CharField(
+        help_text="The pilot's own token: `Authorization: Pilot <token>`."
+    )
+    device_type = serializers.ChoiceField(choices=DeviceType.choices)
+    job_queue = serializers.CharField(help_text="The queue of the pilot's device type.")
+    command_queue = serializers.CharField(help_text="The pilot's own command queue.")
+    bus_prefix = serializers.CharField(help_text="Prefix of every exchange and queue name.")
+    heartbeat_interval = serializers.IntegerField(help_text="Seconds between heartbeats.")
+
+
+class PilotHeartbeatJobSerializer(serializers.Serializer):
+    """One attempt the pilot runs, with its metrics. Besides the fields below, any other key
+    with a number value is kept as a metric of the attempt."""
+
+    job_uuid = serializers.UUIDField()
+    attempt = serializers.IntegerField(min_value=0, max_value=32767)
+    cpu_time = serializers.FloatField(required=False, min_value=0, help_text="CPU seconds.")
+    rss_mb = serializers.FloatField(required=False, min_value=0)
+    wall_time = serializers.FloatField(required=False, min_value=0, help_text="Seconds.")
+
+    def to_internal_value(self, data: Any) -> Any:
+        value = super().to_internal_value(data)
+        errors = {}
+        for key in sorted(set(data) - set(self.fields)):
+            metric = data[key]
+            if isinstance(metric, bool) or not isinstance(metric, int | float):
+                errors[key] = ["An extra metric must be a number."]
+            else:
+                value[key] = metric
+        if errors:
+            raise serializers.ValidationError(errors)
+        return value
+
+
+class PilotHeartbeatSerializer(StrictFieldsMixin, serializers.Serializer):
+    """A pilot's heartbeat: its state, status line, metrics, running attempts, acked commands."""
+
+    state = serializers.ChoiceField(choices=list(REPORTED_STATES))
+    status = serializers.CharField(max_length=255, allow_blank=True, default="")
+    metrics = serializers.DictField(
+        required=False, help_text="The node's metrics (load1, free_disk_mb, cpu_percent, ...)."
+    )
+    jobs = serializers.ListField(
+        child=PilotHeartbeatJobSerializer(), max_length=MAX_HEARTBEAT_JOBS, default=list
+    )
+    acked_commands = serializers.ListField(
+        child=serializers.UUIDField(),
+        max_length=1000,
+        default=list,
+        help_text="Ids of the commands the pilot has received (by either path).",
+    )
+
+
+class PilotCommandMessageSerializer(serializers.Serializer):
+    """A command for the pilot (``wms.contract.Command`` without ``v``/``kind``/``pilot_id``)."""
+
+    id = serializers.UUIDField()
+    command = serializers.ChoiceField(choices=CommandKind.choices)
+    job_uuid = serializers.CharField(allow_blank=True, help_text="kill_job: the job; else ''.")
+    attempt = serializers.IntegerField(allow_null=True)
+    reason = serializers.CharField(allow_blank=True)
+
+
+class PilotHeartbeatReplySerializer(serializers.Serializer):
+    """The heartbeat's answer: the commands not delivered yet (each is returned once)."""
+
+    commands = PilotCommandMessageSerializer(many=True)
+    heartbeat_interval = serializers.IntegerField()
+    state = serializers.CharField(help_text="The pilot's state as the WMS now has it.")
+
+
+class PilotTerminateSerializer(StrictFieldsMixin, serializers.Serializer):
+    """Why the pilot exits."""
+
+    reason = serializers.CharField(max_length=1000, allow_blank=True, default="")
+
+
+class PilotTerminatedSerializer(serializers.Serializer):
+    pilot_id = serializers.IntegerField()
+    state = serializers.CharField()
+    attempts_failed = serializers.IntegerField(
+        help_text="Running attempts failed with error code pilot_terminated."
+    )
+
+
+@extend_schema_field(JobStatusEventSerializer(many=True))
+class StatusEventListField(serializers.ListField):
+    """Events are validated one by one by the service: one bad event spoils no other."""
+
+    child = serializers.JSONField()
+
+
+class PilotEventsSerializer(StrictFieldsMixin, serializers.Serializer):
+    """Several status events at once (the bulk form of ``report``)."""
+
+    events = StatusEventListField(min_length=1, max_length=MAX_EVENTS)
+
+
+class PilotEventResultSerializer(serializers.Serializer):
+    """What became of one event: ``outcome`` and ``job_state``, or ``error`` and ``detail``."""
+
+    job_uuid = serializers.CharField()
+    attempt = serializers.IntegerField(allow_null=True)
+    outcome = serializers.ChoiceField(choices=list(OUTCOMES), required=False)
+    job_state = serializers.CharField(required=False)
+    error = serializers.CharField(required=False)
+    detail = serializers.JSONField(required=False)
+
+
+class PilotEventsReplySerializer(serializers.Serializer):
+    results = PilotEventResultSerializer(many=True)

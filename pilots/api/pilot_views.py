@@ -1,0 +1,149 @@
+"""The pilot protocol's pilot endpoints (docs/pilot-api.md): register, heartbeat, terminate,
+bulk events. Thin: validate, call one service, render.
+
+Registration takes a *user* token with the permission ``pilots.add_pilot``; every other call
+takes the pilot's own token (``Authorization: Pilot <token>``) and only for its own id.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from jobs.services import job_events_apply
+from pilots.api.pilot_serializers import (
+    PilotEventsReplySerializer,
+    PilotEventsSerializer,
+    PilotHeartbeatReplySerializer,
+    PilotHeartbeatSerializer,
+    PilotRegisterSerializer,
+    PilotRegistrationSerializer,
+    PilotTerminatedSerializer,
+    PilotTerminateSerializer,
+)
+from pilots.auth import CanRegisterPilots, IsPilot, PilotTokenAuthentication, request_pilot
+from pilots.services import pilot_heartbeat, pilot_register, pilot_source, pilot_terminate
+from wms import bus
+from wms.api import error_responses
+
+TAGS = ["pilot protocol"]
+
+
+class PilotProtocolView(APIView):
+    """A call of a pilot with its own token, about itself."""
+
+    authentication_classes = [PilotTokenAuthentication]
+    permission_classes = [IsPilot]
+
+
+class PilotRegisterView(APIView):
+    permission_classes = [CanRegisterPilots]
+
+    @extend_schema(
+        tags=TAGS,
+        summary="Register a pilot",
+        description="A user with the permission `pilots.add_pilot` (staff and superusers have "
+        "it) registers a pilot. The answer carries the pilot's own token, shown this once, and "
+        "where it finds its work on the bus.",
+        request=PilotRegisterSerializer,
+        responses={201: PilotRegistrationSerializer, **error_responses(400)},
+    )
+    def post(self, request: Request) -> Response:
+        serializer = PilotRegisterSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        pilot, token = pilot_register(
+            **serializer.validated_data, registered_by=request.user.get_username()
+        )
+        topology = bus.topology()
+        body = {
+            "pilot_id": pilot.pk,
+            "token": token,
+            "device_type": pilot.device_type,
+            "job_queue": topology.job_queue_name(pilot.device_type),
+            "command_queue": topology.command_queue(pilot.pk).name,
+            "bus_prefix": topology.prefix,
+            "heartbeat_interval": settings.WMS_HEARTBEAT_INTERVAL,
+        }
+        return Response(PilotRegistrationSerializer(body).data, status=status.HTTP_201_CREATED)
+
+
+class PilotHeartbeatView(PilotProtocolView):
+    @extend_schema(
+        tags=TAGS,
+        summary="Heartbeat of a pilot",
+        description="The pilot is alive: its state (the first heartbeat moves it from "
+        "`registered` to `idle`), status, metrics and the metrics of the attempts it runs are "
+        "stored, the commands it acknowledges are marked so. The answer carries the commands "
+        "not delivered yet, each once (they are also published to the pilot's command queue).",
+        request=PilotHeartbeatSerializer,
+        responses={200: PilotHeartbeatReplySerializer, **error_responses(400)},
+    )
+    def post(self, request: Request, pilot_id: int) -> Response:
+        serializer = PilotHeartbeatSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        reply = pilot_heartbeat(pilot_id=request_pilot(request).pk, **serializer.validated_data)
+        body = {
+            "commands": [
+                {
+                    "id": c.id,
+                    "command": c.command,
+                    "job_uuid": c.job_uuid,
+                    "attempt": c.attempt,
+                    "reason": c.reason,
+                }
+                for c in reply.commands
+            ],
+            "heartbeat_interval": reply.heartbeat_interval,
+            "state": reply.state,
+        }
+        return Response(PilotHeartbeatReplySerializer(body).data)
+
+
+class PilotTerminateView(PilotProtocolView):
+    @extend_schema(
+        tags=TAGS,
+        summary="A pilot exits",
+        description="The pilot becomes `terminated`; its running attempts, if any, fail with "
+        "error code `pilot_terminated` (their jobs are retried or failed). Terminating a "
+        "terminated pilot again is a no-op; a lost pilot answers 409.",
+        request=PilotTerminateSerializer,
+        responses={200: PilotTerminatedSerializer, **error_responses(400, 409)},
+    )
+    def post(self, request: Request, pilot_id: int) -> Response:
+        serializer = PilotTerminateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        pilot = request_pilot(request)
+        result = pilot_terminate(
+            pilot_id=pilot.pk,
+            source=pilot_source(pilot.pk),
+            reason=serializer.validated_data["reason"] or "the pilot exits",
+        )
+        body = {
+            "pilot_id": pilot.pk,
+            "state": result.to_state,
+            "attempts_failed": result.attempts_failed,
+        }
+        return Response(PilotTerminatedSerializer(body).data)
+
+
+class PilotEventsView(PilotProtocolView):
+    @extend_schema(
+        tags=TAGS,
+        summary="Status events of a pilot's attempts, in bulk",
+        description="The bulk form of `POST /jobs/{uuid}/report/`: up to 1,000 events, each "
+        "naming its job. Each event is answered on its own, in order (`outcome` and "
+        "`job_state`, or `error` and `detail`): one bad event does not spoil the others.",
+        request=PilotEventsSerializer,
+        responses={200: PilotEventsReplySerializer, **error_responses(400)},
+    )
+    def post(self, request: Request, pilot_id: int) -> Response:
+        serializer = PilotEventsSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        results = job_events_apply(
+            events=serializer.validated_data["events"], pilot_id=request_pilot(request).pk
+        )
+        return Response({"results": [r.as_dict() for r in results]})

@@ -1,0 +1,96 @@
+"""How pilots authenticate (docs/pilot-api.md): ``Authorization: Pilot <token>``.
+
+Only the token's sha256 is stored (``Pilot.token_hash``, unique): a request costs one hash and
+one indexed lookup, whatever the token. A revoked token (its hash cleared) or an unknown one
+answers 401. The authenticated request carries the pilot in ``request.auth`` and a
+:class:`PilotPrincipal` in ``request.user``: an anonymous-like user, so every user endpoint
+(``IsAuthenticated``) refuses a pilot, and a user's token never passes :class:`IsPilot`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from django.contrib.auth.models import AnonymousUser
+from rest_framework import authentication, exceptions, permissions
+
+from pilots.models import Pilot
+
+KEYWORD = "Pilot"
+
+
+class PilotPrincipal(AnonymousUser):
+    """``request.user`` of a pilot's request: not a user (``is_authenticated`` is False)."""
+
+    def __init__(self, pilot: Pilot) -> None:
+        super().__init__()
+        self.pilot = pilot
+
+    def __str__(self) -> str:
+        return f"pilot:{self.pilot.pk}"
+
+    def get_username(self) -> str:
+        return str(self)
+
+
+class PilotTokenAuthentication(authentication.BaseAuthentication):
+    """``Authorization: Pilot <token>`` → ``request.auth`` is the :class:`Pilot`."""
+
+    def authenticate(self, request: Any) -> tuple[PilotPrincipal, Pilot] | None:
+        header = authentication.get_authorization_header(request).split()
+        if not header or header[0].lower() != KEYWORD.lower().encode():
+            return None  # not a pilot's request: the other authenticators may take it
+        if len(header) != 2:
+            raise exceptions.AuthenticationFailed(
+                "Invalid pilot token header: expected 'Pilot <token>'."
+            )
+        digest = hashlib.sha256(header[1]).hexdigest()
+        pilot = Pilot.objects.filter(token_hash=digest).first()
+        if pilot is None:
+            raise exceptions.AuthenticationFailed("Invalid or revoked pilot token.")
+        return PilotPrincipal(pilot), pilot
+
+    def authenticate_header(self, request: Any) -> str:
+        return KEYWORD
+
+
+def request_pilot(request: Any) -> Pilot:
+    """The pilot of a request that passed :class:`IsPilot`."""
+    pilot = request.auth
+    if not isinstance(pilot, Pilot):  # pragma: no cover - IsPilot guarantees it
+        raise exceptions.NotAuthenticated()
+    return pilot
+
+
+class IsPilot(permissions.BasePermission):
+    """Only a pilot's own token, and only for its own pilot id (``pilot_id`` in the URL).
+
+    What a pilot may do with a job (report only on its own attempts) is checked by the
+    services, which know the attempt's pilot.
+    """
+
+    message = "This pilot may not act on another pilot."
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        pilot = request.auth
+        if not isinstance(pilot, Pilot) or not isinstance(request.user, PilotPrincipal):
+            if request.successful_authenticator is None:
+                raise exceptions.NotAuthenticated(
+                    "Pilot calls need 'Authorization: Pilot <token>'."
+                )
+            return False
+        url_pilot = view.kwargs.get("pilot_id")
+        return url_pilot is None or int(url_pilot) == pilot.pk
+
+
+class CanRegisterPilots(permissions.BasePermission):
+    """A user (not a pilot) allowed to add pilots: ``pilots.add_pilot``, staff or superuser."""
+
+    message = "Registering pilots needs the permission 'pilots.add_pilot'."
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        user = request.user
+        if not (user and user.is_authenticated):
+            return False
+        return bool(user.is_staff or user.has_perm("pilots.add_pilot"))

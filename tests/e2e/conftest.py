@@ -1,0 +1,125 @@
+"""End-to-end fixtures: the whole WMS as real processes on the real Postgres and RabbitMQ.
+
+The web app (runserver on a free port), a Celery worker with beat and pilot agents run as child
+processes (wms.stack) against the test database pytest-django made, with a bus prefix and a
+Celery control queue of the test's own, deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+
+from wms.services import pilot_registrar_ensure
+from wms.stack import Stack, StackConfig
+
+
+class Lines(io.TextIOBase):
+    """A thread-safe sink for the children's prefixed output (shown when a test fails)."""
+
+    def __init__(self) -> None:
+        self._buf: list[str] = []
+        self._lock = threading.Lock()
+
+    def write(self, s: str) -> int:
+        with self._lock:
+            self._buf.append(s)
+        return len(s)
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self._buf)
+
+
+def wait_until(cond: Callable[[], object], *, timeout: float, what: str, out: Lines | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = out.text()[-6000:] if out else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
+        time.sleep(0.3)
+
+
+def _db_url() -> str:
+    db = django_settings.DATABASES["default"]
+    user = db.get("USER") or "postgres"
+    auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{user}@"
+    return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+
+
+@pytest.fixture
+def make_stack(tmp_path, bus_prefix, settings, request):
+    """Start a stack: ``make_stack(cpu=1, gpu=1, env={...})``; stopped at teardown."""
+    if not settings.CELERY_BROKER_URL.startswith("amqp"):
+        pytest.skip("end-to-end tests run on RabbitMQ (CELERY_BROKER_URL=amqp://...)")
+    stacks: list[tuple[Stack, Lines]] = []
+    control = f"{bus_prefix}.control"
+
+    def make(*, cpu: int = 1, gpu: int = 1, slots: int = 1, env: dict | None = None, **cfg):
+        token = pilot_registrar_ensure()
+        devices = tuple(d for d, n in (("cpu", cpu), ("gpu", gpu)) if n)
+        out = Lines()
+        child_env = {
+            "DATABASE_URL": _db_url(),
+            "WMS_BUS_PREFIX": bus_prefix,
+            "WMS_CONTROL_QUEUE": control,
+            "WMS_SPLIT_EVERY": "1",
+            "WMS_DISPATCH_EVERY": "1",
+            "WMS_RECONCILE_EVERY": "5",
+            "WMS_HEARTBEAT_INTERVAL": "2",
+            "WMS_LOG_FORMAT": "console",
+            "DJANGO_DEBUG": "true",
+            **(env or {}),
+        }
+        config = StackConfig(
+            var_dir=tmp_path / f"var{len(stacks)}",
+            broker_url=settings.CELERY_BROKER_URL,
+            register_token=token,
+            control_queue=control,
+            devices=devices,
+            pilots_per_device=max(cpu, gpu, 1),
+            pilot_slots=slots,
+            pilot_args=("--bus-prefix", bus_prefix, "--heartbeat-interval", "2"),
+            stop_timeout=15,
+            **cfg,
+        )
+        stack = Stack(config, env=child_env, out=out)
+        stacks.append((stack, out))
+        stack.start()
+        return stack, out
+
+    yield make
+    failed = getattr(getattr(request.node, "rep_call", None), "failed", False)
+    for i, (stack, out) in enumerate(stacks):
+        stack.stop()
+        if failed:  # the children's whole output, for the post-mortem
+            log = Path(tmp_path) / f"stack{i}.log"
+            log.write_text(out.text())
+            print(f"children's output: {log}")
+    from wms import bus
+
+    conn = bus.new_connection()
+    try:
+        from kombu import Queue
+
+        Queue(control, durable=True)(conn.default_channel).delete()
+    except Exception:  # noqa: S110 - already gone
+        pass
+    finally:
+        conn.release()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

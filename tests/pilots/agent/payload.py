@@ -1,0 +1,72 @@
+"""Test payloads run by the pilot as real processes: ``python payload.py <mode> [...]``.
+
+Modes:
+  write NAME=TEXT ... [--exit N]  write each NAME into $WMS_OUTPUT_DIR, print to stdout and stderr
+  env                             write the WMS_* environment and the inputs' contents to env.json
+  sleep SECONDS [--record FILE]   sleep; with --record append "start/end <pid> <time>" lines
+  spawn PIDFILE                   start a grandchild that sleeps, write "<child> <grandchild>"
+  ignore-term PIDFILE             ignore SIGTERM, write the pid, sleep
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _record(path: str | None, what: str) -> None:
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{what} {os.getpid()} {time.time():.6f}\n")
+
+
+def main(argv: list[str]) -> int:
+    mode, rest = argv[0], argv[1:]
+    out = Path(os.environ.get("WMS_OUTPUT_DIR", "."))
+    if mode == "write":
+        code = 0
+        if "--exit" in rest:
+            i = rest.index("--exit")
+            code = int(rest[i + 1])
+            rest = rest[:i] + rest[i + 2 :]
+        for item in rest:
+            name, _, text = item.partition("=")
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(text)
+        print(f"stdout: wrote {len(rest)} files", flush=True)
+        print("stderr: a line on stderr", file=sys.stderr, flush=True)
+        return code
+    if mode == "env":
+        env: dict[str, object] = {k: v for k, v in os.environ.items() if k.startswith("WMS_")}
+        inputs = json.loads(os.environ["WMS_INPUT_FILES"])
+        env["_contents"] = [Path(p).read_text() for p in inputs]
+        env["_cwd"] = os.getcwd()
+        (out / "env.json").write_text(json.dumps(env))
+        return 0
+    if mode == "sleep":
+        record = rest[rest.index("--record") + 1] if "--record" in rest else None
+        _record(record, "start")
+        time.sleep(float(rest[0]))
+        _record(record, "end")
+        return 0
+    if mode == "spawn":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        Path(rest[0]).write_text(f"{os.getpid()} {child.pid}")
+        time.sleep(60)
+        return 0
+    if mode == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Path(rest[0]).write_text(str(os.getpid()))
+        time.sleep(60)
+        return 0
+    print(f"unknown mode {mode}", file=sys.stderr)
+    return 64
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

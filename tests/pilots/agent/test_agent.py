@@ -1,0 +1,359 @@
+"""The agent against the real RabbitMQ (a namespace of the test's own) and the fake WMS: taking
+messages, start answers, slots, commands from both paths, drain, shutdown, idle exit."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+from tests.pilots.agent.conftest import job_message
+from tests.pilots.agent.fakewms import wait_until
+from wms.contract import Command
+
+
+def publish_job(bus, fake_wms, outdir, *args, **kw):
+    job = job_message(outdir, *args, **kw)
+    fake_wms.jobs[job.job_uuid] = job.to_dict()
+    bus.publish(job)
+    return job
+
+
+def test_it_registers_declares_heartbeats_and_says_goodbye(
+    bus, fake_wms, agent_config, start_agent
+):
+    running = start_agent(agent_config, site="SITE-A", slots=3)
+    pilot_id = running.agent.pilot_id
+
+    (register,) = fake_wms.calls_to("register")
+    assert register.body["hostname"] == "wn001.test"
+    assert (register.body["site"], register.body["device_type"], register.body["slots"]) == (
+        "SITE-A",
+        "cpu",
+        3,
+    )
+    assert register.body["cores"] >= 1 and register.body["memory_mb"] > 0
+    assert bus.command_queue_exists(pilot_id)
+    beat = wait_until(lambda: fake_wms.calls_to("heartbeat"))[0]
+    assert beat.auth == f"Pilot pilot-token-{pilot_id}"
+    assert beat.body["state"] == "idle" and beat.body["jobs"] == []
+    assert {"load1", "free_disk_mb", "cpu_percent", "rss_mb"} <= set(beat.body["metrics"])
+
+    assert running.stop("drain") == 0
+
+    (terminate,) = fake_wms.calls_to("terminate")
+    assert "drain" in terminate.body["reason"]
+    assert not bus.command_queue_exists(pilot_id)  # no litter on the broker
+
+
+def test_a_job_is_started_acked_run_and_reported(bus, fake_wms, agent_config, start_agent, outdir):
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "write", "hist.json={}")
+
+    (report,) = wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+    (start,) = fake_wms.calls_to("start", job.job_uuid)
+    assert start.body == {"attempt": 0}
+    assert report.body["state"] == "finished" and report.body["exit_code"] == 0
+    assert {o["name"] for o in report.body["outputs"]} == {"hist.json", f"{job.job_uuid}.0.log"}
+    assert (outdir / job.job_uuid / "hist.json").read_text() == "{}"
+    assert report.spooled  # on disk before it was sent
+    running.stop()
+    assert bus.ready() == 0
+    assert list(running.agent.spool.paths()) == []  # acknowledged, so deleted
+    assert not (running.agent.work_dir / "jobs" / f"{job.job_uuid}.0").exists()
+
+
+def test_the_server_s_copy_of_the_job_is_the_one_run(
+    bus, fake_wms, agent_config, start_agent, outdir, caplog
+):
+    running = start_agent(agent_config)
+    job = job_message(outdir, "write", "from-the-bus.txt=1")
+    server_copy = job_message(outdir, "write", "from-the-server.txt=1", job_uuid=job.job_uuid)
+    answer = {k: v for k, v in server_copy.to_dict().items() if k not in ("v", "kind")}
+    fake_wms.start_answer = lambda uuid, body: (200, answer)
+    bus.publish(job)
+
+    (report,) = wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+    running.stop()
+
+    names = {o["name"] for o in report.body["outputs"] if o["type"] == "output"}
+    assert names == {"from-the-server.txt"}
+    assert "start_answer_not_a_job_message" not in caplog.text
+
+
+def test_start_409_acks_and_drops_the_message(bus, fake_wms, agent_config, start_agent, outdir):
+    fake_wms.start_answer = lambda uuid, body: (409, {"error": "job_not_queued", "detail": "x"})
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")
+
+    wait_until(lambda: fake_wms.calls_to("start", job.job_uuid))
+    running.stop()
+
+    assert bus.ready() == 0  # acked: gone for good
+    assert len(fake_wms.calls_to("start", job.job_uuid)) == 1
+    assert fake_wms.final_reports() == []
+
+
+def test_start_5xx_requeues_the_message_and_backs_off(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    fake_wms.start_answer = lambda uuid, body: (503, {"error": "unavailable", "detail": "db"})
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")
+
+    wait_until(lambda: fake_wms.calls_to("start", job.job_uuid))
+    time.sleep(0.5)  # inside the first backoff (about 1 s): no new attempt yet
+    assert len(fake_wms.calls_to("start", job.job_uuid)) == 1
+    running.stop()
+
+    assert bus.ready() == 1  # rejected with requeue: still there for someone else
+    assert fake_wms.final_reports() == []
+
+
+def test_a_malformed_message_is_acked_and_dropped(
+    bus, fake_wms, agent_config, start_agent, outdir, caplog
+):
+    running = start_agent(agent_config)
+    bus.publish(b"this is not JSON")
+    bus.publish(b'{"v": 99, "kind": "job"}')
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")  # behind them, still taken
+
+    wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+    running.stop()
+
+    assert bus.ready() == 0
+    assert [c.path for c in fake_wms.calls_to("start")] == [f"/api/v1/jobs/{job.job_uuid}/start/"]
+    assert caplog.text.count("job_message_malformed_dropped") == 2
+
+
+def test_never_more_jobs_at_once_than_slots(
+    bus, fake_wms, agent_config, start_agent, outdir, tmp_path
+):
+    record = tmp_path / "record.txt"
+    running = start_agent(agent_config, slots=2)
+    jobs = [
+        publish_job(bus, fake_wms, outdir, "sleep", "0.3", "--record", str(record))
+        for _ in range(5)
+    ]
+
+    wait_until(lambda: len(fake_wms.final_reports()) == 5, timeout=15)
+    running.stop()
+
+    assert {c.body["state"] for c in fake_wms.final_reports()} == {"finished"}
+    assert {j.job_uuid for j in jobs} == {c.path.split("/")[4] for c in fake_wms.final_reports()}
+    # the processes' own clock: how many were alive at once
+    events = sorted(
+        (float(t), +1 if what == "start" else -1)
+        for what, _, t in (line.split() for line in record.read_text().splitlines())
+    )
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 2  # in parallel, never beyond the slots
+    assert fake_wms.max_running <= 2
+    assert bus.ready() == 0
+
+
+def test_kill_job_by_the_command_queue_kills_the_tree_once(
+    bus, fake_wms, agent_config, start_agent, outdir, tmp_path
+):
+    pidfile = tmp_path / "pids"
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "spawn", str(pidfile))
+    child, grandchild = map(
+        int, wait_until(lambda: pidfile.exists() and pidfile.read_text()).split()
+    )
+    command = Command(
+        command="kill_job",
+        pilot_id=running.agent.pilot_id,
+        id="cmd-1",
+        job_uuid=job.job_uuid,
+        attempt=0,
+        reason="task cancelled",
+    )
+
+    bus.send_command(command)
+    fake_wms.commands = [  # the same command by the heartbeat path too
+        {"id": "cmd-1", "command": "kill_job", "job_uuid": job.job_uuid, "attempt": 0}
+    ]
+
+    (report,) = wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+    assert report.body["state"] == "failed" and report.body["error_code"] == "killed"
+    assert "task cancelled" in report.body["error_message"]
+    assert [o["type"] for o in report.body["outputs"]] == ["log"]
+    wait_until(lambda: not psutil.pid_exists(child) and not psutil.pid_exists(grandchild), 5)
+    wait_until(lambda: not fake_wms.commands)  # the heartbeat handed it out
+    time.sleep(0.5)  # a few more heartbeats
+    running.stop()
+    acks = [i for c in fake_wms.calls_to("heartbeat") for i in c.body["acked_commands"]]
+    assert acks == ["cmd-1"]  # executed and acknowledged once, whatever the path
+
+
+def test_kill_job_by_the_heartbeat_answer(bus, fake_wms, agent_config, start_agent, outdir):
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "sleep", "30")
+    wait_until(lambda: job.job_uuid in running.agent.jobs and running.agent.jobs[job.job_uuid])
+    wait_until(lambda: running.agent.jobs[job.job_uuid].runner.pid)
+    fake_wms.commands = [
+        {"id": "c-7", "command": "kill_job", "job_uuid": job.job_uuid, "attempt": None}
+    ]
+
+    (report,) = wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+    assert report.body["error_code"] == "killed"
+    running.stop()
+
+
+def test_heartbeats_and_running_reports_carry_the_job_s_metrics(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "sleep", "1.2")
+
+    busy = wait_until(
+        lambda: [
+            c
+            for c in fake_wms.calls_to("heartbeat")
+            if c.body["jobs"] and c.body["jobs"][0]["wall_time"] > 0.3
+        ]
+    )
+    (entry,) = busy[0].body["jobs"]
+    assert busy[0].body["state"] == "busy"
+    assert entry["job_uuid"] == job.job_uuid and entry["attempt"] == 0
+    assert entry["rss_mb"] > 0 and entry["cpu_time"] >= 0
+    progress = wait_until(
+        lambda: [
+            c for c in fake_wms.calls_to("report", job.job_uuid) if c.body["state"] == "running"
+        ]
+    )
+    assert progress[0].body["metrics"]["wall_time"] > 0
+    wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+    running.stop()
+
+
+def test_drain_finishes_the_running_job_takes_no_more_and_exits(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    running = start_agent(agent_config)
+    first = publish_job(bus, fake_wms, outdir, "sleep", "0.5")
+    wait_until(lambda: running.agent.jobs)
+
+    bus.send_command(Command(command="drain", pilot_id=running.agent.pilot_id, id="d-1"))
+    wait_until(lambda: running.agent.draining)
+    second = publish_job(bus, fake_wms, outdir, "write", "a=1")
+    assert running.stop("drain") == 0  # joins; the drain itself came from the bus
+
+    (report,) = fake_wms.final_reports(first.job_uuid)
+    assert report.body["state"] == "finished"
+    assert fake_wms.calls_to("start", second.job_uuid) == []
+    assert bus.ready() == 1
+    assert "drain command" in fake_wms.calls_to("terminate")[0].body["reason"]
+    assert any(c.body["state"] == "draining" for c in fake_wms.calls_to("heartbeat"))
+
+
+def test_shutdown_kills_the_running_jobs_reports_them_and_exits(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    running = start_agent(agent_config, slots=2)
+    jobs = [publish_job(bus, fake_wms, outdir, "sleep", "30") for _ in range(2)]
+    wait_until(
+        lambda: (
+            len(running.agent.jobs) == 2 and all(r.runner.pid for r in running.agent.jobs.values())
+        )
+    )
+
+    fake_wms.commands = [{"id": "s-1", "command": "shutdown", "reason": "node maintenance"}]
+    running.thread.join(15)
+
+    assert not running.thread.is_alive() and running.result == [0]
+    for job in jobs:
+        (report,) = fake_wms.final_reports(job.job_uuid)
+        assert report.body["error_code"] == "killed"
+        assert "node maintenance" in report.body["error_message"]
+    assert "node maintenance" in fake_wms.calls_to("terminate")[0].body["reason"]
+
+
+def test_idle_exit(bus, fake_wms, agent_config, start_agent):
+    running = start_agent(agent_config, idle_timeout=0.5)
+
+    running.thread.join(10)
+
+    assert not running.thread.is_alive() and running.result == [0]
+    assert "idle" in fake_wms.calls_to("terminate")[0].body["reason"]
+
+
+def test_a_wms_outage_loses_no_result(bus, fake_wms, agent_config, start_agent, outdir):
+    fake_wms.report_answer = lambda uuid, body: (503, {"error": "unavailable"})
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")
+
+    wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+    spooled = wait_until(lambda: running.agent.spool.paths())
+    assert len(spooled) == 1 and spooled[0].exists()
+
+    fake_wms.report_answer = lambda uuid, body: (200, {"outcome": "applied"})
+    wait_until(lambda: not spooled[0].exists(), timeout=10)  # the background loop, with backoff
+    running.stop()
+    assert fake_wms.final_reports(job.job_uuid)[-1].body["state"] == "finished"
+
+
+def test_a_revoked_token_stops_the_pilot(bus, fake_wms, agent_config, start_agent):
+    running = start_agent(agent_config)
+    fake_wms.tokens.clear()  # revoked in the admin: every pilot call is 401 now
+
+    running.thread.join(10)
+
+    assert not running.thread.is_alive() and running.result == [3]
+
+
+def test_the_embedded_filesystem_broker_works_too(tmp_path, fake_wms, agent_config, outdir):
+    """``manage.py up`` runs pilots on kombu's filesystem transport (folders as broker options)."""
+    import threading
+    from dataclasses import replace
+
+    from kombu import Connection, Producer
+
+    from pilots.agent.agent import Agent
+    from wms.topology import Topology
+
+    folders = {}
+    for key, sub in (
+        ("data_folder_in", "q"),
+        ("data_folder_out", "q"),
+        ("processed_folder", "done"),
+        ("control_folder", "control"),
+    ):
+        (tmp_path / "broker" / sub).mkdir(parents=True, exist_ok=True)
+        folders[key] = str(tmp_path / "broker" / sub)
+    config = replace(agent_config, broker_url="filesystem://", broker_options=folders)
+    agent = Agent(config, install_signals=False, sample_interval=0.1)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(agent.run()), daemon=True)
+    thread.start()
+    wait_until(agent.registered.is_set)
+    job = job_message(outdir, "write", "h.json=1")
+    fake_wms.jobs[job.job_uuid] = job.to_dict()
+    conn = Connection("filesystem://", transport_options=folders)
+    topology = Topology(fake_wms.bus_prefix)
+    publish = Producer(conn.default_channel).publish
+    publish(
+        job.encode(),
+        exchange=topology.jobs_exchange,
+        routing_key="cpu",
+        declare=[topology.job_queue("cpu")],
+    )
+    try:
+        (report,) = wait_until(lambda: fake_wms.final_reports(job.job_uuid))
+        assert report.body["state"] == "finished"
+        publish(
+            Command(command="drain", pilot_id=agent.pilot_id, id="d").encode(),
+            exchange=topology.commands_exchange,
+            routing_key=topology.command_routing_key(agent.pilot_id),
+        )
+        thread.join(10)  # the command came through the filesystem queue
+        assert not thread.is_alive() and result == [0]
+    finally:
+        if thread.is_alive():
+            agent.shutdown("test teardown")
+            thread.join(10)
+        conn.release()

@@ -1,0 +1,155 @@
+"""The spool: a final report is on disk before it is sent, stays there while the WMS cannot take
+it, goes when the WMS answered 2xx/409/4xx, and is sent again by a later run of the pilot."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from pilots.agent.spool import ReportSender, Spool
+from tests.pilots.agent.fakewms import FakeWMS, wait_until
+
+REPORT = {
+    "attempt": 1,
+    "state": "finished",
+    "exit_code": 0,
+    "error_code": "",
+    "error_message": "",
+    "metrics": {"wall_time": 1.5},
+    "outputs": [],
+}
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "work" / "spool")
+
+
+@pytest.fixture
+def pilot(fake_wms: FakeWMS) -> tuple[int, str]:
+    """A pilot token the fake WMS knows."""
+    fake_wms.tokens["pilot-token-3"] = 3
+    return 3, "pilot-token-3"
+
+
+def put(spool: Spool, server_url: str, pilot: tuple[int, str], job_uuid: str = "j-1") -> Path:
+    return spool.put(
+        job_uuid=job_uuid,
+        attempt=1,
+        report=REPORT,
+        pilot_id=pilot[0],
+        server_url=server_url,
+        token=pilot[1],
+    )
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nobody listens there now
+
+
+def test_the_write_is_atomic_and_private(spool, fake_wms, pilot):
+    path = put(spool, fake_wms.url, pilot)
+
+    assert [p.name for p in spool.directory.iterdir()] == [path.name]  # no temporary left
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds the pilot's token
+    entry = spool.read(path)
+    assert entry is not None
+    assert (entry.job_uuid, entry.attempt, entry.report) == ("j-1", 1, REPORT)
+
+
+def test_a_report_is_in_the_spool_while_it_is_sent_and_deleted_on_200(spool, fake_wms, pilot):
+    path = put(spool, fake_wms.url, pilot)
+
+    assert ReportSender(spool).flush() == 0
+
+    (call,) = fake_wms.final_reports("j-1")
+    assert call.body == REPORT and call.auth == "Pilot pilot-token-3"
+    assert call.spooled == [path.name]  # on disk when the WMS received it
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_report_stays_on_5xx(spool, fake_wms, pilot, status):
+    fake_wms.report_answer = lambda uuid, body: (status, {"error": "internal_error"})
+    path = put(spool, fake_wms.url, pilot)
+
+    assert ReportSender(spool).flush() == 1
+    assert path.exists() and len(fake_wms.final_reports()) == 1
+
+
+def test_a_report_stays_when_the_wms_is_unreachable(spool, pilot):
+    path = put(spool, closed_port_url(), pilot)
+
+    assert ReportSender(spool, timeout=2).flush() == 1
+    assert path.exists()
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(409, "stale_attempt"), (400, "validation_failed"), (403, "forbidden")]
+)
+def test_a_report_refused_for_good_is_dropped(spool, fake_wms, pilot, status, error, caplog):
+    fake_wms.report_answer = lambda uuid, body: (status, {"error": error, "detail": "no"})
+    path = put(spool, fake_wms.url, pilot)
+
+    assert ReportSender(spool).flush() == 0
+    assert not path.exists()
+    assert "report_refused_dropped" in caplog.text and str(status) in caplog.text
+
+
+def test_the_background_loop_sends_again_with_backoff_until_the_wms_is_back(spool, fake_wms, pilot):
+    answers = iter([(503, {}), (503, {})])
+    fake_wms.report_answer = lambda uuid, body: next(answers, (200, {"outcome": "applied"}))
+    path = put(spool, fake_wms.url, pilot)
+    sender = ReportSender(spool, first_backoff=0.05, max_backoff=0.2)
+    sender.start()
+    try:
+        wait_until(lambda: not path.exists(), timeout=5)
+    finally:
+        sender.stop()
+
+    assert len(fake_wms.final_reports("j-1")) == 3
+
+
+def test_a_later_run_sends_what_an_earlier_one_left_with_the_earlier_token(
+    tmp_path, fake_wms, pilot
+):
+    # run 1: the WMS is down; the report stays
+    first = Spool(tmp_path / "spool")
+    put(first, closed_port_url(), pilot, "j-9")
+    assert ReportSender(first, timeout=2).flush() == 1
+    # the WMS comes back at its address; the file points there (rewrite the URL as if it had)
+    entry = first.read(first.paths()[0])
+    assert entry is not None
+    first.put(
+        job_uuid="j-9",
+        attempt=1,
+        report=entry.report,
+        pilot_id=entry.pilot_id,
+        server_url=fake_wms.url,
+        token=entry.token,
+    )
+
+    # run 2: a new Spool on the same directory, a new sender, nothing else shared
+    second = Spool(tmp_path / "spool")
+    assert len(second) == 1
+    assert ReportSender(second).flush() == 0
+
+    (call,) = fake_wms.final_reports("j-9")
+    assert call.auth == "Pilot pilot-token-3"  # the attempt belongs to the pilot that ran it
+    assert len(second) == 0
+
+
+def test_an_unreadable_entry_is_set_aside_not_retried_forever(spool, fake_wms, pilot):
+    bad = spool.directory / "broken.0.report.json"
+    bad.write_text("{not json")
+    put(spool, fake_wms.url, pilot)
+
+    assert ReportSender(spool).flush() == 0
+    assert not bad.exists() and bad.with_name(bad.name + ".bad").exists()
+    assert len(fake_wms.final_reports()) == 1
