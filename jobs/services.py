@@ -27,7 +27,7 @@ from files.dsm import get_dsm
 from files.dsm.local import LocalDSMClient
 from files.models import Dataset, File, FileStatus, FileType
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event
-from jobs.executor import build_messages
+from jobs.executor import MESSAGE_COLUMNS, build_messages
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.models import CommandKind, Pilot, PilotState
 from pilots.services import CommandSpec, pilot_commands_create
@@ -230,7 +230,7 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
     job = (
         Job.objects.select_for_update(of=("self",))
         .filter(uuid=uid)
-        .values("id", "state", "cur_retry", "device_type")
+        .values("state", *MESSAGE_COLUMNS)  # the job message is built from this row
         .first()
     )
     if job is None:
@@ -260,7 +260,8 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
     if pilot_state in (PilotState.REGISTERED, PilotState.IDLE):
         apply_transition(Pilot, pilot.pk, PilotState.BUSY, source=source, reason="job started")
     log.info("job_started", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
-    return build_messages([job["id"]])[0]
+    del job["state"]  # the message's columns are unchanged by the start: no second read
+    return build_messages([job["id"]], jobs=[job])[0]
 
 
 # --- the pilot protocol: status events ----------------------------------------------------------

@@ -46,9 +46,10 @@ class PilotTokenAuthentication(authentication.BaseAuthentication):
                 "Invalid pilot token header: expected 'Pilot <token>'."
             )
         digest = hashlib.sha256(header[1]).hexdigest()
-        pilot = Pilot.objects.filter(token_hash=digest).first()
-        if pilot is None:
-            raise exceptions.AuthenticationFailed("Invalid or revoked pilot token.")
+        try:  # get(), not first(): the hash is unique, and no ORDER BY to compile and run
+            pilot = Pilot.objects.get(token_hash=digest)
+        except Pilot.DoesNotExist:
+            raise exceptions.AuthenticationFailed("Invalid or revoked pilot token.") from None
         return PilotPrincipal(pilot), pilot
 
     def authenticate_header(self, request: Any) -> str:

@@ -281,13 +281,17 @@ def pilot_heartbeat(
     """
     if state not in REPORTED_STATES:
         raise ValidationFailed({"state": [f"Must be one of {list(REPORTED_STATES)}."]})
-    pilot = Pilot.objects.select_for_update().filter(pk=pilot_id).first()
-    if pilot is None:
+    locked = Pilot.objects.select_for_update().filter(pk=pilot_id).values_list("state", flat=True)
+    current = locked.first()  # only the state: the auth already read the whole row
+    if current is None:
         raise NotFound(f"Pilot {pilot_id} does not exist.")
     now = timezone.now()
     source = pilot_source(pilot_id)
 
-    acked = [uuid.UUID(str(a)) for a in acked_commands]
+    try:
+        acked = [a if isinstance(a, uuid.UUID) else uuid.UUID(str(a)) for a in acked_commands]
+    except ValueError as exc:
+        raise ValidationFailed({"acked_commands": ["Must be a list of command ids."]}) from exc
     if acked:
         PilotCommand.objects.filter(pilot_id=pilot_id, pk__in=acked, acked_at__isnull=True).update(
             acked_at=now
@@ -320,7 +324,6 @@ def pilot_heartbeat(
     updates: dict[str, Any] = {"last_heartbeat": now, "status": (status or "")[:255]}
     if metrics is not None:
         updates["metrics"] = dict(metrics)
-    current = pilot.state
     target = None
     if current == PilotState.REGISTERED or (
         current in (PilotState.IDLE, PilotState.BUSY) and state != current

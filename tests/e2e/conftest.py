@@ -7,6 +7,7 @@ Celery control queue of the test's own, deleted afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -105,21 +106,22 @@ def make_stack(tmp_path, bus_prefix, settings, request):
             log = Path(tmp_path) / f"stack{i}.log"
             log.write_text(out.text())
             print(f"children's output: {log}")
+    from kombu import Exchange, Queue
+
+    from pilots.models import Pilot
     from wms import bus
 
+    # What the children declared under the test's names: the Celery control queue and its
+    # exchange, and every pilot's command queue (a SIGKILLed pilot could not delete its own).
     conn = bus.new_connection()
     try:
-        from kombu import Queue
-
-        Queue(control, durable=True)(conn.default_channel).delete()
-    except Exception:  # noqa: S110 - already gone
-        pass
+        channel = conn.default_channel
+        topo = bus.topology()
+        names = [topo.command_queue(pk) for pk in Pilot.objects.values_list("id", flat=True)]
+        for queue in [Queue(control, durable=True), *names]:
+            with contextlib.suppress(Exception):
+                queue(channel).delete()
+        with contextlib.suppress(Exception):
+            Exchange(control, type="direct")(channel).delete()
     finally:
         conn.release()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)

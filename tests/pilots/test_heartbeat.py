@@ -124,9 +124,12 @@ def test_a_bad_heartbeat_is_400_and_changes_nothing(make_pilot, body):
     assert pilot.state == PilotState.REGISTERED and pilot.last_heartbeat == before
 
 
-def test_the_service_refuses_a_state_it_does_not_know_and_a_missing_pilot():
+def test_the_service_refuses_a_state_it_does_not_know_and_a_missing_pilot(make_pilot):
     with pytest.raises(ValidationFailed):
         pilot_heartbeat(pilot_id=1, state="lost")
+    pilot, _ = make_pilot()
+    with pytest.raises(ValidationFailed):
+        pilot_heartbeat(pilot_id=pilot.pk, state="idle", acked_commands=["not-an-id"])
     with pytest.raises(NotFound):
         pilot_heartbeat(pilot_id=987654, state="idle")
 

@@ -132,7 +132,7 @@ def test_never_more_jobs_at_once_than_slots(
     record = tmp_path / "record.txt"
     running = start_agent(agent_config, slots=2)
     jobs = [
-        publish_job(bus, fake_wms, outdir, "sleep", "0.3", "--record", str(record))
+        publish_job(bus, fake_wms, outdir, "sleep", "1.0", "--record", str(record))
         for _ in range(5)
     ]
 
