@@ -10,6 +10,7 @@ COPY tasks ./tasks
 COPY jobs ./jobs
 COPY files ./files
 COPY pilots ./pilots
+COPY payloads ./payloads
 RUN /opt/venv/bin/pip install --upgrade pip && /opt/venv/bin/pip install .
 
 FROM python:3.11-slim AS runtime
@@ -26,6 +27,8 @@ WORKDIR /app
 COPY --chown=wms:wms manage.py ./
 COPY --chown=wms:wms templates ./templates
 USER wms
+# The admin's and Swagger UI's static files, served by whitenoise under gunicorn.
+RUN DJANGO_SECRET_KEY=build-only python manage.py collectstatic --noinput -v0
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"
