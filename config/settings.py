@@ -115,6 +115,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env.str("DJANGO_STATIC_ROOT", default=str(VAR_DIR / "static")))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise looks there before collectstatic
 
 # --- REST API -----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -236,6 +237,8 @@ WMS_QUEUE_MAX_DEPTH = env.int("WMS_QUEUE_MAX_DEPTH", default=10_000)  # backpres
 WMS_SPLIT_EVERY = env.float("WMS_SPLIT_EVERY", default=5.0)  # beat periods, seconds
 WMS_DISPATCH_EVERY = env.float("WMS_DISPATCH_EVERY", default=2.0)
 WMS_RECONCILE_EVERY = env.float("WMS_RECONCILE_EVERY", default=60.0)
+# The finalizer: ends tasks whose work is done and closes their output datasets (lifecycle.md)
+WMS_FINALIZE_EVERY = env.float("WMS_FINALIZE_EVERY", default=10.0)
 WMS_KICKS_ENABLED = env.bool("WMS_KICKS_ENABLED", default=True)  # on-commit kicks of beat work
 WMS_BULK_COPY = env.bool("WMS_BULK_COPY", default=True)  # PostgreSQL COPY for bulk inserts
 
@@ -255,6 +258,11 @@ CELERY_BEAT_SCHEDULE = {
     "split": {"task": "wms.split", "schedule": WMS_SPLIT_EVERY, "kwargs": {"beat": True}},
     "dispatch": {"task": "wms.dispatch", "schedule": WMS_DISPATCH_EVERY, "kwargs": {"beat": True}},
     "reconcile-queued": {"task": "wms.reconcile_queued", "schedule": WMS_RECONCILE_EVERY},
+    "finalize-tasks": {
+        "task": "wms.finalize_tasks",
+        "schedule": WMS_FINALIZE_EVERY,
+        "kwargs": {"beat": True},
+    },
     "reap-pilots": {
         "task": "wms.reap_pilots",
         "schedule": WMS_REAP_EVERY,

@@ -142,7 +142,7 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     ordering = ("-id",)
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER  # no per-filter COUNT over a big table
-    actions = ("cancel_jobs",)
+    actions = ("cancel_jobs", "hold_jobs", "release_jobs")
     inlines = (JobAttemptInline, JobTransitionInline, JobFileInline)
     Media = WMSAdminMedia
     fieldsets = (
@@ -200,6 +200,32 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
             done="cancelled",
             unchanged="already cancelled",
             log_message="Cancelled (admin action).",
+        )
+
+    @admin.action(description="Hold selected jobs (not dispatched)", permissions=["manage"])
+    def hold_jobs(self, request, queryset):
+        reason = admin_reason(request, "held")
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "state"),
+            lambda j: services.job_hold(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
+            done="held",
+            unchanged="already held",
+            log_message="Held (admin action).",
+        )
+
+    @admin.action(description="Release selected held jobs", permissions=["manage"])
+    def release_jobs(self, request, queryset):
+        reason = admin_reason(request, "released")
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "state"),
+            lambda j: services.job_release(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
+            done="released",
+            unchanged="not held (already defined)",
+            log_message="Released (admin action).",
         )
 
 

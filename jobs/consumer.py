@@ -35,6 +35,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from kombu import Connection, Consumer
 from kombu.message import Message
+from kombu.transport.virtual import Channel as VirtualChannel
 
 from jobs.services import job_events_apply
 from wms import bus
@@ -70,7 +71,7 @@ def _decode(message: Message) -> dict[str, Any] | None:
 
 
 def _settle(messages: list[Message], outcomes: list[Any], result: BatchResult) -> None:
-    for message, outcome in zip(messages, outcomes, strict=True):
+    for outcome in outcomes:
         if outcome.ok:
             result.applied += 1
         else:
@@ -82,7 +83,21 @@ def _settle(messages: list[Message], outcomes: list[Any], result: BatchResult) -
                 error=outcome.error,
                 detail=outcome.detail,
             )
-        message.ack()
+    _ack(messages)
+
+
+def _ack(messages: list[Message]) -> None:
+    """Ack settled messages. On AMQP with ONE ``basic.ack`` (``multiple``) of the last delivery
+    tag: every earlier delivery on the channel was either in this batch or already acked or
+    requeued (batches are settled in order, malformed messages at once), and later ones
+    (prefetched) are not covered. kombu's virtual transports ignore ``multiple``: one each."""
+    if not messages:
+        return
+    if isinstance(messages[-1].channel, VirtualChannel):
+        for message in messages:
+            message.ack()
+        return
+    messages[-1].ack(multiple=True)
 
 
 def apply_messages(messages: list[Message]) -> BatchResult:

@@ -15,6 +15,7 @@ from wms.statemachine import StateMachine
 class JobState(models.TextChoices):
     DEFINED = "defined", "defined"
     QUEUED = "queued", "queued"
+    HELD = "held", "held"
     RUNNING = "running", "running"
     FINISHED = "finished", "finished"
     FAILED = "failed", "failed"
@@ -26,18 +27,26 @@ JOB_MACHINE = StateMachine(
     entity="job",
     states=JobState,
     transitions={
-        JS.DEFINED: frozenset({JS.QUEUED, JS.CANCELLED}),
+        JS.DEFINED: frozenset({JS.QUEUED, JS.HELD, JS.CANCELLED}),
         # queued -> defined: the message could not be published (or was dropped); dispatch again
-        JS.QUEUED: frozenset({JS.RUNNING, JS.DEFINED, JS.CANCELLED}),
+        # queued -> held: the message stays in its queue, and a pilot's start of it answers 409
+        JS.QUEUED: frozenset({JS.RUNNING, JS.DEFINED, JS.HELD, JS.CANCELLED}),
+        # held -> defined: released, the executor dispatches it again
+        JS.HELD: frozenset({JS.DEFINED, JS.CANCELLED}),
         # running -> defined: a failed attempt with retries left goes round again
         JS.RUNNING: frozenset({JS.FINISHED, JS.FAILED, JS.DEFINED, JS.CANCELLED}),
         JS.FINISHED: frozenset(),
-        JS.FAILED: frozenset(),
+        # failed -> defined: a user's retry of the task's failed jobs (one more retry allowed)
+        JS.FAILED: frozenset({JS.DEFINED}),
         JS.CANCELLED: frozenset(),
     },
+    final=frozenset({JS.FINISHED, JS.FAILED, JS.CANCELLED}),
 )
 
-FINAL_JOB_STATES = tuple(JOB_MACHINE.final_states)
+# A job in one of these states has ended (failed may be re-opened by a retry of its task).
+FINAL_JOB_STATES = (JS.FINISHED, JS.FAILED, JS.CANCELLED)
+# A job in one of these states may still run: not ended.
+OPEN_JOB_STATES = (JS.DEFINED, JS.QUEUED, JS.HELD, JS.RUNNING)
 
 
 class Job(models.Model):

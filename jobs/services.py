@@ -28,7 +28,7 @@ from files.dsm.local import LocalDSMClient
 from files.models import Dataset, File, FileStatus, FileType
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event
 from jobs.executor import MESSAGE_COLUMNS, build_messages
-from jobs.models import AttemptState, Job, JobAttempt, JobState
+from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from pilots.models import CommandKind, Pilot, PilotState
 from pilots.services import CommandSpec, pilot_commands_create
 from tasks.models import Task
@@ -46,6 +46,7 @@ from wms.exceptions import (
     WMSError,
     WrongDevice,
 )
+from wms.kicks import kick
 from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
 log = structlog.get_logger(__name__)
@@ -109,6 +110,7 @@ def job_cancel(*, job_id: int, source: str, reason: str = "") -> TransitionResul
         _kill_running_attempts([job_id], now=now, reason=reason or f"job cancelled ({source})")
     if result.won:
         log.info("job_cancelled", job_id=job_id, from_state=result.from_state, source=source)
+        kick_finalize(Job.objects.filter(pk=job_id).values_list("task_id", flat=True))
     return result
 
 
@@ -124,7 +126,7 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
     ids = list(job_ids)
     now = timezone.now()
     cancelled = 0
-    open_states = (JobState.DEFINED, JobState.QUEUED, JobState.RUNNING)
+    open_states = OPEN_JOB_STATES
     for start in range(0, len(ids), 5000):
         rows = list(
             Job.objects.select_for_update()
@@ -153,7 +155,101 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
             _kill_running_attempts(running, now=now, reason=reason or f"job cancelled ({source})")
     if cancelled:
         log.info("jobs_cancelled", count=cancelled, source=source)
+        kick_finalize(
+            Job.objects.filter(pk__in=ids, state=JobState.CANCELLED)
+            .values_list("task_id", flat=True)
+            .distinct()
+        )
     return cancelled
+
+
+def kick_finalize(task_ids: Iterable[int]) -> None:
+    """After commit, ask the finalizer to look at these tasks (a job of each became final).
+    Many tasks at once: one kick for every task (the finalizer's cycle)."""
+    ids = sorted(set(task_ids))
+    if len(ids) > 20:
+        kick("wms.finalize_tasks")
+        return
+    for task_id in ids:
+        kick("wms.finalize_tasks", task_id=task_id)
+
+
+# --- hold / release -----------------------------------------------------------------------------
+
+
+@transaction.atomic
+def job_hold(*, job_id: int, source: str, reason: str = "") -> TransitionResult:
+    """Hold a job not yet running (defined or queued → held): it is not dispatched, and the
+    message of a queued job, still in its queue, is refused at start (409 job_not_queued).
+    Holding a held job is a no-op; any other state answers 409."""
+    return job_transition(job_id=job_id, target=JobState.HELD, source=source, reason=reason)
+
+
+@transaction.atomic
+def job_release(*, job_id: int, source: str, reason: str = "") -> TransitionResult:
+    """Release a held job (held → defined): the executor dispatches it again (kicked).
+    Releasing a job that is not held answers 409 (a defined job: a no-op)."""
+    result = apply_transition(
+        Job, job_id, JobState.DEFINED, source=source, reason=reason, only_from=(JobState.HELD,)
+    )
+    if result.won:
+        log.info("job_released", job_id=job_id, source=source)
+        from jobs.tasks import kick_dispatch
+
+        kick_dispatch()
+    return result
+
+
+def _jobs_move(
+    ids: list[int], target: str, sources: Sequence[str], *, source: str, reason: str
+) -> int:
+    moved = 0
+    for start in range(0, len(ids), 5000):
+        rows = list(
+            Job.objects.select_for_update()
+            .filter(pk__in=ids[start : start + 5000], state__in=sources)
+            .order_by("pk")
+            .values_list("pk", "state")
+        )
+        by_state: dict[str, list[int]] = defaultdict(list)
+        for pk, state in rows:
+            by_state[state].append(pk)
+        for state, pks in by_state.items():
+            moved += len(
+                apply_transition_bulk(
+                    Job, pks, target, from_state=state, source=source, reason=reason, locked=True
+                )
+            )
+    return moved
+
+
+@transaction.atomic
+def jobs_hold(*, job_ids: Iterable[int], source: str, reason: str = "") -> int:
+    """Hold many jobs: those defined or queued become held, the others are skipped.
+    Returns how many were held."""
+    n = _jobs_move(
+        list(job_ids),
+        JobState.HELD,
+        (JobState.DEFINED, JobState.QUEUED),
+        source=source,
+        reason=reason,
+    )
+    if n:
+        log.info("jobs_held", count=n, source=source)
+    return n
+
+
+@transaction.atomic
+def jobs_release(*, job_ids: Iterable[int], source: str, reason: str = "") -> int:
+    """Release many jobs: those held become defined (the executor is kicked), the others are
+    skipped. Returns how many were released."""
+    n = _jobs_move(list(job_ids), JobState.DEFINED, (JobState.HELD,), source=source, reason=reason)
+    if n:
+        from jobs.tasks import kick_dispatch
+
+        log.info("jobs_released", count=n, source=source)
+        kick_dispatch()
+    return n
 
 
 def _kill_running_attempts(job_ids: list[int], *, now: Any, reason: str) -> int:
@@ -495,6 +591,7 @@ def _apply_events(
     transitions: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     files: list[_FileRow] = []
     retried = False
+    ended_tasks: set[int] = set()  # tasks of jobs that became final, or whose kill was acked
     for i, ev in cleaned:
         job = jobs.get(ev.job_uuid)
         if job is None:
@@ -535,11 +632,14 @@ def _apply_events(
                     target, reason = JobState.FAILED, f"attempt failed ({code}); no retry left"
                 transitions[(target, f"pilot:{ev.pilot_id}", reason)].append(job["id"])
                 job["state"] = target
+                if target != JobState.DEFINED:
+                    ended_tasks.add(job["task_id"])
             outcome = APPLIED
         elif att.state == AttemptState.CANCELLED and att.kill_acked_at is None:
             _end_attempt(att, ev, now, state=AttemptState.CANCELLED)
             att.kill_acked_at = now
             files.extend(_event_files(ev, job, att, finished=False))
+            ended_tasks.add(job["task_id"])
             outcome = APPLIED
         elif att.state == ev.state or (
             att.state == AttemptState.CANCELLED and att.kill_acked_at is not None
@@ -612,6 +712,8 @@ def _apply_events(
         from jobs.tasks import kick_dispatch
 
         kick_dispatch()
+    if ended_tasks:
+        kick_finalize(ended_tasks)
 
 
 def _store_files(files: list[_FileRow], now: Any) -> None:
@@ -767,4 +869,6 @@ def attempts_interrupt(
         from jobs.tasks import kick_dispatch
 
         kick_dispatch()
+    if fail:
+        kick_finalize(Job.objects.filter(pk__in=fail).values_list("task_id", flat=True).distinct())
     return InterruptResult(attempts=n, retried=len(retry), failed=len(fail))

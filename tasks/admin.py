@@ -13,6 +13,7 @@ from django.contrib import admin
 from django.contrib.admin.views.main import ChangeList
 from django.utils.html import format_html, format_html_join
 
+import jobs.models
 from files.models import Dataset
 from files.selectors import dataset_get
 from jobs.models import Job, JobState
@@ -41,10 +42,11 @@ PROGRESS_ORDER = (
     JobState.RUNNING,
     JobState.QUEUED,
     JobState.DEFINED,
+    JobState.HELD,
     JobState.FAILED,
     JobState.CANCELLED,
 )
-FINAL_JOB_STATES = {JobState.FINISHED, JobState.FAILED, JobState.CANCELLED}
+FINAL_JOB_STATES = set(jobs.models.FINAL_JOB_STATES)
 
 # What task_create takes (the add form) and what task_update may change (the change form).
 CREATE_FIELDS = (
@@ -57,12 +59,20 @@ CREATE_FIELDS = (
     "rank",
     "files_per_job",
     "max_retries",
+    "max_failed_fraction",
     "storage_url",
     "data_out_url",
     "splitter_enabled",
     "executor_enabled",
 )
-UPDATE_FIELDS = ("name", "rank", "max_retries", "splitter_enabled", "executor_enabled")
+UPDATE_FIELDS = (
+    "name",
+    "rank",
+    "max_retries",
+    "max_failed_fraction",
+    "splitter_enabled",
+    "executor_enabled",
+)
 
 
 def job_progress_bar(task_id: int, counts: dict[str, int]) -> str:
@@ -145,13 +155,25 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     list_select_related = ("owner",)
     date_hierarchy = "created_at"
     ordering = ("-id",)
-    actions = ("pause_tasks", "resume_tasks", "cancel_tasks")
+    actions = ("pause_tasks", "resume_tasks", "cancel_tasks", "retry_failed_jobs")
     inlines = (TaskTransitionInline,)
     Media = WMSAdminMedia
 
     add_fieldsets = (
         (None, {"fields": ("name", "executable", "args", "data_in_uid")}),
-        ("Scheduling", {"fields": ("device_type", "mode", "rank", "files_per_job", "max_retries")}),
+        (
+            "Scheduling",
+            {
+                "fields": (
+                    "device_type",
+                    "mode",
+                    "rank",
+                    "files_per_job",
+                    "max_retries",
+                    "max_failed_fraction",
+                )
+            },
+        ),
         ("Output", {"fields": ("storage_url", "data_out_url")}),
         ("Switches", {"fields": ("splitter_enabled", "executor_enabled")}),
     )
@@ -165,6 +187,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                     "device_type",
                     "rank",
                     "max_retries",
+                    "max_failed_fraction",
                     "splitter_enabled",
                     "executor_enabled",
                     "split_cursor",
@@ -181,9 +204,11 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                     "output_dataset",
                     "storage_url",
                     "data_out_url",
+                    "output_closed_at",
                 )
             },
         ),
+        ("End", {"fields": ("jobs_finished", "jobs_failed", "jobs_cancelled")}),
         ("Times", {"fields": ("created_at", "updated_at", "state_changed_at")}),
     )
 
@@ -332,3 +357,16 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
 @admin.register(TaskTransition)
 class TaskTransitionAdmin(TransitionLogAdmin):
     state_choices = TaskState.choices
+
+    @admin.action(description="Retry the failed jobs of selected tasks", permissions=["manage"])
+    def retry_failed_jobs(self, request, queryset):
+        reason = admin_reason(request, "failed jobs retried")
+        run_service_action(
+            self,
+            request,
+            queryset.select_related(None).only("pk", "name", "state"),
+            lambda t: services.task_retry_failed(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            done="had their failed jobs retried",
+            unchanged="had no failed job",
+            log_message="Failed jobs retried (admin action).",
+        )

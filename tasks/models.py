@@ -27,11 +27,16 @@ TASK_MACHINE = StateMachine(
         TS.DEFINED: frozenset({TS.RUNNING, TS.PAUSED, TS.CANCELLED}),
         TS.RUNNING: frozenset({TS.PAUSED, TS.FINISHED, TS.FAILED, TS.CANCELLED}),
         TS.PAUSED: frozenset({TS.RUNNING, TS.CANCELLED}),
-        TS.FINISHED: frozenset(),
-        TS.FAILED: frozenset(),
+        # finished/failed -> running: a retry of the task's failed jobs re-opens it (a finished
+        # task may hold failed jobs under its max_failed_fraction). Cancelled stays final.
+        TS.FINISHED: frozenset({TS.RUNNING}),
+        TS.FAILED: frozenset({TS.RUNNING}),
         TS.CANCELLED: frozenset(),
     },
+    final=frozenset({TS.FINISHED, TS.FAILED, TS.CANCELLED}),
 )
+
+ENDED_TASK_STATES = (TS.FINISHED, TS.FAILED, TS.CANCELLED)
 
 ACTIVE_TASK_STATES = (TS.DEFINED, TS.RUNNING, TS.PAUSED)
 
@@ -60,6 +65,12 @@ class Task(models.Model):
     max_retries = models.PositiveSmallIntegerField(
         default=3, validators=[MaxValueValidator(100)], help_text="Retries allowed per job."
     )
+    max_failed_fraction = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="The task fails when more than this fraction of its jobs failed "
+        "(0: any failed job fails the task).",
+    )
     splitter_enabled = models.BooleanField(default=True)
     executor_enabled = models.BooleanField(default=True)
     split_cursor = models.BigIntegerField(
@@ -69,6 +80,13 @@ class Task(models.Model):
     )
     data_out_uid = models.UUIDField(
         null=True, blank=True, help_text="DSM uid of the output dataset."
+    )
+    # --- what the task's end recorded (tasks.services.task_finalize) ---
+    jobs_finished = models.PositiveIntegerField(default=0)
+    jobs_failed = models.PositiveIntegerField(default=0)
+    jobs_cancelled = models.PositiveIntegerField(default=0)
+    output_closed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the output dataset was closed in the DSM."
     )
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="tasks"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -10,15 +11,19 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
+from django.db.models import Exists, F, OuterRef, Q
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from files.dsm import get_dsm
-from jobs.models import Job, JobState
-from tasks.models import Task, TaskState
-from wms.choices import DeviceType, Mode
-from wms.exceptions import NotFound, ValidationFailed
+from files.models import File, FileStatus, FileType
+from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
+from pilots.models import PilotState
+from tasks.models import ENDED_TASK_STATES, Task, TaskState, TaskTransition
+from wms.choices import DeviceType, Mode, TransitionSource
+from wms.exceptions import InvalidTransition, NotFound, ValidationFailed, WMSError
 from wms.kicks import kick
-from wms.statemachine import TransitionResult, apply_transition
+from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +50,7 @@ def task_create(
     name: str = "",
     files_per_job: int = 1,
     max_retries: int = 3,
+    max_failed_fraction: float = 0.0,
     splitter_enabled: bool = True,
     executor_enabled: bool = True,
 ) -> Task:
@@ -76,6 +82,7 @@ def task_create(
         name=name,
         files_per_job=files_per_job,
         max_retries=max_retries,
+        max_failed_fraction=max_failed_fraction,
         splitter_enabled=splitter_enabled,
         executor_enabled=executor_enabled,
     )
@@ -107,12 +114,19 @@ def task_create(
     return task
 
 
-_UPDATABLE = {"rank", "splitter_enabled", "executor_enabled", "name", "max_retries"}
+_UPDATABLE = {
+    "rank",
+    "splitter_enabled",
+    "executor_enabled",
+    "name",
+    "max_retries",
+    "max_failed_fraction",
+}
 
 
 @transaction.atomic
 def task_update(*, task_id: int, **changes: Any) -> Task:
-    """Change a task's rank, name, retries or enable flags at run time.
+    """Change a task's rank, name, retries, failure threshold or enable flags at run time.
 
     A new rank also applies to the task's jobs that are not dispatched yet, so re-prioritising
     a task takes effect on its next dispatch.
@@ -131,7 +145,7 @@ def task_update(*, task_id: int, **changes: Any) -> Task:
         raise ValidationFailed(exc.message_dict) from exc
     task.save(update_fields=[*changes, "updated_at"])
     if "rank" in changes:
-        Job.objects.filter(task_id=task_id, state=JobState.DEFINED).update(
+        Job.objects.filter(task_id=task_id, state__in=(JobState.DEFINED, JobState.HELD)).update(
             rank=task.rank, updated_at=timezone.now()
         )
     log.info("task_updated", task_id=task_id, **{k: changes[k] for k in sorted(changes)})
@@ -187,7 +201,9 @@ def task_resume(*, task_id: int, source: str, reason: str = "") -> TransitionRes
 
 @transaction.atomic
 def task_cancel(*, task_id: int, source: str, reason: str = "") -> TransitionResult:
-    """Cancel a task and every job of it that is not final yet (idempotent)."""
+    """Cancel a task and every job of it that is not final yet (idempotent; a finished or
+    failed task answers 409). Its splitter stops (it only splits defined/running tasks); the
+    output dataset is closed by :func:`task_finalize` once no killed attempt may still write."""
     from jobs.services import jobs_cancel
 
     _get(task_id)
@@ -198,10 +214,285 @@ def task_cancel(*, task_id: int, source: str, reason: str = "") -> TransitionRes
         job_ids=list(
             Job.objects.filter(
                 task_id=task_id,
-                state__in=[JobState.DEFINED, JobState.QUEUED, JobState.RUNNING],
+                state__in=OPEN_JOB_STATES,
             ).values_list("pk", flat=True)
         ),
         source=source,
         reason=reason or f"task {task_id} cancelled",
     )
+    kick("wms.finalize_tasks", task_id=task_id)
     return result
+
+
+# --- the end of a task (docs/lifecycle.md) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinalizeResult:
+    task_id: int
+    state: str = ""  # the state the task was moved to ("" if it was not moved)
+    output_closed: bool = False
+    waiting: str = ""  # why nothing (more) was done, for logs and tests
+
+
+def _kills_pending(task_id: int) -> bool:
+    """Is a killed attempt of this task possibly still running (and writing outputs)?
+
+    A cancelled attempt stays "may run" until its pilot's final report acknowledges the kill
+    (``kill_acked_at``) or its pilot is gone (terminated, or lost: the reaper's call).
+    """
+    return (
+        JobAttempt.objects.filter(
+            job__task_id=task_id,
+            state=AttemptState.CANCELLED,
+            kill_requested_at__isnull=False,
+            kill_acked_at__isnull=True,
+            pilot__isnull=False,
+        )
+        .exclude(pilot__state__in=(PilotState.TERMINATED, PilotState.LOST))
+        .exists()
+    )
+
+
+def _input_fully_split(task: Task, dsm: Any) -> tuple[bool, str]:
+    """Is the input dataset closed and has every one of its files a job of this task?
+
+    The dataset's state is read before its files (a closed dataset takes no more files), then
+    ONE listing after the split cursor: nothing there means the splitter reached its end.
+    """
+    info = dsm.get_dataset(task.data_in_uid)
+    if info.is_open:
+        return False, "input dataset open"
+    page = dsm.list_files(task.data_in_uid, after=task.split_cursor, limit=1)
+    if page.files:
+        return False, "input files without a job"
+    return True, ""
+
+
+def _end_counts(task_id: int) -> tuple[int, dict[str, int]]:
+    from tasks.selectors import task_job_counts
+
+    counts = task_job_counts(task_id=task_id)
+    return sum(counts.values()), counts
+
+
+def task_finalize(*, task_id: int, dsm: Any = None) -> FinalizeResult:
+    """End a running task whose work is done, and close the output dataset of an ended task.
+
+    1. A ``running`` task ends when its input dataset is closed, every input file has a job
+       (the split cursor is at the dataset's last file), every job is final and no killed
+       attempt may still run: ``failed`` when more than ``max_failed_fraction`` of its jobs
+       failed (0: any), else ``finished``. The counts go into ``jobs_finished``,
+       ``jobs_failed``, ``jobs_cancelled`` and the transition's reason.
+    2. An ended task (finished, failed, cancelled) whose output dataset is still open: once no
+       job of it is queued/running/held and no killed attempt may still write, the outputs of
+       a cancelled task are marked ``partial``, and the dataset is closed in the DSM with its
+       file count and size in the reason; ``output_closed_at`` records it.
+
+    Idempotent and safe to run twice at once: the task row is held ``FOR UPDATE SKIP LOCKED``
+    (a task being split, retried or finalized elsewhere is skipped; the beat comes back).
+    """
+    own = dsm is None
+    dsm = dsm or get_dsm()
+    try:
+        with transaction.atomic():
+            return _finalize_locked(task_id, dsm)
+    finally:
+        if own:
+            dsm.close()
+
+
+def _finalize_locked(task_id: int, dsm: Any) -> FinalizeResult:
+    from wms.switches import switch_enabled
+
+    if not switch_enabled("finalizer"):
+        return FinalizeResult(task_id=task_id, waiting="finalizer switched off")
+    task = Task.objects.select_for_update(skip_locked=True).filter(pk=task_id).first()
+    if task is None:
+        return FinalizeResult(task_id=task_id, waiting="locked or gone")
+    moved = ""
+    if task.state == TaskState.RUNNING:
+        if Job.objects.filter(task_id=task_id, state__in=OPEN_JOB_STATES).exists():
+            return FinalizeResult(task_id=task_id, waiting="jobs not final")
+        if _kills_pending(task_id):
+            return FinalizeResult(task_id=task_id, waiting="killed attempts not ended")
+        done, why = _input_fully_split(task, dsm)
+        if not done:
+            return FinalizeResult(task_id=task_id, waiting=why)
+        total, counts = _end_counts(task_id)
+        n_fin, n_fail, n_canc = (
+            counts[JobState.FINISHED],
+            counts[JobState.FAILED],
+            counts[JobState.CANCELLED],
+        )
+        failed = total > 0 and n_fail / total > task.max_failed_fraction
+        target = TaskState.FAILED if failed else TaskState.FINISHED
+        if failed:
+            rule = f"more than {task.max_failed_fraction:g} of the jobs failed"
+        else:
+            rule = f"failed jobs within {task.max_failed_fraction:g}"
+        reason = f"{total} jobs: {n_fin} finished, {n_fail} failed, {n_canc} cancelled ({rule})"
+        apply_transition(
+            Task,
+            task_id,
+            target,
+            source=TransitionSource.SYSTEM,
+            reason=reason,
+            updates={
+                "jobs_finished": n_fin,
+                "jobs_failed": n_fail,
+                "jobs_cancelled": n_canc,
+            },
+        )
+        log.info(
+            "task_ended",
+            task_id=task_id,
+            state=target,
+            jobs=total,
+            finished=n_fin,
+            failed=n_fail,
+            cancelled=n_canc,
+        )
+        task.state = moved = target
+    if task.state not in ENDED_TASK_STATES or task.output_closed_at is not None:
+        return FinalizeResult(task_id=task_id, state=moved, waiting="")
+    if task.data_out_uid is None:
+        return FinalizeResult(task_id=task_id, state=moved, waiting="no output dataset")
+    # Never close while a job may still write into the dataset.
+    if Job.objects.filter(task_id=task_id, state__in=OPEN_JOB_STATES).exists():
+        return FinalizeResult(task_id=task_id, state=moved, waiting="jobs not final")
+    if _kills_pending(task_id):
+        return FinalizeResult(task_id=task_id, state=moved, waiting="killed attempts not ended")
+    now = timezone.now()
+    updates: dict[str, Any] = {"output_closed_at": now}
+    if task.state == TaskState.CANCELLED:
+        # What the task produced before its cancel is kept in the dataset, marked partial.
+        File.objects.filter(
+            task_id=task_id, type__in=(FileType.OUTPUT, FileType.LOG), status=FileStatus.READY
+        ).update(status=FileStatus.PARTIAL, updated_at=now)
+        total, counts = _end_counts(task_id)
+        updates.update(
+            jobs_finished=counts[JobState.FINISHED],
+            jobs_failed=counts[JobState.FAILED],
+            jobs_cancelled=counts[JobState.CANCELLED],
+        )
+    info = dsm.get_dataset(task.data_out_uid)
+    reason = f"task {task_id} {task.state}: {info.file_count} files, {info.total_size} bytes"
+    if info.is_open:
+        info = dsm.close_dataset(task.data_out_uid, source="system", reason=reason)
+    Task.objects.filter(pk=task_id).update(updated_at=now, **updates)
+    log.info(
+        "task_output_closed",
+        task_id=task_id,
+        dataset_uid=str(task.data_out_uid),
+        files=info.file_count,
+        size=info.total_size,
+    )
+    return FinalizeResult(task_id=task_id, state=moved, output_closed=True)
+
+
+def tasks_finalize_all(*, beat: bool = False) -> list[FinalizeResult]:
+    """One finalizer cycle (beat ``wms.finalize_tasks``): every running task with no open job,
+    and every ended task whose output dataset is still open."""
+    from wms.switches import service_tick, switch_enabled
+
+    if beat and not service_tick("finalizer", min_interval=settings.WMS_FINALIZE_EVERY / 2):
+        return []
+    if not switch_enabled("finalizer"):
+        return []
+    open_jobs = Job.objects.filter(task_id=OuterRef("pk"), state__in=OPEN_JOB_STATES)
+    ids = list(
+        Task.objects.filter(
+            Q(state=TaskState.RUNNING)
+            | Q(
+                state__in=ENDED_TASK_STATES,
+                output_closed_at__isnull=True,
+                data_out_uid__isnull=False,
+            )
+        )
+        .exclude(Exists(open_jobs))
+        .order_by("id")
+        .values_list("id", flat=True)
+    )
+    results = []
+    dsm = get_dsm()
+    try:
+        for task_id in ids:
+            try:
+                results.append(task_finalize(task_id=task_id, dsm=dsm))
+            except WMSError as exc:  # one task's DSM trouble must not stop the others
+                log.warning(
+                    "task_finalize_failed", task_id=task_id, error=exc.code, detail=str(exc)
+                )
+    finally:
+        dsm.close()
+    return results
+
+
+# --- retry of a task's failed jobs ---------------------------------------------------------------
+
+
+@transaction.atomic
+def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
+    """Every failed job of the task goes back to ``defined`` with one more retry allowed.
+
+    Each job keeps its attempts; its next attempt is ``cur_retry + 1`` and ``retries`` grows so
+    that it is allowed. A finished or failed task goes back to ``running`` (its end is decided
+    again when the retried jobs end); a cancelled task answers 409. When the output dataset of
+    an ended task is already closed in the DSM (a closed dataset takes no more files), a new
+    output dataset is registered for the task and the retried jobs write there. Returns how
+    many jobs were retried (0: nothing failed, nothing changes).
+    """
+    task = Task.objects.select_for_update().filter(pk=task_id).first()
+    if task is None:
+        raise NotFound(f"Task {task_id} does not exist.")
+    if task.state == TaskState.CANCELLED:
+        raise InvalidTransition(
+            entity="task", pk=task_id, current=task.state, target=TaskState.RUNNING
+        )
+    ids = list(
+        Job.objects.select_for_update()
+        .filter(task_id=task_id, state=JobState.FAILED)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    if not ids:
+        return 0
+    why = reason or f"retry of the failed jobs of task {task_id} ({source})"
+    apply_transition_bulk(
+        Job,
+        ids,
+        JobState.DEFINED,
+        from_state=JobState.FAILED,
+        source=source,
+        reason=why,
+        updates={
+            "cur_retry": F("cur_retry") + 1,
+            "retries": Greatest(F("retries"), F("cur_retry") + 1),
+            "time_end": None,
+        },
+        locked=True,
+    )
+    if task.state in (TaskState.FINISHED, TaskState.FAILED):
+        task_transition(task_id=task_id, target=TaskState.RUNNING, source=source, reason=why)
+        if task.data_out_uid is not None:
+            with get_dsm() as dsm:
+                if not dsm.get_dataset(task.data_out_uid).is_open:
+                    n = TaskTransition.objects.filter(
+                        subject_id=task_id, to_state=TaskState.RUNNING
+                    ).count()
+                    output = dsm.register_dataset(
+                        f"{(task.name or 'task')[:180]}.{task.pk}.out.r{n}",
+                        role="output",
+                        location=task.data_out_url,
+                    )
+                    Task.objects.filter(pk=task_id).update(
+                        data_out_uid=output.uid, output_closed_at=None
+                    )
+                else:
+                    Task.objects.filter(pk=task_id).update(output_closed_at=None)
+    log.info("task_failed_jobs_retried", task_id=task_id, jobs=len(ids), source=source)
+    from jobs.tasks import kick_dispatch
+
+    kick_dispatch()
+    return len(ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from tasks.services import task_finalize, tasks_finalize_all
 from tasks.splitter import split_all, task_split
 from wms.kicks import kick
 
@@ -18,3 +19,13 @@ def split(task_id: int | None = None, beat: bool = False) -> int:
 
 def kick_split(*, task_id: int | None = None) -> None:
     kick("wms.split", task_id=task_id)
+
+
+@shared_task(name="wms.finalize_tasks", ignore_result=True, acks_late=True)
+def finalize_tasks(task_id: int | None = None, beat: bool = False) -> int:
+    """End one task whose work is done (a kick) or every such task (the beat); close the
+    output datasets of ended tasks. Returns how many tasks ended or had their output closed."""
+    if task_id is not None:
+        r = task_finalize(task_id=task_id)
+        return int(bool(r.state or r.output_closed))
+    return sum(1 for r in tasks_finalize_all(beat=beat) if r.state or r.output_closed)

@@ -33,6 +33,9 @@ class StateMachine:
     entity: str
     states: type[models.TextChoices]
     transitions: Mapping[str, frozenset[str]]
+    # The states where the object's life has ended, when some of them may still be re-opened
+    # by a deliberate action (a retry): without it, the states with no way out.
+    final: frozenset[str] | None = None
     _sources: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +44,8 @@ class StateMachine:
             unknown = ({src} | set(targets)) - values
             if unknown:
                 raise ValueError(f"{self.entity}: unknown states in transition map: {unknown}")
+        if self.final is not None and set(self.final) - values:
+            raise ValueError(f"{self.entity}: unknown final states: {set(self.final) - values}")
         for target in values:
             self._sources[target] = frozenset(
                 src for src, targets in self.transitions.items() if target in targets
@@ -58,6 +63,8 @@ class StateMachine:
 
     @property
     def final_states(self) -> frozenset[str]:
+        if self.final is not None:
+            return frozenset(self.final)
         return frozenset(s for s in self.states.values if not self.transitions.get(s))
 
     def pairs(self) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from wms.models import Switch
 
 log = structlog.get_logger(__name__)
 
-SERVICES = ("splitter", "executor", "reaper")
+SERVICES = ("splitter", "executor", "reaper", "finalizer")
 
 
 def _ensure(name: str) -> None:

@@ -1,4 +1,4 @@
-"""Jobs API (user side): list and inspect the jobs of one's tasks, cancel a job.
+"""Jobs API (user side): list and inspect the jobs of one's tasks; cancel, hold, release a job.
 
 Ownership follows the task: a user sees the jobs of their own tasks, staff see every job;
 another user's job answers **404** ``not_found`` (see ``tasks.api.views``). The list uses cursor
@@ -6,6 +6,8 @@ pagination (jobs are a big table). The pilot-facing job API is a separate thing.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.db.models import QuerySet
 from django_filters.rest_framework import DjangoFilterBackend
@@ -19,7 +21,7 @@ from jobs.api.filters import JobFilter
 from jobs.api.serializers import JobDetailSerializer, JobSerializer
 from jobs.models import Job
 from jobs.selectors import jobs_visible_to
-from jobs.services import job_cancel
+from jobs.services import job_cancel, job_hold, job_release
 from wms.api import (
     CursorPagination,
     StableOrderingFilter,
@@ -54,7 +56,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def get_serializer_class(self) -> type:
         if self.action == "retrieve":
             return JobDetailSerializer
-        if self.action == "cancel":
+        if self.action in ("cancel", "hold", "release"):
             return TransitionReasonSerializer
         return JobSerializer
 
@@ -76,11 +78,33 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
+        return self._transition(request, job_cancel, "cancel")
+
+    @extend_schema(
+        summary="Hold a job",
+        description="Hold a job not yet running (defined or queued → held): it is not "
+        "dispatched, and a pilot's start of a message already queued answers 409. Holding a "
+        "held job is a no-op (200); any other state answers 409.",
+        request=TransitionReasonSerializer,
+        responses={200: JobDetailSerializer, **error_responses(400, 404, 409)},
+    )
+    @action(detail=True, methods=["post"])
+    def hold(self, request: Request, pk: str | None = None) -> Response:
+        return self._transition(request, job_hold, "hold")
+
+    @extend_schema(
+        summary="Release a job",
+        description="Release a held job (held → defined): the executor dispatches it again. "
+        "Releasing a defined job is a no-op (200); any other state answers 409.",
+        request=TransitionReasonSerializer,
+        responses={200: JobDetailSerializer, **error_responses(400, 404, 409)},
+    )
+    @action(detail=True, methods=["post"])
+    def release(self, request: Request, pk: str | None = None) -> Response:
+        return self._transition(request, job_release, "release")
+
+    def _transition(self, request: Request, service: Any, verb: str) -> Response:
         job = self.get_object()
-        job_cancel(
-            job_id=job.pk,
-            source=TransitionSource.API,
-            reason=transition_reason(request, "cancel"),
-        )
+        service(job_id=job.pk, source=TransitionSource.API, reason=transition_reason(request, verb))
         job = Job.objects.prefetch_related("attempts", "transitions").get(pk=job.pk)
         return Response(JobDetailSerializer(job, context=self.get_serializer_context()).data)

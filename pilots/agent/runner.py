@@ -343,6 +343,7 @@ class JobRunner:
         pid = proc.pid
         term_at = kill_at = None
         next_sample = 0.0
+        poll = 0.005  # doubled up to 0.1 s: a short job is seen ending within a few ms
         while True:
             try:
                 done, status, rusage = os.wait4(pid, os.WNOHANG)
@@ -375,7 +376,8 @@ class JobRunner:
                     self._signal_tree(pid, signal.SIGKILL)
                 time.sleep(0.05)
             else:
-                self._kill.wait(0.1)
+                self._kill.wait(poll)
+                poll = min(0.1, poll * 2)
         returncode = os.waitstatus_to_exitcode(status)
         proc.returncode = returncode  # reaped here: tell Popen, or it would wait for nothing
         with self._lock:

@@ -129,6 +129,11 @@ class StatusEventListField(serializers.ListField):
 
     child = serializers.JSONField()
 
+    def run_child_validation(self, data: list) -> list:
+        # Decoded JSON already: the child's own check (a json.dumps of each event) would only
+        # cost time (~7% of a batch of 1,000 running events).
+        return list(data)
+
 
 class PilotEventsSerializer(StrictFieldsMixin, serializers.Serializer):
     """Several status events at once (the bulk form of ``report``)."""

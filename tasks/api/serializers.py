@@ -24,6 +24,7 @@ class JobCountsSerializer(serializers.Serializer):
 
     defined = serializers.IntegerField(min_value=0)
     queued = serializers.IntegerField(min_value=0)
+    held = serializers.IntegerField(min_value=0)
     running = serializers.IntegerField(min_value=0)
     finished = serializers.IntegerField(min_value=0)
     failed = serializers.IntegerField(min_value=0)
@@ -56,8 +57,13 @@ TASK_FIELDS = [
     "data_out_url",
     "files_per_job",
     "max_retries",
+    "max_failed_fraction",
     "splitter_enabled",
     "executor_enabled",
+    "jobs_finished",
+    "jobs_failed",
+    "jobs_cancelled",
+    "output_closed_at",
     "created_at",
     "updated_at",
     "state_changed_at",
@@ -120,6 +126,7 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "data_out_url",
             "files_per_job",
             "max_retries",
+            "max_failed_fraction",
             "splitter_enabled",
             "executor_enabled",
         ]
@@ -139,4 +146,11 @@ class TaskUpdateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 
     class Meta:
         model = Task
-        fields = ["name", "rank", "max_retries", "splitter_enabled", "executor_enabled"]
+        fields = [
+            "name",
+            "rank",
+            "max_retries",
+            "max_failed_fraction",
+            "splitter_enabled",
+            "executor_enabled",
+        ]

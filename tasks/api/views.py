@@ -32,7 +32,14 @@ from tasks.api.serializers import (
 )
 from tasks.models import Task
 from tasks.selectors import tasks_job_counts, tasks_visible_to
-from tasks.services import task_cancel, task_create, task_pause, task_resume, task_update
+from tasks.services import (
+    task_cancel,
+    task_create,
+    task_pause,
+    task_resume,
+    task_retry_failed,
+    task_update,
+)
 from wms.api import (
     PageNumberPagination,
     StableOrderingFilter,
@@ -49,6 +56,9 @@ _ACTION_DOC = {
     "(200, no new transition).",
     "cancel": "Cancel the task and every job of it that is not final yet. Cancelling a "
     "cancelled task is a no-op (200); a finished or failed task answers 409.",
+    "retry": "Retry the task's failed jobs: each goes back to defined with one more retry "
+    "allowed (its attempts are kept); a finished or failed task goes back to running. No "
+    "failed job: a no-op (200). A cancelled task answers 409.",
 }
 
 
@@ -82,7 +92,8 @@ def _action_schema(verb: str) -> Callable[[Any], Any]:
     ),
     partial_update=extend_schema(
         summary="Change a task",
-        description="Change rank, name, max_retries, splitter_enabled or executor_enabled; "
+        description="Change rank, name, max_retries, max_failed_fraction, splitter_enabled or "
+        "executor_enabled; "
         "any other field answers 400. A new rank also applies to the task's jobs not "
         "dispatched yet.",
         request=TaskUpdateSerializer,
@@ -103,6 +114,7 @@ class TaskViewSet(viewsets.GenericViewSet):
         "pause": TransitionReasonSerializer,
         "resume": TransitionReasonSerializer,
         "cancel": TransitionReasonSerializer,
+        "retry": TransitionReasonSerializer,
     }
 
     def get_serializer_class(self) -> type:
@@ -174,3 +186,8 @@ class TaskViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         return self._transition(request, task_cancel, "cancel")
+
+    @_action_schema("retry")
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        return self._transition(request, task_retry_failed, "retry")

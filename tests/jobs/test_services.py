@@ -178,10 +178,10 @@ def test_jobs_cancel_skips_final_and_missing_jobs():
 
     n = jobs_cancel(job_ids=[j.pk for j in jobs.values()] + [987654], source="reaper")
 
-    assert n == 3
+    assert n == 4
     for was, job in jobs.items():
         job.refresh_from_db()
-        if was in (JobState.DEFINED, JobState.QUEUED, JobState.RUNNING):
+        if was in (JobState.DEFINED, JobState.QUEUED, JobState.HELD, JobState.RUNNING):
             assert job.state == JobState.CANCELLED
             assert job.transitions.get().source == "reaper"
         else:

@@ -95,6 +95,7 @@ def test_changelist_renders_the_progress_bar_with_the_right_counts(admin_client_
     assert counted[task.pk] == {
         "defined": 0,
         "queued": 0,
+        "held": 0,
         "running": 2,
         "finished": 3,
         "failed": 1,
@@ -204,6 +205,7 @@ def test_add_creates_the_task_through_task_create(admin_client_logged, admin_use
             "rank": "7",
             "files_per_job": "2",
             "max_retries": "1",
+            "max_failed_fraction": "0.1",
             "storage_url": "",
             "data_out_url": "",
             "splitter_enabled": "on",
@@ -215,6 +217,7 @@ def test_add_creates_the_task_through_task_create(admin_client_logged, admin_use
     assert task.owner == admin_user
     assert task.state == TaskState.DEFINED
     assert (task.device_type, task.rank, task.files_per_job, task.max_retries) == ("gpu", 7, 2, 1)
+    assert task.max_failed_fraction == 0.1
     assert LogEntry.objects.filter(object_id=str(task.pk), user=admin_user).exists()
 
 
@@ -230,6 +233,7 @@ def test_add_refuses_an_input_dataset_that_does_not_exist(admin_client_logged):
             "rank": "0",
             "files_per_job": "1",
             "max_retries": "3",
+            "max_failed_fraction": "0",
         },
     )
     assert response.status_code == 200
@@ -259,7 +263,14 @@ def test_state_and_creation_fields_are_not_editable(admin_client_logged):
     task = TaskFactory()
     page = admin_client_logged.get(change_url(task))
     form_fields = set(page.context["adminform"].form.fields)
-    assert form_fields == {"name", "rank", "max_retries", "splitter_enabled", "executor_enabled"}
+    assert form_fields == {
+        "name",
+        "rank",
+        "max_retries",
+        "max_failed_fraction",
+        "splitter_enabled",
+        "executor_enabled",
+    }
     assert 'name="state"' not in page.content.decode()
 
     data = change_form_post_data(page)
@@ -402,6 +413,7 @@ def test_a_domain_error_while_saving_is_a_message_not_a_500(admin_client_logged,
             "rank": "0",
             "files_per_job": "1",
             "max_retries": "3",
+            "max_failed_fraction": "0",
         },
         follow=True,
     )

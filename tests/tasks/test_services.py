@@ -255,6 +255,7 @@ def test_task_cancel_cancels_every_job_that_is_not_final():
     expected = {
         JobState.DEFINED: JobState.CANCELLED,
         JobState.QUEUED: JobState.CANCELLED,
+        JobState.HELD: JobState.CANCELLED,
         JobState.RUNNING: JobState.CANCELLED,
         JobState.FINISHED: JobState.FINISHED,
         JobState.FAILED: JobState.FAILED,
@@ -263,7 +264,7 @@ def test_task_cancel_cancels_every_job_that_is_not_final():
     for was, job in jobs.items():
         job.refresh_from_db()
         assert job.state == expected[was], was
-        moved = was in (JobState.DEFINED, JobState.QUEUED, JobState.RUNNING)
+        moved = was in (JobState.DEFINED, JobState.QUEUED, JobState.HELD, JobState.RUNNING)
         assert job.transitions.count() == (1 if moved else 0), was
         if moved:
             assert job.time_end is not None and job.time_end >= before
@@ -334,6 +335,7 @@ def test_task_job_counts_every_state_present():
     assert counts == {
         "defined": 3,
         "queued": 0,
+        "held": 0,
         "running": 2,
         "finished": 1,
         "failed": 0,

@@ -72,6 +72,9 @@ DESIGN_EDGES = {
         ("running", "cancelled"),
         ("paused", "running"),
         ("paused", "cancelled"),
+        # a retry of the task's failed jobs re-opens an ended task
+        ("finished", "running"),
+        ("failed", "running"),
     },
     "job": {
         ("defined", "queued"),
@@ -83,6 +86,12 @@ DESIGN_EDGES = {
         ("running", "failed"),
         ("running", "defined"),
         ("running", "cancelled"),
+        # hold / release, and a retry of a failed job
+        ("defined", "held"),
+        ("queued", "held"),
+        ("held", "defined"),
+        ("held", "cancelled"),
+        ("failed", "defined"),
     },
     "pilot": {
         ("registered", "idle"),

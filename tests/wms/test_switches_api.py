@@ -16,6 +16,7 @@ def test_anyone_authenticated_reads_only_staff_switch(db, api_client, admin_user
         "splitter": True,
         "executor": True,
         "reaper": True,
+        "finalizer": True,
     }
     resp = api_client.patch("/api/v1/switches/splitter/", {"enabled": False}, format="json")
     assert resp.status_code == 403 and resp.json()["error"] == "permission_denied"

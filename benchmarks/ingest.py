@@ -1,0 +1,231 @@
+"""Bulk status ingestion: running-metric events of N running attempts, by REST and by the bus.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/wms \
+    CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
+    .venv/bin/python benchmarks/ingest.py [N] [--events 5] [--pilots 4] [--batch 500]
+
+N jobs are made ``running``, each with a running attempt of one of P pilots (a bulk fixture,
+not timed). Each attempt then gets E ``running`` events (its metrics), E x N in all, twice:
+
+- **REST**: each pilot (a client process of its own, one ``requests.Session``) posts its
+  attempts' events to ``POST /api/v1/pilots/{id}/events/`` in batches of 1,000 (the
+  endpoint's limit), against the web app under gunicorn (2 workers); timed until the last
+  answer, every outcome checked ``applied``.
+- **bus**: the same number of ``StatusEvent`` bodies (each naming its pilot) are published to
+  ``<prefix>.events`` (routing key ``event``; the run's own prefix), then the consumer of the
+  workers (``jobs.consumer.consume``, batches of ``WMS_EVENTS_BATCH``) runs in this process
+  until the queue is drained; timed from its start to its last commit.
+
+Both paths end in ``jobs.services.job_events_apply``. Target (issue 4): >= 20k updates/s each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from _common import Timer, bench_database, django_setup, report
+from _pilots import (
+    CpuMeter,
+    PilotSession,
+    WebApp,
+    bench_prefix,
+    delete_topology,
+    make_pilots,
+    make_running,
+    make_task,
+    queue_jobs,
+    run_processes,
+)
+
+REST_BATCH = 1000
+
+
+def metrics(source: str, round_: int) -> dict:
+    return {
+        "cpu_time": 10.0 * (round_ + 1),
+        "rss_mb": 200.0 + round_,
+        "wall_time": 12.0 * (round_ + 1),
+        "max_rss_mb": 210.0,
+        "source": source,
+        "round": round_,
+    }
+
+
+def rest_client(barrier, url: str, pilot_id: int, token: str, attempts, rounds: int):
+    """One pilot posts E rounds of running events of its attempts, 1,000 per request."""
+    client = PilotSession(url, pilot_id, token)
+    events = [
+        {
+            "job_uuid": job_uuid,
+            "attempt": attempt,
+            "state": "running",
+            "metrics": metrics("rest", r),
+        }
+        for r in range(rounds)
+        for job_uuid, attempt in attempts
+    ]
+    batches = [events[i : i + REST_BATCH] for i in range(0, len(events), REST_BATCH)]
+    client.session.get(url + "/healthz", timeout=10)
+    barrier.wait()
+    cpu0 = time.process_time()
+    lat = []
+    for batch in batches:
+        t, body = client.post(f"/pilots/{pilot_id}/events/", {"events": batch})
+        lat.append(t)
+        bad = [r for r in body["results"] if r.get("outcome") != "applied"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} events not applied, first: {bad[0]}")
+    client.close()
+    return lat, time.process_time() - cpu0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("n", nargs="?", type=int, default=10_000, help="running attempts (10^4)")
+    parser.add_argument("--events", type=int, default=5, help="events per attempt (5)")
+    parser.add_argument("--pilots", type=int, default=4, help="pilots = REST clients (4)")
+    parser.add_argument("--batch", type=int, default=None, help="consumer batch (WMS default)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
+    parser.add_argument("--threads", type=int, default=2, help="threads per gthread worker (2)")
+    args = parser.parse_args()
+    n, rounds, k = args.n, args.events, args.pilots
+    total = n * rounds
+
+    bench_prefix()
+    django_setup()
+    from django.conf import settings
+    from kombu import Producer
+
+    from jobs import consumer
+    from jobs.models import AttemptState, JobAttempt
+    from wms import bus
+    from wms.contract import StatusEvent
+
+    if not settings.CELERY_BROKER_URL.startswith("amqp"):
+        raise SystemExit("set CELERY_BROKER_URL=amqp://... (RabbitMQ)")
+    batch = args.batch or settings.WMS_EVENTS_BATCH
+    pilots: list[tuple[int, str]] = []
+    conn = bus.new_connection()
+    try:
+        with bench_database():
+            task = make_task(n)
+            assert queue_jobs(n) == n
+            pilots = make_pilots(k)
+            tokens = dict(pilots)
+            running = make_running(task, list(tokens))
+
+            # --- REST ---------------------------------------------------------------------
+            web = WebApp(workers=args.workers, threads=args.threads)
+            with web:
+                cpu_rest = CpuMeter(web.proc.pid)
+                rest = run_processes(
+                    rest_client,
+                    [(web.url, pid, tokens[pid], mine, rounds) for pid, mine in running.items()],
+                    start=cpu_rest.start,
+                )
+                cpu_rest.stop()
+            assert (
+                JobAttempt.objects.filter(
+                    state=AttemptState.RUNNING, metrics__source="rest", metrics__round=rounds - 1
+                ).count()
+                == n
+            )
+
+            # --- bus ----------------------------------------------------------------------
+            topology = bus.topology()
+            queue = topology.events_queue()
+            topology.declare(conn, queues=[queue])
+            bodies = [
+                StatusEvent(
+                    job_uuid=job_uuid,
+                    attempt=attempt,
+                    state="running",
+                    pilot_id=pid,
+                    metrics=metrics("bus", r),
+                ).encode()
+                for r in range(rounds)
+                for pid, mine in running.items()
+                for job_uuid, attempt in mine
+            ]
+            producer = Producer(conn.default_channel)
+            with Timer() as t_publish:
+                for body in bodies:
+                    producer.publish(
+                        body,
+                        exchange=topology.events_exchange,
+                        routing_key="event",
+                        delivery_mode=2,
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        retry=False,
+                    )
+                while queue(conn.default_channel).queue_declare(passive=True)[1] < total:
+                    time.sleep(0.05)
+            # The consumer stops once every event is applied (it would wait for more).
+            drained = threading.Event()
+            applied = [0]
+            apply_messages = consumer.apply_messages
+
+            def counted(messages):
+                result = apply_messages(messages)
+                applied[0] += result.applied
+                if applied[0] >= total:
+                    drained.set()
+                return result
+
+            consumer.apply_messages = counted
+            cpu_bus = CpuMeter(broker=True)
+            cpu_bus.start()
+            c0 = time.process_time()
+            result = consumer.consume(conn, batch_size=batch, stop=drained)
+            cpu_self = time.process_time() - c0
+            cpu_bus.stop()
+            consumer.apply_messages = apply_messages
+            assert result.applied == total, result
+            assert (
+                JobAttempt.objects.filter(
+                    state=AttemptState.RUNNING, metrics__source="bus", metrics__round=rounds - 1
+                ).count()
+                == n
+            )
+    finally:
+        delete_topology([pid for pid, _ in pilots])
+        conn.release()
+
+    rest_lat = [t for lat, _ in rest for t in lat]
+    rest_rate = total / cpu_rest.wall
+    bus_rate = total / cpu_bus.wall
+    p50 = sorted(rest_lat)[len(rest_lat) // 2] * 1000
+    report(
+        f"ingestion of {total:,} running events ({n:,} attempts x {rounds}),"
+        f" REST by {k} pilots ({web.describe()}) and bus (consumer batch {batch})",
+        [
+            (
+                "REST /pilots/{id}/events/",
+                f"{cpu_rest.wall:.2f} s = {rest_rate:,.0f} updates/s"
+                f"  ({len(rest_lat)} requests of <= {REST_BATCH}, p50 {p50:.0f} ms)"
+                "  (target >= 20,000/s)",
+            ),
+            ("  CPU per 1,000 events", cpu_rest.per(total / 1000, clients=sum(c for _, c in rest))),
+            (
+                "bus consumer",
+                f"{cpu_bus.wall:.2f} s = {bus_rate:,.0f} updates/s"
+                f"  (batches of up to {batch})  (target >= 20,000/s)",
+            ),
+            (
+                "  CPU per 1,000 events",
+                cpu_bus.per(total / 1000, consumer=cpu_self),
+            ),
+            (
+                "  publishing (not in the figure)",
+                f"{t_publish.seconds:.2f} s = {total / t_publish.seconds:,.0f} msg/s",
+            ),
+            ("ratio bus/REST", f"{bus_rate / rest_rate:.2f}x"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
