@@ -301,9 +301,9 @@ class WebApp:
 class CpuMeter:
     """CPU seconds (user + system) between :meth:`start` and :meth:`stop` of: process trees
     given by their root pids (``groups``: name -> pids; a tree's reaped children count, through
-    their parent), PostgreSQL (every ``postgres`` process of the host) and, with ``broker``,
-    RabbitMQ (``beam.smp``). Other users of those servers count too: run on a quiet machine.
-    Clients (or the measuring process itself) report their own with :meth:`per`'s extras."""
+    their parent), PostgreSQL (the server processes of the bench database's connections) and,
+    with ``broker``, RabbitMQ (``beam.smp``: other users of the broker count too). Clients (or
+    the measuring process itself) report their own with :meth:`per`'s extras."""
 
     def __init__(
         self,
@@ -316,6 +316,9 @@ class CpuMeter:
         if web_pid is not None:
             self.groups["web"] = [web_pid]
         self.broker = broker
+        from django.conf import settings
+
+        self._db = f" {settings.DATABASES['default']['NAME']} "  # in a backend's title
         self.cpu: dict[str, float] = {}
         self.wall = 0.0
         self._t0 = 0.0
@@ -343,8 +346,10 @@ class CpuMeter:
         names.setdefault("postgres", "postgres")
         for name in names.values():
             out[name] = {}
-        for p in psutil.process_iter(["name"]):
+        for p in psutil.process_iter(["name", "cmdline"]):
             name = names.get(p.info["name"])
+            if name == "postgres" and self._db not in " ".join(p.info["cmdline"] or ()):
+                continue  # another database's connection, or a server process
             if name is not None:
                 with contextlib.suppress(psutil.Error):
                     out[name][p.pid] = self._times(p, children=False)

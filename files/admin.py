@@ -217,6 +217,7 @@ class FileAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
         "file_name",
         "type",
         "status_badge",
+        "intermediate",
         "size_human",
         "job_link",
         "task_link",
@@ -224,7 +225,7 @@ class FileAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
         "created_at",
     )
     list_display_links = ("id", "file_name")
-    list_filter = ("type", "status", "created_at")
+    list_filter = ("type", "status", "intermediate", "created_at")
     search_fields = ("file_name", "check_sum")
     id_search_fields = ("pk", "job_id", "task_id")
     list_select_related = ("task", "dataset")
@@ -234,7 +235,19 @@ class FileAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     show_facets = admin.ShowFacets.NEVER  # no per-filter COUNT over a big table
     Media = WMSAdminMedia
     fieldsets = (
-        (None, {"fields": ("file_name", "type", "status_badge", "size_human", "check_sum")}),
+        (
+            None,
+            {
+                "fields": (
+                    "file_name",
+                    "type",
+                    "status_badge",
+                    "intermediate",
+                    "size_human",
+                    "check_sum",
+                )
+            },
+        ),
         ("Where", {"fields": ("url", "job", "task", "dataset", "entry")}),
         ("Times", {"fields": ("time_start", "time_end", "created_at", "updated_at")}),
     )

@@ -158,6 +158,11 @@ class File(models.Model):
         db_index=False,
     )
     url = models.CharField(max_length=1024, blank=True, default="")
+    intermediate = models.BooleanField(
+        default=False,
+        db_default=False,  # the splitter's COPY leaves it out
+        help_text="An output consumed by a merge job of its task (not one of its final outputs).",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 

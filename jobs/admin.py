@@ -77,7 +77,16 @@ class JobAttemptInline(admin.TabularInline):
         return short(obj.error_message, 120)
 
 
-FILE_FIELDS = ("file_name", "type", "status_badge", "size_human", "check_sum", "dataset", "url")
+FILE_FIELDS = (
+    "file_name",
+    "type",
+    "status_badge",
+    "intermediate",
+    "size_human",
+    "check_sum",
+    "dataset",
+    "url",
+)
 
 
 class JobFileInline(admin.TabularInline):
@@ -125,6 +134,7 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
         "task_link",
         "state_badge",
         "mode",
+        "level",
         "device_type",
         "rank",
         "attempt",
@@ -133,7 +143,7 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
         "time_end",
         "state_changed_at",
     )
-    list_filter = ("state", "device_type", "mode", "state_changed_at", "created_at")
+    list_filter = ("state", "device_type", "mode", "level", "state_changed_at", "created_at")
     search_fields = ("task__name",)
     id_search_fields = ("pk", "task_id", "parent_job_id")
     uuid_search_fields = ("uuid",)
@@ -146,7 +156,10 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
     inlines = (JobAttemptInline, JobTransitionInline, JobFileInline)
     Media = WMSAdminMedia
     fieldsets = (
-        (None, {"fields": ("uuid", "task", "state_badge", "mode", "device_type", "rank")}),
+        (
+            None,
+            {"fields": ("uuid", "task", "state_badge", "mode", "level", "device_type", "rank")},
+        ),
         ("Run", {"fields": ("executable", "args", "attempt", "pilot", "time_start", "time_end")}),
         (
             "Files and merge tree",

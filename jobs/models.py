@@ -100,6 +100,11 @@ class Job(models.Model):
     cur_retry = models.PositiveSmallIntegerField(default=0)
     device_type = models.CharField(max_length=3, choices=DeviceType.choices, default=DeviceType.CPU)
     mode = models.CharField(max_length=5, choices=Mode.choices, default=Mode.MAP)
+    level = models.PositiveSmallIntegerField(
+        default=0,
+        db_default=0,  # the splitter's COPY leaves it out
+        help_text="0: a map job; 1, 2, ...: a merge job of that level of the tree.",
+    )
     time_start = models.DateTimeField(null=True, blank=True)
     time_end = models.DateTimeField(null=True, blank=True)
     pilot = models.ForeignKey(

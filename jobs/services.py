@@ -174,6 +174,28 @@ def kick_finalize(task_ids: Iterable[int]) -> None:
         kick("wms.finalize_tasks", task_id=task_id)
 
 
+FINALIZE_KICK_BELOW = 100  # open jobs left in a task under which its final reports kick
+
+
+def _nearly_done(task_ids: set[int]) -> list[int]:
+    """Of these tasks (a job of each just became final), those with fewer than
+    ``FINALIZE_KICK_BELOW`` open jobs left: only their reports kick the finalizer. Before that a
+    report cannot end its task, and a kick per report cost the web app a publish with confirms
+    and a worker a finalizer run, for every job. The margin covers concurrent reports of a
+    task's last jobs (each still sees the others' jobs open); the finalizer's beat catches
+    anything left. One small indexed count per task (``job_task_state``)."""
+    if len(task_ids) > 20:  # kick_finalize sends one kick for all of them anyway
+        return list(task_ids)
+    return [
+        task_id
+        for task_id in task_ids
+        if Job.objects.filter(task_id=task_id, state__in=OPEN_JOB_STATES)[
+            :FINALIZE_KICK_BELOW
+        ].count()
+        < FINALIZE_KICK_BELOW
+    ]
+
+
 # --- hold / release -----------------------------------------------------------------------------
 
 
@@ -713,7 +735,7 @@ def _apply_events(
 
         kick_dispatch()
     if ended_tasks:
-        kick_finalize(ended_tasks)
+        kick_finalize(_nearly_done(ended_tasks))
 
 
 def _store_files(files: list[_FileRow], now: Any) -> None:

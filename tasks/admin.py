@@ -64,6 +64,11 @@ CREATE_FIELDS = (
     "data_out_url",
     "splitter_enabled",
     "executor_enabled",
+    "merge_group_size",
+    "merge_executable",
+    "merge_args",
+    "merge_max_level",
+    "merge_on_child_failure",
 )
 UPDATE_FIELDS = (
     "name",
@@ -72,6 +77,11 @@ UPDATE_FIELDS = (
     "max_failed_fraction",
     "splitter_enabled",
     "executor_enabled",
+    "merge_group_size",
+    "merge_executable",
+    "merge_args",
+    "merge_max_level",
+    "merge_on_child_failure",
 )
 
 
@@ -113,12 +123,36 @@ class TaskChangeList(ChangeList):
             task._admin_job_counts = counts[task.pk]
 
 
+MERGE_FIELDS = (
+    "merge_group_size",
+    "merge_executable",
+    "merge_args",
+    "merge_max_level",
+    "merge_on_child_failure",
+)
+
+
 class TaskAdminForm(forms.ModelForm):
-    """Model validation as usual, plus: the input dataset must exist in the DSM (a read)."""
+    """Model validation as usual, plus: the input dataset must exist in the DSM (a read).
+
+    The merge settings may be left empty: they take the model's defaults (no merge)."""
 
     class Meta:
         model = Task
         fields = CREATE_FIELDS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in MERGE_FIELDS:
+            if name in self.fields:
+                self.fields[name].required = False
+
+    def clean(self):
+        cleaned = super().clean()
+        for name in MERGE_FIELDS:
+            if name in self.fields and cleaned.get(name) in (None, ""):
+                cleaned[name] = Task._meta.get_field(name).default
+        return cleaned
 
     def clean_data_in_uid(self):
         uid = self.cleaned_data["data_in_uid"]
@@ -176,6 +210,18 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
         ),
         ("Output", {"fields": ("storage_url", "data_out_url")}),
         ("Switches", {"fields": ("splitter_enabled", "executor_enabled")}),
+        (
+            "Merge",
+            {
+                "fields": (
+                    "merge_group_size",
+                    "merge_executable",
+                    "merge_args",
+                    "merge_max_level",
+                    "merge_on_child_failure",
+                )
+            },
+        ),
     )
     change_fieldsets = (
         (None, {"fields": ("name", "owner", "state_badge", "job_progress_detail")}),
@@ -205,6 +251,19 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                     "storage_url",
                     "data_out_url",
                     "output_closed_at",
+                )
+            },
+        ),
+        (
+            "Merge",
+            {
+                "fields": (
+                    "merge_group_size",
+                    "merge_executable",
+                    "merge_args",
+                    "merge_max_level",
+                    "merge_on_child_failure",
+                    "merge_groups_failed",
                 )
             },
         ),

@@ -36,6 +36,12 @@ TASK_MACHINE = StateMachine(
     final=frozenset({TS.FINISHED, TS.FAILED, TS.CANCELLED}),
 )
 
+
+class MergeOnChildFailure(models.TextChoices):
+    FAIL = "fail", "fail the merge (and the task)"
+    PARTIAL = "partial", "merge what finished"
+
+
 ENDED_TASK_STATES = (TS.FINISHED, TS.FAILED, TS.CANCELLED)
 
 ACTIVE_TASK_STATES = (TS.DEFINED, TS.RUNNING, TS.PAUSED)
@@ -78,6 +84,30 @@ class Task(models.Model):
         blank=True,
         help_text="DSM cursor of the last input file the splitter gave a job (None: none yet).",
     )
+    # --- merging the outputs (tasks.merger, docs/lifecycle.md "Merge jobs") ---
+    merge_group_size = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(10_000)],
+        help_text="Outputs merged per merge job (0: no merge; 1 is not allowed).",
+    )
+    merge_executable = models.CharField(max_length=255, default="wms-payload-merge")
+    merge_args = models.CharField(max_length=1024, blank=True, default="")
+    merge_max_level = models.PositiveSmallIntegerField(
+        default=0,
+        validators=[MaxValueValidator(100)],
+        help_text="The highest merge level (0: merge until one output remains).",
+    )
+    merge_on_child_failure = models.CharField(
+        max_length=10,
+        choices=MergeOnChildFailure.choices,
+        default=MergeOnChildFailure.FAIL,
+        help_text="A merge group with a job that failed for good: fail (no merge, the task "
+        "fails) or partial (merge the outputs of the jobs that finished).",
+    )
+    merge_groups_failed = models.PositiveIntegerField(
+        default=0,
+        help_text="Merge groups not merged because a member failed (rule fail): the task fails.",
+    )
     data_out_uid = models.UUIDField(
         null=True, blank=True, help_text="DSM uid of the output dataset."
     )
@@ -104,6 +134,16 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return self.name or f"task {self.pk}"
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        if self.merge_group_size == 1:
+            raise ValidationError(
+                {"merge_group_size": ["0 (no merge) or at least 2: a merge of one is a copy."]}
+            )
+        if self.merge_group_size and not self.merge_executable:
+            raise ValidationError({"merge_executable": ["Required when merge_group_size > 0."]})
 
 
 class TaskTransition(TransitionLog):

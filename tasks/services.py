@@ -53,6 +53,11 @@ def task_create(
     max_failed_fraction: float = 0.0,
     splitter_enabled: bool = True,
     executor_enabled: bool = True,
+    merge_group_size: int = 0,
+    merge_executable: str = "wms-payload-merge",
+    merge_args: str = "",
+    merge_max_level: int = 0,
+    merge_on_child_failure: str = "fail",
 ) -> Task:
     """Define a task over an existing input dataset of the DSM.
 
@@ -85,6 +90,11 @@ def task_create(
         max_failed_fraction=max_failed_fraction,
         splitter_enabled=splitter_enabled,
         executor_enabled=executor_enabled,
+        merge_group_size=merge_group_size,
+        merge_executable=merge_executable,
+        merge_args=merge_args,
+        merge_max_level=merge_max_level,
+        merge_on_child_failure=merge_on_child_failure,
     )
     try:
         task.full_clean(exclude=["owner"])
@@ -121,12 +131,21 @@ _UPDATABLE = {
     "name",
     "max_retries",
     "max_failed_fraction",
+    "merge_group_size",
+    "merge_executable",
+    "merge_args",
+    "merge_max_level",
+    "merge_on_child_failure",
 }
+# The shape of the merge tree: fixed once the task has a merge job.
+_MERGE_SHAPE = {"merge_group_size", "merge_max_level"}
 
 
 @transaction.atomic
 def task_update(*, task_id: int, **changes: Any) -> Task:
-    """Change a task's rank, name, retries, failure threshold or enable flags at run time.
+    """Change a task's rank, name, retries, failure threshold, enable flags or merge settings
+    at run time. ``merge_group_size`` and ``merge_max_level`` (the tree's shape) are fixed once
+    the task has a merge job (400).
 
     A new rank also applies to the task's jobs that are not dispatched yet, so re-prioritising
     a task takes effect on its next dispatch.
@@ -137,6 +156,11 @@ def task_update(*, task_id: int, **changes: Any) -> Task:
     task = Task.objects.select_for_update().filter(pk=task_id).first()
     if task is None:
         raise NotFound(f"Task {task_id} does not exist.")
+    shape = sorted(k for k in _MERGE_SHAPE & set(changes) if changes[k] != getattr(task, k))
+    if shape and Job.objects.filter(task_id=task_id, mode=Mode.MERGE).exists():
+        raise ValidationFailed(
+            {k: ["The task has merge jobs already: the tree's shape is fixed."] for k in shape}
+        )
     for key, value in changes.items():
         setattr(task, key, value)
     try:
@@ -311,6 +335,15 @@ def _finalize_locked(task_id: int, dsm: Any) -> FinalizeResult:
     if task is None:
         return FinalizeResult(task_id=task_id, waiting="locked or gone")
     moved = ""
+    if task.state == TaskState.RUNNING and task.merge_group_size:
+        # The merger first (tasks.merger): a merge it creates is an open job, so the task
+        # never ends while a merge can still be created.
+        from tasks.merger import task_merge_locked
+
+        def level0_complete() -> bool:
+            return _input_fully_split(task, dsm)[0]
+
+        task_merge_locked(task=task, level0_complete=level0_complete)
     if task.state == TaskState.RUNNING:
         if Job.objects.filter(task_id=task_id, state__in=OPEN_JOB_STATES).exists():
             return FinalizeResult(task_id=task_id, waiting="jobs not final")
@@ -326,11 +359,17 @@ def _finalize_locked(task_id: int, dsm: Any) -> FinalizeResult:
             counts[JobState.CANCELLED],
         )
         failed = total > 0 and n_fail / total > task.max_failed_fraction
-        target = TaskState.FAILED if failed else TaskState.FINISHED
         if failed:
             rule = f"more than {task.max_failed_fraction:g} of the jobs failed"
         else:
             rule = f"failed jobs within {task.max_failed_fraction:g}"
+        if task.merge_groups_failed:
+            failed = True
+            rule += (
+                f"; {task.merge_groups_failed} merge group(s) not merged "
+                "(a member failed, rule fail)"
+            )
+        target = TaskState.FAILED if failed else TaskState.FINISHED
         reason = f"{total} jobs: {n_fin} finished, {n_fail} failed, {n_canc} cancelled ({rule})"
         apply_transition(
             Task,
@@ -411,8 +450,16 @@ def tasks_finalize_all(*, beat: bool = False) -> list[FinalizeResult]:
             )
         )
         .exclude(Exists(open_jobs))
-        .order_by("id")
         .values_list("id", flat=True)
+    )
+    # A merging task is looked at while it still has open jobs: full groups merge at once.
+    ids = sorted(
+        {
+            *ids,
+            *Task.objects.filter(state=TaskState.RUNNING, merge_group_size__gt=0).values_list(
+                "id", flat=True
+            ),
+        }
     )
     results = []
     dsm = get_dsm()

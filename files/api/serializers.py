@@ -47,6 +47,7 @@ class FileSerializer(serializers.ModelSerializer):
             "type",
             "size",
             "status",
+            "intermediate",
             "check_sum",
             "time_start",
             "time_end",

@@ -57,6 +57,7 @@ JOB_FIELDS = [
     "cur_retry",
     "device_type",
     "mode",
+    "level",
     "time_start",
     "time_end",
     "pilot",

@@ -60,6 +60,12 @@ TASK_FIELDS = [
     "max_failed_fraction",
     "splitter_enabled",
     "executor_enabled",
+    "merge_group_size",
+    "merge_executable",
+    "merge_args",
+    "merge_max_level",
+    "merge_on_child_failure",
+    "merge_groups_failed",
     "jobs_finished",
     "jobs_failed",
     "jobs_cancelled",
@@ -129,6 +135,11 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "max_failed_fraction",
             "splitter_enabled",
             "executor_enabled",
+            "merge_group_size",
+            "merge_executable",
+            "merge_args",
+            "merge_max_level",
+            "merge_on_child_failure",
         ]
 
     def validate_data_in_uid(self, value: Any) -> Any:
@@ -153,4 +164,9 @@ class TaskUpdateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "max_failed_fraction",
             "splitter_enabled",
             "executor_enabled",
+            "merge_group_size",
+            "merge_executable",
+            "merge_args",
+            "merge_max_level",
+            "merge_on_child_failure",
         ]

@@ -218,7 +218,37 @@ def test_add_creates_the_task_through_task_create(admin_client_logged, admin_use
     assert task.state == TaskState.DEFINED
     assert (task.device_type, task.rank, task.files_per_job, task.max_retries) == ("gpu", 7, 2, 1)
     assert task.max_failed_fraction == 0.1
+    assert task.merge_group_size == 0 and task.merge_executable == "wms-payload-merge"
     assert LogEntry.objects.filter(object_id=str(task.pk), user=admin_user).exists()
+
+
+def test_add_with_merge_settings(admin_client_logged):
+    dataset = DatasetFactory()
+    response = admin_client_logged.post(
+        ADD,
+        {
+            "name": "merged",
+            "executable": "wms-payload-map",
+            "data_in_uid": str(dataset.uid),
+            "device_type": "cpu",
+            "mode": "map",
+            "rank": "0",
+            "files_per_job": "1",
+            "max_retries": "1",
+            "max_failed_fraction": "0",
+            "merge_group_size": "3",
+            "merge_args": "--sleep 0",
+            "merge_on_child_failure": "partial",
+        },
+    )
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    task = Task.objects.get(name="merged")
+    assert (task.merge_group_size, task.merge_args, task.merge_on_child_failure) == (
+        3,
+        "--sleep 0",
+        "partial",
+    )
+    assert (task.merge_executable, task.merge_max_level) == ("wms-payload-merge", 0)
 
 
 def test_add_refuses_an_input_dataset_that_does_not_exist(admin_client_logged):
@@ -270,6 +300,11 @@ def test_state_and_creation_fields_are_not_editable(admin_client_logged):
         "max_failed_fraction",
         "splitter_enabled",
         "executor_enabled",
+        "merge_group_size",
+        "merge_executable",
+        "merge_args",
+        "merge_max_level",
+        "merge_on_child_failure",
     }
     assert 'name="state"' not in page.content.decode()
 

@@ -517,3 +517,61 @@ def test_an_html_form_post_may_carry_its_csrf_token(user):
         {"executable": "x", "data_in_uid": str(dataset.uid), "csrfmiddlewaretoken": "t"},
     )
     assert response.status_code == 201, response.json()
+
+
+# --- merge settings ---------------------------------------------------------------------------
+
+
+def test_create_and_patch_the_merge_settings(api_client, user):
+    dataset = DatasetFactory()
+    response = api_client.post(
+        URL,
+        {
+            "executable": "wms-payload-map",
+            "data_in_uid": str(dataset.uid),
+            "merge_group_size": 3,
+            "merge_args": "--sleep 0",
+            "merge_max_level": 2,
+            "merge_on_child_failure": "partial",
+        },
+        format="json",
+    )
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert (body["merge_group_size"], body["merge_executable"], body["merge_args"]) == (
+        3,
+        "wms-payload-merge",
+        "--sleep 0",
+    )
+    assert (body["merge_max_level"], body["merge_on_child_failure"]) == (2, "partial")
+    assert body["merge_groups_failed"] == 0
+    task = Task.objects.get(pk=body["id"])
+
+    response = api_client.patch(
+        detail_url(task), {"merge_group_size": 4, "merge_on_child_failure": "fail"}, format="json"
+    )
+    assert response.status_code == 200, response.json()
+    task.refresh_from_db()
+    assert (task.merge_group_size, task.merge_on_child_failure) == (4, "fail")
+
+    # a merge job exists: the tree's shape is fixed
+    JobFactory(task=task, mode="merge", level=1)
+    response = api_client.patch(detail_url(task), {"merge_group_size": 5}, format="json")
+    assert response.status_code == 400
+    assert "merge_group_size" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"merge_group_size": 1}, {"merge_on_child_failure": "ignore"}, {"merge_max_level": -1}],
+)
+def test_bad_merge_settings_answer_400(api_client, payload):
+    dataset = DatasetFactory()
+    response = api_client.post(
+        URL,
+        {"executable": "wms-payload-map", "data_in_uid": str(dataset.uid), **payload},
+        format="json",
+    )
+    assert response.status_code == 400, response.json()
+    assert set(payload) <= set(response.json()["detail"])
+    assert not Task.objects.exists()
