@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -191,14 +192,16 @@ class WebApp:
 
     ``DJANGO_DEBUG=false`` (no query log kept per request), log level WARNING (no structlog
     line per request) and no access log, as a production deployment would run it behind a proxy
-    that logs. ``worker_class`` ``gthread`` keeps HTTP connections alive (``sync`` closes each).
+    that logs. ``sync`` workers by default, as ``wms.stack`` runs it: they close the connection
+    after each answer, but on this workload ``gthread`` workers (keep-alive) were slower: the
+    threads of one process convoy on the GIL between their many short queries.
     """
 
     def __init__(
         self,
         *,
         workers: int = 2,
-        worker_class: str = "gthread",
+        worker_class: str = "sync",
         threads: int = 4,
         log_level: str = "WARNING",
         env: dict[str, str] | None = None,
@@ -300,10 +303,12 @@ class WebApp:
 
 class CpuMeter:
     """CPU seconds (user + system) between :meth:`start` and :meth:`stop` of: process trees
-    given by their root pids (``groups``: name -> pids; a tree's reaped children count, through
-    their parent), PostgreSQL (the server processes of the bench database's connections) and,
-    with ``broker``, RabbitMQ (``beam.smp``: other users of the broker count too). Clients (or
-    the measuring process itself) report their own with :meth:`per`'s extras."""
+    given by their root pids (``groups``: name -> pids, sampled at both ends; a tree's reaped
+    children count through their parent), PostgreSQL (the server processes of the bench
+    database's connections) and, with ``broker``, RabbitMQ (``beam.smp``: other users of the
+    broker count too). The servers' processes are sampled every half second as well, so that a
+    connection closed meanwhile (``CONN_MAX_AGE``) still counts. Clients (or the measuring
+    process itself) report their own CPU with :meth:`per`'s extras."""
 
     def __init__(
         self,
@@ -315,14 +320,20 @@ class CpuMeter:
         self.groups: dict[str, list[int]] = {k: list(v) for k, v in (groups or {}).items()}
         if web_pid is not None:
             self.groups["web"] = [web_pid]
-        self.broker = broker
+        self.servers = {"postgres": "postgres"}
+        if broker:
+            self.servers["beam.smp"] = "rabbitmq"
         from django.conf import settings
 
         self._db = f" {settings.DATABASES['default']['NAME']} "  # in a backend's title
         self.cpu: dict[str, float] = {}
         self.wall = 0.0
         self._t0 = 0.0
-        self._before: dict[str, dict[int, float]] = {}
+        self._trees: dict[str, dict[int, float]] = {}
+        self._first: dict[str, dict[int, float]] = {}  # server pid -> CPU when first seen
+        self._last: dict[str, dict[int, float]] = {}  # server pid -> CPU when last seen
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @staticmethod
     def _times(p, *, children: bool) -> float:
@@ -330,7 +341,7 @@ class CpuMeter:
         own = t.user + t.system
         return own + t.children_user + t.children_system if children else own
 
-    def _sample(self) -> dict[str, dict[int, float]]:
+    def _sample_trees(self) -> dict[str, dict[int, float]]:
         import psutil
 
         out: dict[str, dict[int, float]] = {}
@@ -342,33 +353,51 @@ class CpuMeter:
                     for p in [top, *top.children(recursive=True)]:
                         with contextlib.suppress(psutil.Error):
                             got[p.pid] = self._times(p, children=True)
-        names = {"postgres": "postgres", "beam.smp": "rabbitmq"} if self.broker else {}
-        names.setdefault("postgres", "postgres")
-        for name in names.values():
-            out[name] = {}
-        for p in psutil.process_iter(["name", "cmdline"]):
-            name = names.get(p.info["name"])
-            if name == "postgres" and self._db not in " ".join(p.info["cmdline"] or ()):
-                continue  # another database's connection, or a server process
-            if name is not None:
-                with contextlib.suppress(psutil.Error):
-                    out[name][p.pid] = self._times(p, children=False)
         return out
 
-    @staticmethod
-    def _delta(before: dict[int, float], after: dict[int, float]) -> float:
-        """CPU of the processes alive at the end (one that exited meanwhile is left out unless
-        its parent reaped it: no negative figure when a server's connections close)."""
-        return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+    def _sample_servers(self, *, initial: bool = False) -> None:
+        import psutil
+
+        for p in psutil.process_iter(["name", "cmdline"]):
+            name = self.servers.get(p.info["name"])
+            if name is None:
+                continue
+            if name == "postgres" and self._db not in " ".join(p.info["cmdline"] or ()):
+                continue  # another database's connection, or a server process
+            with contextlib.suppress(psutil.Error):
+                t = self._times(p, children=False)
+                # a process first seen after the start counts from zero
+                self._first[name].setdefault(p.pid, t if initial else 0.0)
+                self._last[name][p.pid] = t
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample_servers()
 
     def start(self) -> None:
-        self._before = self._sample()
+        self._first = {name: {} for name in self.servers.values()}
+        self._last = {name: {} for name in self.servers.values()}
+        self._trees = self._sample_trees()
+        self._sample_servers(initial=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, name="cpu-meter", daemon=True)
+        self._thread.start()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         self.wall = time.perf_counter() - self._t0
-        after = self._sample()
-        self.cpu = {k: self._delta(self._before.get(k, {}), v) for k, v in after.items()}
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample_servers()
+        after = self._sample_trees()
+        self.cpu = {
+            # alive at the end (no negative figure for a process that exited meanwhile)
+            name: sum(t - self._trees.get(name, {}).get(pid, 0.0) for pid, t in pids.items())
+            for name, pids in after.items()
+        }
+        for name, last in self._last.items():
+            self.cpu[name] = sum(t - self._first[name][pid] for pid, t in last.items())
 
     @property
     def web(self) -> float:

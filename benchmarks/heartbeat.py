@@ -4,10 +4,12 @@
     CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
     .venv/bin/python benchmarks/heartbeat.py [--pilots 200] [--rounds 25] [--clients 4] [--busy]
 
+The web app: gunicorn, 2 ``sync`` workers (``--worker-class gthread --threads T`` to compare).
+
 P pilots are registered (the service) and each sends one heartbeat before the clock starts
-(``registered → idle``). Then C client processes, one ``requests.Session`` (keep-alive) each,
-send R rounds of heartbeats of their share of the pilots, each with that pilot's own token,
-as fast as the answers come (a closed loop: C heartbeats in flight). The body is what the agent
+(``registered → idle``). Then C client processes, one ``requests.Session`` each, send R
+rounds of heartbeats of their share of the pilots, each with that pilot's own token, as fast
+as the answers come (a closed loop: C heartbeats in flight). The body is what the agent
 sends: state, status, host metrics, no acknowledged command. With ``--busy`` every pilot first
 starts one job and its heartbeats carry that attempt's metrics (``jobs``: one running event
 each, applied by ``job_events_apply``).
@@ -121,8 +123,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="client processes (4)")
     parser.add_argument("--busy", action="store_true", help="each pilot runs one job")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
-    parser.add_argument("--worker-class", default="gthread", choices=("sync", "gthread"))
-    parser.add_argument("--threads", type=int, default=2, help="threads per gthread worker (2)")
+    parser.add_argument("--worker-class", default="sync", choices=("sync", "gthread"))
+    parser.add_argument("--threads", type=int, default=2, help="threads of a gthread worker (2)")
     args = parser.parse_args()
     p, k, rounds = args.pilots, args.clients, args.rounds
 

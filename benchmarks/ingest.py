@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--pilots", type=int, default=4, help="pilots = REST clients (4)")
     parser.add_argument("--batch", type=int, default=None, help="consumer batch (WMS default)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
-    parser.add_argument("--threads", type=int, default=2, help="threads per gthread worker (2)")
+    parser.add_argument("--worker-class", default="sync", choices=("sync", "gthread"))
+    parser.add_argument("--threads", type=int, default=2, help="threads of a gthread worker (2)")
     args = parser.parse_args()
     n, rounds, k = args.n, args.events, args.pilots
     total = n * rounds
@@ -134,7 +135,7 @@ def main() -> None:
             running = make_running(task, list(tokens))
 
             # --- REST ---------------------------------------------------------------------
-            web = WebApp(workers=args.workers, threads=args.threads)
+            web = WebApp(workers=args.workers, worker_class=args.worker_class, threads=args.threads)
             with web:
                 cpu_rest = CpuMeter(web.proc.pid)
                 rest = run_processes(

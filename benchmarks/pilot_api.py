@@ -4,13 +4,14 @@ its log) of N queued jobs, by a few pilots at once, against the web app under gu
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/wms \
     CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
     .venv/bin/python benchmarks/pilot_api.py [N] [--clients 4] [--workers 2] \
-        [--worker-class gthread] [--threads 4]
+        [--worker-class sync|gthread] [--threads 2]
 
 N jobs are split and dispatched (the executor, on a bus prefix of the run; the job queue is
 then emptied), so they are ``queued`` as a pilot finds them. Each client is a process of its
-own acting as one registered pilot: one ``requests.Session`` (keep-alive) with the pilot's
-token, taking its share of the job messages one after the other (start, then report). The web
-app runs under gunicorn (2 workers) on a free port against the bench database.
+own acting as one registered pilot: one ``requests.Session`` with the pilot's token (kept
+alive by ``gthread`` workers; ``sync`` ones close it after each answer), taking its share of
+the job messages one after the other (start, then report). The web app runs under gunicorn (2
+``sync`` workers, as ``wms.stack`` runs it) on a free port against the bench database.
 
 Against: ``GET /healthz`` (Django's request cycle and one ``SELECT 1``, no authentication) by
 the same clients on the same server, in the same run: the floor of one HTTP request here.
@@ -108,8 +109,8 @@ def main() -> None:
     parser.add_argument("n", nargs="?", type=int, default=5000, help="jobs (5000)")
     parser.add_argument("--clients", type=int, default=4, help="pilots calling at once (4)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
-    parser.add_argument("--worker-class", default="gthread", choices=("sync", "gthread"))
-    parser.add_argument("--threads", type=int, default=2, help="threads per gthread worker (2)")
+    parser.add_argument("--worker-class", default="sync", choices=("sync", "gthread"))
+    parser.add_argument("--threads", type=int, default=2, help="threads of a gthread worker (2)")
     args = parser.parse_args()
     n, k = args.n, args.clients
 
