@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from _common import ROOT
@@ -269,20 +268,28 @@ class WebApp:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 60
+        try:
+            self._wait_healthy(timeout=60)
+        except BaseException:
+            self.__exit__()  # no server left behind
+            raise
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with code {self.proc.returncode}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:  # noqa: S310
                     if resp.status == 200:
-                        break
+                        return
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("gunicorn did not answer /healthz in 60 s")
+                raise RuntimeError(f"gunicorn did not answer /healthz in {timeout:g} s")
             time.sleep(0.2)
-        return self
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -329,6 +336,7 @@ class CpuMeter:
         self.cpu: dict[str, float] = {}
         self.wall = 0.0
         self._t0 = 0.0
+        self.started = 0.0
         self._trees: dict[str, dict[int, float]] = {}
         self._first: dict[str, dict[int, float]] = {}  # server pid -> CPU when first seen
         self._last: dict[str, dict[int, float]] = {}  # server pid -> CPU when last seen
@@ -383,6 +391,7 @@ class CpuMeter:
         self._thread = threading.Thread(target=self._poll, name="cpu-meter", daemon=True)
         self._thread.start()
         self._t0 = time.perf_counter()
+        self.started = time.time()  # the same instant, for figures taken in other processes
 
     def stop(self) -> None:
         self.wall = time.perf_counter() - self._t0
@@ -421,7 +430,8 @@ class CpuMeter:
 
 
 class PilotSession:
-    """A pilot's HTTP client: one ``requests.Session`` (keep-alive), the pilot's own token."""
+    """A pilot's HTTP client: one ``requests.Session`` (its connection kept alive when the
+    server keeps it), the pilot's own token."""
 
     def __init__(self, base_url: str, pilot_id: int, token: str) -> None:
         import requests
@@ -460,14 +470,19 @@ def run_processes(target: Callable[..., Any], args: Sequence[tuple], *, start=No
             result = target(barrier, *a)
             queue.put((i, result, None))
         except BaseException as exc:  # the parent must hear of it, not hang on the queue
+            barrier.abort()  # nobody waits for a process that will not come
             queue.put((i, None, f"{type(exc).__name__}: {exc}"))
 
     procs = [ctx.Process(target=child, args=(i, a), daemon=True) for i, a in enumerate(args)]
     for p in procs:
         p.start()
-    barrier.wait()
-    if start is not None:
-        start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass  # a child failed getting ready: its error comes through the queue
+    else:
+        if start is not None:
+            start()
     results: list[Any] = [None] * len(args)
     errors = []
     for _ in procs:
@@ -480,7 +495,3 @@ def run_processes(target: Callable[..., Any], args: Sequence[tuple], *, start=No
     if errors:
         raise RuntimeError("client failed: " + "; ".join(errors))
     return results
-
-
-def output_url(job_uuid: str) -> str:
-    return (Path("/tmp/wms-bench/outputs") / job_uuid).as_uri()  # noqa: S108 - never written

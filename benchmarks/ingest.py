@@ -2,27 +2,31 @@
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/wms \
     CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
-    .venv/bin/python benchmarks/ingest.py [N] [--events 5] [--pilots 4] [--batch 500]
+    .venv/bin/python benchmarks/ingest.py [N] [--events 5] [--pilots 4] [--batch 500] \
+        [--consumers 1]
 
 N jobs are made ``running``, each with a running attempt of one of P pilots (a bulk fixture,
 not timed). Each attempt then gets E ``running`` events (its metrics), E x N in all, twice:
 
 - **REST**: each pilot (a client process of its own, one ``requests.Session``) posts its
   attempts' events to ``POST /api/v1/pilots/{id}/events/`` in batches of 1,000 (the
-  endpoint's limit), against the web app under gunicorn (2 workers); timed until the last
-  answer, every outcome checked ``applied``.
+  endpoint's limit), against the web app under gunicorn (2 sync workers); timed until the
+  last answer, every outcome checked ``applied``.
 - **bus**: the same number of ``StatusEvent`` bodies (each naming its pilot) are published to
-  ``<prefix>.events`` (routing key ``event``; the run's own prefix), then the consumer of the
-  workers (``jobs.consumer.consume``, batches of ``WMS_EVENTS_BATCH``) runs in this process
-  until the queue is drained; timed from its start to its last commit.
+  ``<prefix>.events`` (routing key ``event``; the run's own prefix), then K consumers (the
+  workers' code, ``jobs.consumer.consume``, batches of ``WMS_EVENTS_BATCH``; each a process
+  of its own, as K workers would run them) drain the queue; timed from their start to the
+  last batch's commit.
 
-Both paths end in ``jobs.services.job_events_apply``. Target (issue 4): >= 20k updates/s each.
+Against, for the bus: a bare kombu consumer draining the same messages, acking them, nothing
+else (the floor of one py-amqp connection). Both paths end in
+``jobs.services.job_events_apply``. Target (issue 4): >= 20k updates/s each.
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
+import multiprocessing
 import time
 
 from _common import Timer, bench_database, django_setup, report
@@ -81,6 +85,44 @@ def rest_client(barrier, url: str, pilot_id: int, token: str, attempts, rounds: 
     return lat, time.process_time() - cpu0
 
 
+def bus_consumer(barrier, total: int, batch: int, shared):
+    """One consumer (``jobs.consumer.consume``, the workers' code) on its own connection, until
+    every event is applied by one of the K. Returns (applied here, time of its last batch, CPU)."""
+    from jobs import consumer
+    from wms import bus
+
+    last = [0.0]
+    applied = [0]
+    apply_messages = consumer.apply_messages
+
+    def counted(messages):
+        result = apply_messages(messages)
+        applied[0] += result.applied
+        with shared.get_lock():
+            shared.value += result.applied
+        last[0] = time.time()
+        return result
+
+    class Drained:  # consume() polls is_set() between deliveries (at least every 0.5 s)
+        def is_set(self) -> bool:
+            return shared.value >= total
+
+        def wait(self, seconds: float) -> bool:
+            time.sleep(seconds)
+            return self.is_set()
+
+    consumer.apply_messages = counted
+    conn = bus.new_connection()
+    conn.ensure_connection(max_retries=3)
+    barrier.wait()
+    c0 = time.process_time()
+    try:
+        consumer.consume(conn, batch_size=batch, stop=Drained())
+    finally:
+        conn.release()
+    return applied[0], last[0], time.process_time() - c0
+
+
 def raw_drain(conn, queue, total: int, batch: int) -> None:
     from kombu import Consumer
 
@@ -104,6 +146,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5, help="events per attempt (5)")
     parser.add_argument("--pilots", type=int, default=4, help="pilots = REST clients (4)")
     parser.add_argument("--batch", type=int, default=None, help="consumer batch (WMS default)")
+    parser.add_argument("--consumers", type=int, default=1, help="bus consumers (1)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
     parser.add_argument("--worker-class", default="sync", choices=("sync", "gthread"))
     parser.add_argument("--threads", type=int, default=2, help="threads of a gthread worker (2)")
@@ -116,7 +159,6 @@ def main() -> None:
     from django.conf import settings
     from kombu import Producer
 
-    from jobs import consumer
     from jobs.models import AttemptState, JobAttempt
     from wms import bus
     from wms.contract import StatusEvent
@@ -190,27 +232,17 @@ def main() -> None:
                 raw_drain(conn, queue, total, batch)
             with Timer() as t_publish:
                 publish()
-            # The consumer stops once every event is applied (it would wait for more).
-            drained = threading.Event()
-            applied = [0]
-            apply_messages = consumer.apply_messages
-
-            def counted(messages):
-                result = apply_messages(messages)
-                applied[0] += result.applied
-                if applied[0] >= total:
-                    drained.set()
-                return result
-
-            consumer.apply_messages = counted
+            # K consumers (processes of their own, as K workers would run them) share the
+            # queue; they stop once every event is applied (they would wait for more).
+            shared = multiprocessing.get_context("fork").Value("q", 0)
             cpu_bus = CpuMeter(broker=True)
-            cpu_bus.start()
-            c0 = time.process_time()
-            result = consumer.consume(conn, batch_size=batch, stop=drained)
-            cpu_self = time.process_time() - c0
+            bus = run_processes(
+                bus_consumer, [(total, batch, shared)] * args.consumers, start=cpu_bus.start
+            )
             cpu_bus.stop()
-            consumer.apply_messages = apply_messages
-            assert result.applied == total, result
+            t_bus = max(last for _, last, _ in bus) - cpu_bus.started
+            applied = sum(a for a, _, _ in bus)
+            assert applied == total, applied
             assert (
                 JobAttempt.objects.filter(
                     state=AttemptState.RUNNING, metrics__source="bus", metrics__round=rounds - 1
@@ -223,7 +255,7 @@ def main() -> None:
 
     rest_lat = [t for lat, _ in rest for t in lat]
     rest_rate = total / cpu_rest.wall
-    bus_rate = total / cpu_bus.wall
+    bus_rate = total / t_bus
     p50 = sorted(rest_lat)[len(rest_lat) // 2] * 1000
     report(
         f"ingestion of {total:,} running events ({n:,} attempts x {rounds}),"
@@ -237,13 +269,13 @@ def main() -> None:
             ),
             ("  CPU per 1,000 events", cpu_rest.per(total / 1000, clients=sum(c for _, c in rest))),
             (
-                "bus consumer",
-                f"{cpu_bus.wall:.2f} s = {bus_rate:,.0f} updates/s"
+                f"bus, {args.consumers} consumer(s)",
+                f"{t_bus:.2f} s = {bus_rate:,.0f} updates/s"
                 f"  (batches of up to {batch})  (target >= 20,000/s)",
             ),
             (
                 "  CPU per 1,000 events",
-                cpu_bus.per(total / 1000, consumer=cpu_self),
+                cpu_bus.per(total / 1000, consumers=sum(c for _, _, c in bus)),
             ),
             (
                 "  publishing (not in the figure)",
@@ -252,7 +284,7 @@ def main() -> None:
             (
                 "  raw kombu drain (the floor)",
                 f"{t_raw.seconds:.2f} s = {total / t_raw.seconds:,.0f} msg/s"
-                f"  (consumer at {t_raw.seconds / cpu_bus.wall:.2f}x of it)",
+                f"  (the consumers at {t_raw.seconds / t_bus:.2f}x of it)",
             ),
             ("ratio bus/REST", f"{bus_rate / rest_rate:.2f}x"),
         ],
