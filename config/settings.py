@@ -231,6 +231,7 @@ WMS_DSM_BACKOFF = env.float("WMS_DSM_BACKOFF", default=0.5)  # first retry delay
 WMS_SPLIT_PAGE = env.int("WMS_SPLIT_PAGE", default=10_000)  # files read from the DSM per page
 WMS_SPLIT_BATCH = env.int("WMS_SPLIT_BATCH", default=5_000)  # rows per INSERT
 WMS_SPLIT_MAX_JOBS_PER_RUN = env.int("WMS_SPLIT_MAX_JOBS_PER_RUN", default=200_000)
+WMS_TASK_MAX_INPUTS = env.int("WMS_TASK_MAX_INPUTS", default=1_000)  # input datasets per task
 WMS_DISPATCH_BATCH = env.int("WMS_DISPATCH_BATCH", default=5_000)  # jobs claimed per batch
 WMS_DISPATCH_MAX_PER_RUN = env.int("WMS_DISPATCH_MAX_PER_RUN", default=50_000)
 WMS_QUEUE_MAX_DEPTH = env.int("WMS_QUEUE_MAX_DEPTH", default=10_000)  # backpressure, 0 = none

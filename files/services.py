@@ -104,11 +104,17 @@ def datasets_register(*, specs: Iterable[Mapping[str, Any]]) -> list[Dataset]:
 
 def _kick_splitter(dataset_uid: uuid.UUID) -> None:
     """After commit, ask the splitter to look at the tasks reading this dataset."""
-    from tasks.models import ACTIVE_TASK_STATES, Task
+    from tasks.models import ACTIVE_TASK_STATES, TaskInput
 
-    for task_id in Task.objects.filter(
-        data_in_uid=dataset_uid, state__in=ACTIVE_TASK_STATES
-    ).values_list("id", flat=True):
+    for task_id in (
+        TaskInput.objects.filter(
+            dataset_uid=dataset_uid,
+            split_done_at__isnull=True,
+            task__state__in=ACTIVE_TASK_STATES,
+        )
+        .values_list("task_id", flat=True)
+        .distinct()
+    ):
         kick("wms.split", task_id=task_id)
 
 

@@ -14,11 +14,11 @@ from django.contrib.admin.views.main import ChangeList
 from django.utils.html import format_html, format_html_join
 
 import jobs.models
+from files.dsm import get_dsm
 from files.models import Dataset
-from files.selectors import dataset_get
 from jobs.models import Job, JobState
 from tasks import services
-from tasks.models import Task, TaskState, TaskTransition
+from tasks.models import Task, TaskInput, TaskState, TaskTransition
 from tasks.selectors import task_job_counts, tasks_job_counts
 from wms.admin import (
     ADMIN_SOURCE,
@@ -34,7 +34,7 @@ from wms.admin import (
     run_service_action,
     state_badge,
 )
-from wms.exceptions import InvalidTransition, NotFound
+from wms.exceptions import InvalidTransition, ValidationFailed
 
 # The order of the bar's segments: done first, then what is still moving, then the bad ends.
 PROGRESS_ORDER = (
@@ -53,7 +53,6 @@ CREATE_FIELDS = (
     "name",
     "executable",
     "args",
-    "data_in_uid",
     "device_type",
     "mode",
     "rank",
@@ -133,9 +132,8 @@ MERGE_FIELDS = (
 
 
 class TaskAdminForm(forms.ModelForm):
-    """Model validation as usual, plus: the input dataset must exist in the DSM (a read).
-
-    The merge settings may be left empty: they take the model's defaults (no merge)."""
+    """Model validation as usual; the merge settings may be left empty: they take the model's
+    defaults (no merge)."""
 
     class Meta:
         model = Task
@@ -154,13 +152,102 @@ class TaskAdminForm(forms.ModelForm):
                 cleaned[name] = Task._meta.get_field(name).default
         return cleaned
 
-    def clean_data_in_uid(self):
-        uid = self.cleaned_data["data_in_uid"]
+
+class TaskAddForm(TaskAdminForm):
+    """The add form: the input datasets too, as ``data_in_uid`` and, optionally, more uids
+    (one a line) read after it, OR a name pattern. Resolved through the DSM (reads only) with
+    the service's own rules, so a bad input is a form error, never a 500."""
+
+    more_inputs = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 40}),
+        label="More input datasets",
+        help_text="Further dataset uids, one a line, read after the first, in this order.",
+    )
+
+    class Meta(TaskAdminForm.Meta):
+        fields = (*CREATE_FIELDS, "data_in_uid", "data_in_selection")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("data_in_uid", "data_in_selection"):
+            self.fields[name].required = False
+        self.input_uids: list = []
+
+    def clean(self):
+        cleaned = super().clean()
+        if not self.errors:
+            self._clean_inputs(cleaned)
+        return cleaned
+
+    def _clean_inputs(self, cleaned) -> None:
+        first = cleaned.get("data_in_uid")
+        more = [line.strip() for line in cleaned.get("more_inputs", "").splitlines()]
+        more = [line for line in more if line]
+        if more and not first:
+            self.add_error("more_inputs", "Give the first input dataset (data in uid) too.")
+            return
+        uids = [first, *more] if first else None
         try:
-            dataset_get(uid=uid)
-        except NotFound as exc:
-            raise forms.ValidationError(str(exc.detail)) from exc
-        return uid
+            with get_dsm() as dsm:
+                datasets = services.resolve_inputs(
+                    dsm,
+                    data_in_uids=uids,
+                    data_in_selection=cleaned.get("data_in_selection") or "",
+                )
+        except ValidationFailed as exc:
+            for key, messages in exc.detail.items():
+                field, _, index = key.partition("[")
+                if field == "data_in_uids":
+                    line = int(index.rstrip("]") or 0)
+                    if line == 0:
+                        field = "data_in_uid"
+                    else:
+                        field = "more_inputs"
+                        messages = [f"line {line}: {m}" for m in messages]
+                self.add_error(field if field in self.fields else None, list(messages))
+            return
+        self.input_uids = [ds.uid for ds in datasets]
+
+
+class TaskInputInline(admin.TabularInline):
+    """The task's input datasets, in order, with how far the splitter got (read-only)."""
+
+    model = TaskInput
+    fields = ("position", "dataset_link", "split_cursor", "split_done_at")
+    readonly_fields = fields
+    extra = 0
+    max_num = 0
+    can_delete = False
+    ordering = ("position",)
+    verbose_name = "input dataset"
+    verbose_name_plural = "input datasets (read in this order)"
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="dataset")
+    def dataset_link(self, obj):
+        # The admin makes its inline instances per request: the datasets of the task's inputs
+        # are read ONCE per page, not once per row.
+        cache = self.__dict__.setdefault("_datasets_of_task", {})
+        datasets = cache.get(obj.task_id)
+        if datasets is None:
+            uids = TaskInput.objects.filter(task_id=obj.task_id).values("dataset_uid")
+            datasets = cache[obj.task_id] = {
+                ds.uid: ds
+                for ds in Dataset.objects.filter(uid__in=uids).only("pk", "uid", "name", "state")
+            }
+        ds = datasets.get(obj.dataset_uid)
+        if ds is None:
+            return f"{obj.dataset_uid} (not in the DSM catalogue)"
+        return format_html("{} ({})", admin_link(Dataset, ds.pk, ds.name), ds.state)
 
 
 class TaskTransitionInline(TransitionInline):
@@ -190,11 +277,19 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     date_hierarchy = "created_at"
     ordering = ("-id",)
     actions = ("pause_tasks", "resume_tasks", "cancel_tasks", "retry_failed_jobs")
-    inlines = (TaskTransitionInline,)
+    inlines = (TaskInputInline, TaskTransitionInline)
     Media = WMSAdminMedia
 
     add_fieldsets = (
-        (None, {"fields": ("name", "executable", "args", "data_in_uid")}),
+        (None, {"fields": ("name", "executable", "args")}),
+        (
+            "Input datasets",
+            {
+                "description": "Either a first dataset uid (and more, one a line), or a name "
+                "pattern (* any run of characters, ? one) selecting the datasets by name.",
+                "fields": ("data_in_uid", "more_inputs", "data_in_selection"),
+            },
+        ),
         (
             "Scheduling",
             {
@@ -236,7 +331,6 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                     "max_failed_fraction",
                     "splitter_enabled",
                     "executor_enabled",
-                    "split_cursor",
                 )
             },
         ),
@@ -246,6 +340,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                 "fields": (
                     "data_in_uid",
                     "input_dataset",
+                    "data_in_selection",
                     "data_out_uid",
                     "output_dataset",
                     "storage_url",
@@ -284,6 +379,11 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     def get_fieldsets(self, request, obj=None):
         return self.add_fieldsets if obj is None else self.change_fieldsets
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = TaskAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
     def get_readonly_fields(self, request, obj=None):
         if obj is None:
             return ()
@@ -297,8 +397,12 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if not change:
+            selection = form.cleaned_data.get("data_in_selection") or ""
             task = services.task_create(
-                owner=request.user, **{f: form.cleaned_data[f] for f in CREATE_FIELDS}
+                owner=request.user,
+                data_in_uids=None if selection else form.input_uids,
+                data_in_selection=selection,
+                **{f: form.cleaned_data[f] for f in CREATE_FIELDS},
             )
             copy_into(obj, task)
             return
@@ -344,7 +448,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             total,
         )
 
-    @admin.display(description="input dataset")
+    @admin.display(description="first input dataset")
     def input_dataset(self, obj):
         ds = Dataset.objects.filter(uid=obj.data_in_uid).only("pk", "name").first()
         return admin_link(Dataset, ds.pk, ds.name) if ds else "not in the DSM catalogue"

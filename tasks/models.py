@@ -61,7 +61,9 @@ class Task(models.Model):
     )
     device_type = models.CharField(max_length=3, choices=DeviceType.choices, default=DeviceType.CPU)
     mode = models.CharField(max_length=5, choices=Mode.choices, default=Mode.MAP)
-    data_in_uid = models.UUIDField(help_text="DSM uid of the input dataset.")
+    data_in_uid = models.UUIDField(
+        help_text="DSM uid of the (first) input dataset; the whole series is in ``inputs``."
+    )
     storage_url = models.CharField(max_length=1024, blank=True, default="")
     data_out_url = models.CharField(max_length=1024, blank=True, default="")
     # --- what the WMS adds ---
@@ -79,10 +81,11 @@ class Task(models.Model):
     )
     splitter_enabled = models.BooleanField(default=True)
     executor_enabled = models.BooleanField(default=True)
-    split_cursor = models.BigIntegerField(
-        null=True,
+    data_in_selection = models.CharField(
+        max_length=255,
         blank=True,
-        help_text="DSM cursor of the last input file the splitter gave a job (None: none yet).",
+        default="",
+        help_text="The name pattern the input datasets were selected by (empty: listed).",
     )
     # --- merging the outputs (tasks.merger, docs/lifecycle.md "Merge jobs") ---
     merge_group_size = models.PositiveIntegerField(
@@ -144,6 +147,41 @@ class Task(models.Model):
             )
         if self.merge_group_size and not self.merge_executable:
             raise ValidationError({"merge_executable": ["Required when merge_group_size > 0."]})
+
+
+class TaskInput(models.Model):
+    """One input dataset of a task. A task reads a series of them, in ``position`` order.
+
+    The splitter keeps, per input, the DSM cursor of the last file it gave a job
+    (``split_cursor``), and marks the input ``split_done_at`` once the dataset was closed and
+    every one of its files had a job: a task ends only when every input is done.
+    """
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="inputs")
+    position = models.PositiveIntegerField(help_text="Order in the task's series, from 0.")
+    dataset_uid = models.UUIDField(help_text="DSM uid of the input dataset.")
+    split_cursor = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="DSM cursor of the last file of this dataset given a job (None: none yet).",
+    )
+    split_done_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the splitter found the dataset closed with every file given a job.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["task", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "position"], name="task_input_position"),
+            models.UniqueConstraint(fields=["task", "dataset_uid"], name="task_input_once"),
+        ]
+        indexes = [models.Index(fields=["dataset_uid"], name="task_input_dataset")]
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} input {self.position}: {self.dataset_uid}"
 
 
 class TaskTransition(TransitionLog):

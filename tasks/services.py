@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from files.dsm import get_dsm
 from files.models import File, FileStatus, FileType
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from pilots.models import PilotState
-from tasks.models import ENDED_TASK_STATES, Task, TaskState, TaskTransition
+from tasks.models import ENDED_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
 from wms.choices import DeviceType, Mode, TransitionSource
 from wms.exceptions import InvalidTransition, NotFound, ValidationFailed, WMSError
 from wms.kicks import kick
@@ -40,7 +41,9 @@ def task_create(
     *,
     owner: AbstractBaseUser,
     executable: str,
-    data_in_uid: uuid.UUID | str,
+    data_in_uid: uuid.UUID | str | None = None,
+    data_in_uids: Sequence[uuid.UUID | str] | None = None,
+    data_in_selection: str = "",
     args: str = "",
     rank: int = 0,
     device_type: str = DeviceType.CPU,
@@ -59,21 +62,24 @@ def task_create(
     merge_max_level: int = 0,
     merge_on_child_failure: str = "fail",
 ) -> Task:
-    """Define a task over an existing input dataset of the DSM.
+    """Define a task over input datasets of the DSM: ONE of ``data_in_uid`` (one dataset),
+    ``data_in_uids`` (a series, in order) or ``data_in_selection`` (a name pattern, resolved
+    now through the DSM into the series of the datasets it matches, by name). The datasets may
+    still be open and empty (pre-registered): the splitter follows them as files arrive.
 
     The task's output dataset is registered in the DSM at once (role ``output``, named
     ``<name or "task">.<id>.out``, located at ``data_out_url``), and its uid kept in
     ``data_out_uid``: every output and log of the task's jobs is registered there. An empty
     ``data_out_url`` defaults to ``<WMS_OUTPUT_ROOT>/task-<id>``.
     """
-    if not data_in_uid:
-        raise ValidationFailed({"data_in_uid": ["This field is required."]})
-    try:
-        with get_dsm() as dsm:  # the configured DSM, local or external
-            dataset = dsm.get_dataset(data_in_uid)
-    except (NotFound, DjangoValidationError) as exc:
-        # An unknown (or malformed) uid is bad input of this field, as the API answers it.
-        raise ValidationFailed({"data_in_uid": ["No dataset with this uid."]}) from exc
+    with get_dsm() as dsm:  # the configured DSM, local or external
+        datasets = resolve_inputs(
+            dsm,
+            data_in_uid=data_in_uid,
+            data_in_uids=data_in_uids,
+            data_in_selection=data_in_selection,
+        )
+    dataset = datasets[0]
     task = Task(
         owner=owner,
         executable=executable,
@@ -82,6 +88,7 @@ def task_create(
         device_type=device_type,
         mode=mode,
         data_in_uid=dataset.uid,
+        data_in_selection=data_in_selection,
         storage_url=storage_url,
         data_out_url=data_out_url,
         name=name,
@@ -101,6 +108,9 @@ def task_create(
     except DjangoValidationError as exc:
         raise ValidationFailed(exc.message_dict) from exc
     task.save(force_insert=True)
+    TaskInput.objects.bulk_create(
+        [TaskInput(task=task, position=i, dataset_uid=ds.uid) for i, ds in enumerate(datasets)]
+    )
     # The output dataset, in the DSM, named after the task (its id makes the name unique);
     # the outputs go under data_out_url, by default a folder of the task under WMS_OUTPUT_ROOT.
     if not task.data_out_url:
@@ -117,11 +127,181 @@ def task_create(
         "task_created",
         task_id=task.pk,
         data_in_uid=str(dataset.uid),
+        inputs=len(datasets),
         data_out_uid=str(output.uid),
         owner=str(owner),
     )
     kick("wms.split", task_id=task.pk)
     return task
+
+
+INPUT_FIELDS = ("data_in_uid", "data_in_uids", "data_in_selection")
+
+
+def resolve_inputs(
+    dsm: Any,
+    *,
+    data_in_uid: uuid.UUID | str | None = None,
+    data_in_uids: Sequence[uuid.UUID | str] | None = None,
+    data_in_selection: str = "",
+    taken: Sequence[uuid.UUID] = (),
+    own_output: uuid.UUID | None = None,
+) -> list[Any]:
+    """The input datasets asked for, in order, as the DSM describes them (``DatasetInfo``).
+
+    Exactly one way of naming them: one uid, a list of uids (no repeats), or a name pattern.
+    ``taken``: the uids a task reads already (adding one of them again is a 400);
+    ``own_output``: the task's output dataset, never its own input (a selection skips it). At most
+    ``WMS_TASK_MAX_INPUTS`` datasets in all. Unknown datasets and bad patterns are 400s keyed by
+    the field that named them.
+    """
+    given = [
+        name
+        for name, value in (
+            ("data_in_uid", data_in_uid),
+            ("data_in_uids", data_in_uids),
+            ("data_in_selection", data_in_selection),
+        )
+        if value is not None and value != ""
+    ]
+    if not given:
+        raise ValidationFailed(
+            {"data_in_uid": ["This field is required (or data_in_uids, or data_in_selection)."]}
+        )
+    if len(given) > 1:
+        raise ValidationFailed(
+            {
+                name: ["Give only one of data_in_uid, data_in_uids and data_in_selection."]
+                for name in given
+            }
+        )
+    room = settings.WMS_TASK_MAX_INPUTS - len(taken)
+    if data_in_selection:
+        try:
+            found = dsm.find_datasets(str(data_in_selection), role=None, limit=room + 1)
+        except ValidationFailed as exc:
+            raise ValidationFailed({"data_in_selection": _messages(exc.detail)}) from exc
+        found = [ds for ds in found if ds.uid not in {*taken, own_output}]
+        if not found:
+            raise ValidationFailed(
+                {"data_in_selection": ["No dataset (not already an input) matches this pattern."]}
+            )
+        if len(found) > room:
+            raise ValidationFailed(
+                {
+                    "data_in_selection": [
+                        f"More than {room} datasets match this pattern: narrow it "
+                        f"(a task reads at most {settings.WMS_TASK_MAX_INPUTS} datasets)."
+                    ]
+                }
+            )
+        return found
+    if data_in_uid is not None and data_in_uid != "":
+        field, items = "data_in_uid", [data_in_uid]
+    else:
+        field = "data_in_uids"
+        if isinstance(data_in_uids, str | bytes) or not isinstance(data_in_uids, Sequence):
+            raise ValidationFailed({field: ["Must be a list of dataset uids."]})
+        items = list(data_in_uids)
+        if not items:
+            raise ValidationFailed({field: ["Must name at least one dataset."]})
+        if len(items) > room:
+            raise ValidationFailed(
+                {
+                    field: [
+                        f"At most {room} datasets (a task reads at most "
+                        f"{settings.WMS_TASK_MAX_INPUTS})."
+                    ]
+                }
+            )
+    out = []
+    seen: set[uuid.UUID] = set(taken)
+    errors: dict[str, list[str]] = {}
+    for i, raw in enumerate(items):
+        key = field if field == "data_in_uid" else f"{field}[{i}]"
+        try:
+            uid = raw if isinstance(raw, uuid.UUID) else uuid.UUID(str(raw))
+        except ValueError:
+            errors[key] = ["Not a valid UUID."]
+            continue
+        if uid in seen:
+            errors[key] = ["This dataset is in the task's inputs already."]
+            continue
+        if uid == own_output:
+            errors[key] = ["This is the task's own output dataset: it cannot be its input."]
+            continue
+        seen.add(uid)
+        try:
+            out.append(dsm.get_dataset(uid))
+        except NotFound:
+            errors[key] = ["No dataset with this uid."]
+    if errors:
+        raise ValidationFailed(errors)
+    return out
+
+
+def _messages(detail: Any) -> list[str]:
+    """A DSM validation error's messages as one flat list (for the task field that caused it)."""
+    if isinstance(detail, dict):
+        return [f"{k}: {m}" for k, v in detail.items() for m in _messages(v)]
+    if isinstance(detail, list | tuple):
+        return [str(m) for m in detail]
+    return [str(detail)]
+
+
+@transaction.atomic
+def task_add_inputs(
+    *,
+    task_id: int,
+    data_in_uids: Sequence[uuid.UUID | str] | None = None,
+    data_in_selection: str = "",
+) -> list[TaskInput]:
+    """Append datasets to a task's series of inputs (a list of uids or a name pattern).
+
+    Only while the task may still split: ``defined``, ``running`` or ``paused`` (else 409).
+    The task row is locked first, so this and the finalizer never cross: a task that ended
+    before takes no more inputs, and a task given one does not end before it is split.
+    """
+    task = Task.objects.select_for_update().filter(pk=task_id).first()
+    if task is None:
+        raise NotFound(f"Task {task_id} does not exist.")
+    if task.state in ENDED_TASK_STATES:
+        raise InvalidTransition(
+            entity="task",
+            pk=task_id,
+            current=task.state,
+            target=task.state,
+            detail=f"Task {task_id} is {task.state}: it takes no more input datasets.",
+        )
+    if data_in_uids is None and not data_in_selection:
+        raise ValidationFailed({"data_in_uids": ["This field is required (or data_in_selection)."]})
+    existing = list(
+        TaskInput.objects.filter(task_id=task_id).values_list("position", "dataset_uid")
+    )
+    with get_dsm() as dsm:
+        datasets = resolve_inputs(
+            dsm,
+            data_in_uids=data_in_uids,
+            data_in_selection=data_in_selection,
+            taken=[uid for _, uid in existing],
+            own_output=task.data_out_uid,
+        )
+    start = max((pos for pos, _ in existing), default=-1) + 1
+    rows = TaskInput.objects.bulk_create(
+        [
+            TaskInput(task_id=task_id, position=start + i, dataset_uid=ds.uid)
+            for i, ds in enumerate(datasets)
+        ]
+    )
+    Task.objects.filter(pk=task_id).update(updated_at=timezone.now())
+    log.info(
+        "task_inputs_added",
+        task_id=task_id,
+        inputs=[str(ds.uid) for ds in datasets],
+        first_position=start,
+    )
+    kick("wms.split", task_id=task_id)
+    return rows
 
 
 _UPDATABLE = {
@@ -279,17 +459,19 @@ def _kills_pending(task_id: int) -> bool:
 
 
 def _input_fully_split(task: Task, dsm: Any) -> tuple[bool, str]:
-    """Is the input dataset closed and has every one of its files a job of this task?
+    """Is every input dataset of the task closed, with every one of its files given a job?
 
-    The dataset's state is read before its files (a closed dataset takes no more files), then
-    ONE listing after the split cursor: nothing there means the splitter reached its end.
+    An input the splitter marked done (``split_done_at``) costs nothing. For any other, the
+    dataset's state is read before its files (a closed dataset takes no more files), then ONE
+    listing after the input's split cursor: nothing there means the splitter reached its end.
     """
-    info = dsm.get_dataset(task.data_in_uid)
-    if info.is_open:
-        return False, "input dataset open"
-    page = dsm.list_files(task.data_in_uid, after=task.split_cursor, limit=1)
-    if page.files:
-        return False, "input files without a job"
+    for task_input in TaskInput.objects.filter(task_id=task.pk, split_done_at__isnull=True):
+        info = dsm.get_dataset(task_input.dataset_uid)
+        if info.is_open:
+            return False, "input dataset open"
+        page = dsm.list_files(task_input.dataset_uid, after=task_input.split_cursor, limit=1)
+        if page.files:
+            return False, "input files without a job"
     return True, ""
 
 
@@ -303,11 +485,11 @@ def _end_counts(task_id: int) -> tuple[int, dict[str, int]]:
 def task_finalize(*, task_id: int, dsm: Any = None) -> FinalizeResult:
     """End a running task whose work is done, and close the output dataset of an ended task.
 
-    1. A ``running`` task ends when its input dataset is closed, every input file has a job
-       (the split cursor is at the dataset's last file), every job is final and no killed
-       attempt may still run: ``failed`` when more than ``max_failed_fraction`` of its jobs
-       failed (0: any), else ``finished``. The counts go into ``jobs_finished``,
-       ``jobs_failed``, ``jobs_cancelled`` and the transition's reason.
+    1. A ``running`` task ends when every one of its input datasets is closed, every input
+       file has a job (each input's split cursor is at its dataset's last file), every job
+       is final and no killed attempt may still run: ``failed`` when more than
+       ``max_failed_fraction`` of its jobs failed (0: any), else ``finished``. The counts go
+       into ``jobs_finished``, ``jobs_failed``, ``jobs_cancelled`` and the transition's reason.
     2. An ended task (finished, failed, cancelled) whose output dataset is still open: once no
        job of it is queued/running/held and no killed attempt may still write, the outputs of
        a cancelled task are marked ``partial``, and the dataset is closed in the DSM with its

@@ -1,12 +1,15 @@
 """The splitter: a running task's input files become jobs, ``files_per_job`` files per job.
 
-Run by beat every few seconds (``wms.split``) and kicked on commit when a task is created or its
-input dataset gains files. For each task it holds the task row (``FOR UPDATE SKIP LOCKED``: two
-splitters never work on one task at once), reads the input dataset's files after the task's
-``split_cursor`` from the DSM page by page, and creates jobs and their input FILE_DAT rows in
-bulk. The unique constraint ``file_one_job_per_input`` is the last line of defence: an input file
-can never get two jobs in one task. A trailing group smaller than ``files_per_job`` waits until
-the input dataset is closed (more files may come to fill it).
+Run by beat every few seconds (``wms.split``) and kicked on commit when a task is created or one
+of its input datasets gains files or closes. For each task it holds the task row (``FOR UPDATE
+SKIP LOCKED``: two splitters never work on one task at once) and goes through the task's series
+of input datasets (``TaskInput``, in order): for each input not yet done it reads the files
+after the input's ``split_cursor`` from the DSM page by page, and creates jobs and their input
+FILE_DAT rows in bulk. A job's files come from one dataset. The unique constraint
+``file_one_job_per_input`` is the last line of defence: an input file can never get two jobs in
+one task. A trailing group smaller than ``files_per_job`` waits until its dataset is closed
+(more files may come to fill it); an input is done once its dataset is closed and every file of
+it has a job.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from files.dsm.local import LocalDSMClient
 from files.models import Dataset, File, FileStatus, FileType
 from files.services import catalogue_mirror
 from jobs.models import Job, JobState
-from tasks.models import Task, TaskState
+from tasks.models import Task, TaskInput, TaskState
 from wms import db
 from wms.choices import TransitionSource
 from wms.exceptions import WMSError
@@ -224,40 +227,19 @@ def _split_locked(task_id: int, dsm: DSMClient) -> SplitResult:
     )
     if task is None:  # not splittable now, or another splitter holds it
         return SplitResult(task_id=task_id)
-    # The dataset's state is read BEFORE its files: if it was closed then, the listing that
-    # follows is complete and a short trailing group may be made into a job.
-    info = dsm.get_dataset(task.data_in_uid)
-    closed = not info.is_open
-    per_job = task.files_per_job
-    # Groups may span pages: what a page leaves over is carried into the next one.
-    page_size = max(1, min(settings.WMS_SPLIT_PAGE, MAX_PAGE_SIZE))
-    used = task.split_cursor  # the last file that has a job: persisted
-    read = used  # the last file read in this run
-    carry: list[FileInfo] = []  # read but not used: a short group waiting for more files
+    # The series, in order: every input not yet done gets jobs for the files it has now. An
+    # open dataset never holds up the ones after it; its files get jobs as they arrive.
+    budget = settings.WMS_SPLIT_MAX_JOBS_PER_RUN
     jobs_made = files_used = 0
     more = False
-    while True:
-        page = dsm.list_files(task.data_in_uid, after=read, limit=page_size)
-        if page.files:
-            read = page.files[-1].id
-        last_page = page.next_cursor is None
-        batch = carry + page.files
-        n_full = len(batch) // per_job * per_job
-        take = batch if (last_page and closed) else batch[:n_full]
-        carry = batch[len(take) :]
-        if take:
-            groups = [take[i : i + per_job] for i in range(0, len(take), per_job)]
-            dataset_id, entry_of = _entry_ids(dsm, info, take)
-            jobs_made += _create_jobs(task, groups, dataset_id, entry_of)
-            files_used += len(take)
-            used = take[-1].id
-        if last_page:
-            break
-        if jobs_made >= settings.WMS_SPLIT_MAX_JOBS_PER_RUN:
+    for task_input in TaskInput.objects.filter(task_id=task.pk, split_done_at__isnull=True):
+        if jobs_made >= budget:
             more = True
             break
-    if used != task.split_cursor:
-        Task.objects.filter(pk=task.pk).update(split_cursor=used, updated_at=timezone.now())
+        made, used, input_more = _split_input(task, task_input, dsm, budget - jobs_made)
+        jobs_made += made
+        files_used += used
+        more = more or input_more
     if task.state == TaskState.DEFINED:
         apply_transition(
             Task,
@@ -275,6 +257,63 @@ def _split_locked(task_id: int, dsm: DSMClient) -> SplitResult:
         if more:
             kick_split(task_id=task.pk)
     return SplitResult(task_id=task.pk, jobs=jobs_made, files=files_used, more=more)
+
+
+def _split_input(
+    task: Task, task_input: TaskInput, dsm: DSMClient, budget: int
+) -> tuple[int, int, bool]:
+    """Jobs for the files of one input dataset after its cursor: (jobs, files, more).
+
+    The dataset's state is read BEFORE its files: if it was closed then, the listing that
+    follows is complete, a short trailing group may be made into a job, and once every file
+    has a job the input is done (``split_done_at``).
+    """
+    info = dsm.get_dataset(task_input.dataset_uid)
+    closed = not info.is_open
+    per_job = task.files_per_job
+    # Groups may span pages: what a page leaves over is carried into the next one.
+    page_size = max(1, min(settings.WMS_SPLIT_PAGE, MAX_PAGE_SIZE))
+    used = task_input.split_cursor  # the last file that has a job: persisted
+    read = used  # the last file read in this run
+    carry: list[FileInfo] = []  # read but not used: a short group waiting for more files
+    jobs_made = files_used = 0
+    more = done = False
+    while True:
+        page = dsm.list_files(task_input.dataset_uid, after=read, limit=page_size)
+        if page.files:
+            read = page.files[-1].id
+        last_page = page.next_cursor is None
+        batch = carry + page.files
+        n_full = len(batch) // per_job * per_job
+        take = batch if (last_page and closed) else batch[:n_full]
+        carry = batch[len(take) :]
+        if take:
+            groups = [take[i : i + per_job] for i in range(0, len(take), per_job)]
+            dataset_id, entry_of = _entry_ids(dsm, info, take)
+            jobs_made += _create_jobs(task, groups, dataset_id, entry_of)
+            files_used += len(take)
+            used = take[-1].id
+        if last_page:
+            done = closed  # closed when read, and every file read has a job now
+            break
+        if jobs_made >= budget:
+            more = True
+            break
+    changes: dict = {}
+    if used != task_input.split_cursor:
+        changes["split_cursor"] = used
+    if done:
+        changes["split_done_at"] = timezone.now()
+        log.info(
+            "task_input_split_done",
+            task_id=task.pk,
+            position=task_input.position,
+            dataset_uid=str(task_input.dataset_uid),
+            files=info.file_count,
+        )
+    if changes:
+        TaskInput.objects.filter(pk=task_input.pk).update(**changes)
+    return jobs_made, files_used, more
 
 
 def split_all(*, beat: bool = False) -> list[SplitResult]:

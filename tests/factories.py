@@ -11,7 +11,7 @@ from files.models import Dataset, DatasetEntry, DatasetRole, File, FileType
 from jobs.models import Job, JobAttempt
 from pilots.models import CommandKind, Pilot, PilotCommand
 from pilots.services import hash_token
-from tasks.models import Task
+from tasks.models import Task, TaskInput
 from wms import checksums
 
 
@@ -53,6 +53,7 @@ class DatasetEntryFactory(factory.django.DjangoModelFactory):
 class TaskFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Task
+        skip_postgeneration_save = True
 
     owner = factory.SubFactory(UserFactory)
     executable = "wms-payload-map"
@@ -60,6 +61,17 @@ class TaskFactory(factory.django.DjangoModelFactory):
     rank = 0
     data_in_uid = factory.LazyFunction(lambda: DatasetFactory().uid)
     name = factory.Sequence(lambda n: f"task-{n}")
+
+    @factory.post_generation
+    def inputs(obj, create, extracted, **kwargs):
+        """Input 0 is ``data_in_uid`` (as ``task_create`` makes it); ``inputs=[uid, ...]``
+        gives the whole series instead."""
+        if not create:
+            return
+        uids = extracted if extracted is not None else [obj.data_in_uid]
+        TaskInput.objects.bulk_create(
+            [TaskInput(task=obj, position=i, dataset_uid=uid) for i, uid in enumerate(uids)]
+        )
 
 
 class PilotFactory(factory.django.DjangoModelFactory):

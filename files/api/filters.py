@@ -1,7 +1,11 @@
 """Query filters of the files and datasets API (django-filter)."""
 
 import django_filters
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
 
+from files.dsm import pattern_errors
+from files.dsm.local import name_matches
 from files.models import Dataset, DatasetRole, DatasetState, File, FileStatus, FileType
 
 
@@ -19,11 +23,29 @@ class FileFilter(django_filters.FilterSet):
         fields = ["job", "task", "type", "dataset", "status"]
 
 
+def validate_name_glob(value: str) -> None:
+    problems = pattern_errors(value)
+    if problems:
+        raise ValidationError(problems)
+
+
 class DatasetFilter(django_filters.FilterSet):
-    """``?state=``, ``?role=``, ``?name=`` (exact) and ``?name__icontains=``."""
+    """``?state=``, ``?role=``, ``?name=`` (exact), ``?name__icontains=`` and ``?name__glob=``
+    (the DSM's dataset selection, ``files.dsm.DSMClient.find_datasets``)."""
 
     state = django_filters.ChoiceFilter(choices=DatasetState.choices)
     role = django_filters.ChoiceFilter(choices=DatasetRole.choices)
+    name__glob = django_filters.CharFilter(
+        method="filter_name_glob",
+        strip=False,  # the glob as given, like find_datasets (a blank one is refused)
+        validators=[validate_name_glob],
+        help_text="A glob of the whole name, case-sensitive: `*` any run of characters, `?` "
+        "one character, everything else literal (e.g. `run2026.*.raw`). A pattern of "
+        "wildcards only is refused.",
+    )
+
+    def filter_name_glob(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        return queryset.filter(name_matches(value))
 
     class Meta:
         model = Dataset

@@ -17,6 +17,7 @@ This module imports no Django at import time (``get_dsm`` reads the settings whe
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from wms.exceptions import DSMError, ValidationFailed
 __all__ = [
     "BACKENDS",
     "DEFAULT_PAGE_SIZE",
+    "MAX_FIND",
     "MAX_PAGE_SIZE",
+    "MAX_PATTERN_LENGTH",
     "ROLES",
     "STATES",
     "ClientBase",
@@ -37,8 +40,12 @@ __all__ = [
     "FileInfo",
     "FilePage",
     "UIDLike",
+    "check_find_args",
     "get_dsm",
+    "glob_prefix",
+    "glob_regex",
     "iter_files",
+    "pattern_errors",
 ]
 
 ROLES = ("input", "output")
@@ -46,6 +53,9 @@ STATES = ("open", "closed")
 BACKENDS = ("local", "http")
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
+MAX_FIND = 10_000  # the most datasets one find_datasets call returns
+MAX_PATTERN_LENGTH = 255  # as a dataset name
+WILDCARDS = frozenset("*?")
 
 UIDLike = uuid.UUID | str
 
@@ -154,6 +164,20 @@ class DSMClient(Protocol):
         """Close a dataset (open → closed); closing a closed dataset again is a no-op."""
         ...
 
+    def find_datasets(
+        self, pattern: str, *, role: str | None = "input", limit: int = DEFAULT_PAGE_SIZE
+    ) -> list[DatasetInfo]:
+        """The datasets whose name matches ``pattern``, of ``role`` (None: any), by name.
+
+        ``pattern`` is a glob over the whole name: ``*`` any run of characters (also none),
+        ``?`` exactly one character, everything else literal (``.``, ``_``, ``%``, ``[``,
+        ``\\`` ...), case-sensitive. Ordered by name in code-point order, at most ``limit``
+        (1..``MAX_FIND``). The state is not a filter: closed datasets match too. A blank
+        pattern, one of wildcards only (the whole catalogue), a bad role or limit →
+        ``ValidationFailed``.
+        """
+        ...
+
     def close(self) -> None:
         """Release the client's resources (connections); the client is unusable afterwards."""
         ...
@@ -181,6 +205,67 @@ def check_page_args(after: Any, limit: Any) -> None:
         errors["limit"] = [f"Must be an integer from 1 to {MAX_PAGE_SIZE}."]
     if errors:
         raise ValidationFailed(errors)
+
+
+def pattern_errors(pattern: Any) -> list[str]:
+    """What is wrong with a dataset-name glob for :meth:`DSMClient.find_datasets` ([] if fine)."""
+    if not isinstance(pattern, str):
+        return ["Must be a string (a glob of dataset names)."]
+    if not pattern.strip():
+        return ["This field may not be blank."]
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return [f"Ensure this field has no more than {MAX_PATTERN_LENGTH} characters."]
+    if "\x00" in pattern:
+        return ["Must not contain NUL characters."]
+    if set(pattern) <= WILDCARDS:
+        return [
+            "A pattern of wildcards only would select the whole catalogue: "
+            "give at least one literal character."
+        ]
+    return []
+
+
+def check_find_args(pattern: Any, role: Any, limit: Any) -> None:
+    """The ``find_datasets`` arguments both backends accept; any other → ``ValidationFailed``."""
+    errors: dict[str, list[str]] = {}
+    problems = pattern_errors(pattern)
+    if problems:
+        errors["pattern"] = problems
+    if role is not None and role not in ROLES:
+        errors["role"] = [f"Must be one of {list(ROLES)} or None (any role)."]
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_FIND:
+        errors["limit"] = [f"Must be an integer from 1 to {MAX_FIND}."]
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def glob_prefix(pattern: str) -> str:
+    """The literal start of a glob, up to its first wildcard (``run2026.*.raw`` → ``run2026.``)."""
+    for i, ch in enumerate(pattern):
+        if ch in WILDCARDS:
+            return pattern[:i]
+    return pattern
+
+
+def glob_regex(pattern: str) -> str:
+    """A regular expression matching exactly the names a glob matches, the whole name.
+
+    Written in the subset where Python's ``re`` (SQLite's REGEXP in Django) and PostgreSQL's
+    AREs agree: ``(?s)`` (``.`` matches a newline too; the default of an ARE), ``\\A``/``\\Z``
+    anchors (``$`` would also match before a final newline in Python), ``.`` / ``.*`` for the
+    wildcards, and every other character literal: ``re.escape`` puts a backslash before ASCII
+    punctuation and whitespace only, which both engines read as the character itself.
+    """
+    out: list[str] = []
+    for ch in pattern:
+        if ch == "*":
+            if not out or out[-1] != ".*":  # a run of stars is one star
+                out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        else:
+            out.append(re.escape(ch))
+    return "(?s)\\A" + "".join(out) + "\\Z"
 
 
 def check_file_specs(files: Any) -> list[Mapping[str, Any]]:

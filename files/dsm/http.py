@@ -10,7 +10,9 @@
 - 4xx answers map to the WMS's exceptions: 400/422 → ``ValidationFailed``, 404 → ``NotFound``,
   409 → ``DatasetClosed`` (error ``dataset_closed``) or ``Conflict``; 401/403 and anything
   else → ``DSMError`` (a WMS misconfiguration, not the caller's fault).
-- A body that is not JSON or lacks a field → ``DSMError`` naming the request and the field.
+- A body that is not JSON or lacks a field → ``DSMError`` naming the request and the field;
+  so is a ``find_datasets`` answer with a dataset that does not match the query, out of name
+  order, or more of them than the limit.
 
 Django-free: configured by arguments (``files.dsm.get_dsm`` passes the settings).
 """
@@ -18,6 +20,7 @@ Django-free: configured by arguments (``files.dsm.get_dsm`` passes the settings)
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +41,9 @@ from files.dsm import (
     FilePage,
     UIDLike,
     check_file_specs,
+    check_find_args,
     check_page_args,
+    glob_regex,
 )
 from wms.exceptions import Conflict, DatasetClosed, DSMError, NotFound, ValidationFailed
 
@@ -345,3 +350,26 @@ class HTTPDSMClient(ClientBase):
         path = f"/datasets/{_uid_path(dataset_uid)}/close"
         body = self._request("POST", path, body={"source": source, "reason": reason})
         return _Reader(f"POST {path}").dataset(body)
+
+    def find_datasets(
+        self, pattern: str, *, role: str | None = "input", limit: int = DEFAULT_PAGE_SIZE
+    ) -> list[DatasetInfo]:
+        check_find_args(pattern, role, limit)
+        params: dict[str, Any] = {"name": pattern, "limit": limit}
+        if role is not None:
+            params["role"] = role
+        body = self._request("GET", "/datasets", params=params)
+        reader = _Reader("GET /datasets")
+        out = [reader.dataset(d) for d in reader.items(body, "datasets")]
+        # The selection feeds tasks: a DSM answering another one than asked is not trusted.
+        if len(out) > limit:
+            raise reader.fail(f"{len(out)} datasets for a limit of {limit}")
+        match = re.compile(glob_regex(pattern)).search
+        for i, ds in enumerate(out):
+            if not match(ds.name):
+                raise reader.fail(f"dataset {ds.name!r}, which does not match {pattern!r}")
+            if role is not None and ds.role != role:
+                raise reader.fail(f"dataset {ds.name!r} of role {ds.role!r}, not {role!r}")
+            if i and not out[i - 1].name < ds.name:
+                raise reader.fail(f"datasets out of name order ({out[i - 1].name!r}, {ds.name!r})")
+        return out

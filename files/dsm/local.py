@@ -7,6 +7,11 @@ The paging cursor is the entry id. ``dataset_add_files`` allocates the ids of a 
 entries while it holds the dataset's row lock, until commit, so within one dataset ids become
 visible in increasing order: a reader resuming with ``after=<last id seen>`` misses nothing even
 while files are still being added.
+
+``find_datasets`` is one query on PostgreSQL and SQLite alike: ``name LIKE '<literal prefix>%'``
+(Django escapes ``%``, ``_`` and ``\\``; on PostgreSQL the unique name's ``varchar_pattern_ops``
+index serves it) narrows the rows, and ``name ~ <regex>`` (PostgreSQL) / ``name REGEXP <regex>``
+(SQLite, Python's ``re`` through Django) decides, with the regex of :func:`files.dsm.glob_regex`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from django.db import connections
+from django.db.models import F, Q, QuerySet
+from django.db.models.functions import Collate
 
 from files import services
 from files.dsm import (
@@ -25,7 +34,10 @@ from files.dsm import (
     FilePage,
     UIDLike,
     check_file_specs,
+    check_find_args,
     check_page_args,
+    glob_prefix,
+    glob_regex,
 )
 from files.models import Dataset, DatasetEntry
 from wms.exceptions import NotFound, ValidationFailed
@@ -55,6 +67,27 @@ def _get(uid: UIDLike) -> Dataset:
     if ds is None:
         raise NotFound(f"Dataset {uid} does not exist.")
     return ds
+
+
+def name_matches(pattern: str) -> Q:
+    """A filter: whole name matches a glob (``*``, ``?``; all else literal, case too).
+
+    The pattern must be valid (:func:`files.dsm.pattern_errors`). Also the API's
+    ``?name__glob=`` filter.
+    """
+    prefix = glob_prefix(pattern)
+    if prefix == pattern:  # no wildcard: one name
+        return Q(name=pattern)
+    q = Q(name__regex=glob_regex(pattern))
+    return q & Q(name__startswith=prefix) if prefix else q
+
+
+def by_name(qs: QuerySet[Dataset]) -> QuerySet[Dataset]:
+    """Ordered by name in code-point order on every database (PostgreSQL's collation may not be:
+    ``en_US`` sorts ``a_b`` and ``a.c`` otherwise); SQLite's BINARY already is."""
+    if connections[qs.db].vendor == "postgresql":
+        return qs.order_by(Collate(F("name"), "C"))
+    return qs.order_by("name")
 
 
 def dataset_info(ds: Dataset) -> DatasetInfo:
@@ -125,6 +158,15 @@ class LocalDSMClient(ClientBase):
 
     def get_dataset(self, dataset_uid: UIDLike) -> DatasetInfo:
         return dataset_info(_get(dataset_uid))
+
+    def find_datasets(
+        self, pattern: str, *, role: str | None = "input", limit: int = DEFAULT_PAGE_SIZE
+    ) -> list[DatasetInfo]:
+        check_find_args(pattern, role, limit)
+        qs = Dataset.objects.filter(name_matches(pattern))
+        if role is not None:
+            qs = qs.filter(role=role)
+        return [dataset_info(ds) for ds in by_name(qs)[:limit]]
 
     def close_dataset(
         self, dataset_uid: UIDLike, *, source: str = "dsm", reason: str = ""

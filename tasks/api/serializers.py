@@ -9,11 +9,9 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from files.selectors import dataset_get
-from tasks.models import Task, TaskTransition
+from tasks.models import Task, TaskInput, TaskTransition
 from tasks.selectors import task_job_counts
 from wms.api import StrictFieldsMixin
-from wms.exceptions import NotFound
 
 
 class JobCountsSerializer(serializers.Serializer):
@@ -52,6 +50,7 @@ TASK_FIELDS = [
     "device_type",
     "mode",
     "data_in_uid",
+    "data_in_selection",
     "data_out_uid",
     "storage_url",
     "data_out_url",
@@ -102,21 +101,65 @@ class TaskSerializer(serializers.ModelSerializer):
         return task_job_counts(task_id=obj.pk)
 
 
-class TaskDetailSerializer(TaskSerializer):
-    """A task with its job counts and the history of its state changes."""
+class TaskInputSerializer(serializers.ModelSerializer):
+    """One input dataset of the task's series: its place, its uid, and how far the splitter
+    got (``split_cursor``: the DSM id of the last file given a job; ``split_done_at``: when the
+    dataset was found closed with every file given a job)."""
 
+    class Meta:
+        model = TaskInput
+        fields = ["position", "dataset_uid", "split_cursor", "split_done_at"]
+        read_only_fields = fields
+
+
+class TaskDetailSerializer(TaskSerializer):
+    """A task with its job counts, its input datasets in order and the history of its states."""
+
+    inputs = TaskInputSerializer(many=True, read_only=True)
     transitions = TaskTransitionSerializer(many=True, read_only=True)
 
     class Meta(TaskSerializer.Meta):
-        fields = [*TASK_FIELDS, "transitions"]
+        fields = [*TASK_FIELDS, "inputs", "transitions"]
         read_only_fields = fields
+
+
+class TaskInputsField(serializers.ListField):
+    """A list of dataset uids (the service checks each against the DSM)."""
+
+    child = serializers.UUIDField()
+
+
+def _one_input_way(data: Any, fields: tuple[str, ...]) -> dict[str, list[str]]:
+    """The errors of a request naming its input datasets in none or several of ``fields``
+    (only the shape: whether the datasets exist is the service's question, to the DSM)."""
+    if not hasattr(data, "get"):
+        return {}
+    given = [f for f in fields if data.get(f) not in (None, "", [])]
+    if not given:
+        return {fields[0]: [f"This field is required (or {' or '.join(fields[1:])})."]}
+    if len(given) > 1:
+        return {f: [f"Give only one of {', '.join(fields)}."] for f in given}
+    return {}
 
 
 class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
     """What a user gives to define a task; the owner is the user who asks.
 
-    ``data_in_uid`` must name a dataset of the DSM catalogue.
+    The input datasets, given ONE way: ``data_in_uid`` (one dataset), ``data_in_uids`` (a
+    series, read in this order) or ``data_in_selection`` (a name pattern, ``*`` and ``?`` as
+    wildcards, resolved at once into the datasets it matches, in name order). Every dataset
+    must exist in the DSM; it may be open and still empty.
     """
+
+    data_in_uid = serializers.UUIDField(required=False, allow_null=True)
+    data_in_uids = TaskInputsField(
+        required=False, min_length=1, help_text="Input datasets, in the order they are read."
+    )
+    data_in_selection = serializers.CharField(
+        required=False,
+        max_length=255,
+        help_text="A dataset name pattern (glob: * any run, ? one character).",
+    )
 
     class Meta:
         model = Task
@@ -128,6 +171,8 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "device_type",
             "mode",
             "data_in_uid",
+            "data_in_uids",
+            "data_in_selection",
             "storage_url",
             "data_out_url",
             "files_per_job",
@@ -142,12 +187,42 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "merge_on_child_failure",
         ]
 
-    def validate_data_in_uid(self, value: Any) -> Any:
-        try:
-            dataset_get(uid=value)
-        except NotFound as exc:
-            raise serializers.ValidationError("No dataset with this uid.") from exc
-        return value
+    def to_internal_value(self, data: Any) -> Any:
+        return _with_input_errors(
+            super().to_internal_value, data, ("data_in_uid", "data_in_uids", "data_in_selection")
+        )
+
+
+class TaskAddInputsSerializer(StrictFieldsMixin, serializers.Serializer):
+    """Datasets to append to a task's series: ``data_in_uids`` or ``data_in_selection``."""
+
+    data_in_uids = TaskInputsField(
+        required=False, min_length=1, help_text="Input datasets, in the order they are read."
+    )
+    data_in_selection = serializers.CharField(
+        required=False,
+        max_length=255,
+        help_text="A dataset name pattern (glob: * any run, ? one character).",
+    )
+
+    def to_internal_value(self, data: Any) -> Any:
+        return _with_input_errors(
+            super().to_internal_value, data, ("data_in_uids", "data_in_selection")
+        )
+
+
+def _with_input_errors(parse: Any, data: Any, fields: tuple[str, ...]) -> Any:
+    """``parse(data)`` with the input-choice errors reported together with any other."""
+    errors = _one_input_way(data, fields)
+    try:
+        value = parse(data)
+    except serializers.ValidationError as exc:
+        if not isinstance(exc.detail, dict):
+            raise
+        raise serializers.ValidationError({**errors, **exc.detail}) from exc
+    if errors:
+        raise serializers.ValidationError(errors)
+    return value
 
 
 class TaskUpdateSerializer(StrictFieldsMixin, serializers.ModelSerializer):

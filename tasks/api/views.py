@@ -25,6 +25,7 @@ from rest_framework.response import Response
 
 from tasks.api.filters import TaskFilter
 from tasks.api.serializers import (
+    TaskAddInputsSerializer,
     TaskCreateSerializer,
     TaskDetailSerializer,
     TaskSerializer,
@@ -33,6 +34,7 @@ from tasks.api.serializers import (
 from tasks.models import Task
 from tasks.selectors import tasks_job_counts, tasks_visible_to
 from tasks.services import (
+    task_add_inputs,
     task_cancel,
     task_create,
     task_pause,
@@ -86,7 +88,11 @@ def _action_schema(verb: str) -> Callable[[Any], Any]:
     ),
     create=extend_schema(
         summary="Define a task",
-        description="Define a task over an existing input dataset; the owner is the caller.",
+        description="Define a task over input datasets of the DSM, named one way: "
+        "data_in_uid (one), data_in_uids (a series, read in order) or data_in_selection (a "
+        "name pattern, resolved now into the datasets it matches, in name order). Datasets may "
+        "be open and still empty: the task follows them as files arrive and ends only once "
+        "every one is closed and fully processed. The owner is the caller.",
         request=TaskCreateSerializer,
         responses={201: TaskDetailSerializer, **error_responses(400)},
     ),
@@ -116,6 +122,7 @@ class TaskViewSet(viewsets.GenericViewSet):
         "resume": TransitionReasonSerializer,
         "cancel": TransitionReasonSerializer,
         "retry": TransitionReasonSerializer,
+        "inputs": TaskAddInputsSerializer,
     }
 
     def get_serializer_class(self) -> type:
@@ -126,11 +133,15 @@ class TaskViewSet(viewsets.GenericViewSet):
             return Task.objects.none()
         queryset = tasks_visible_to(user=self.request.user).select_related("owner")
         if self.action == "retrieve":
-            queryset = queryset.prefetch_related("transitions")
+            queryset = queryset.prefetch_related("inputs", "transitions")
         return queryset
 
     def _detail(self, task_id: int, http_status: int = status.HTTP_200_OK) -> Response:
-        task = Task.objects.select_related("owner").prefetch_related("transitions").get(pk=task_id)
+        task = (
+            Task.objects.select_related("owner")
+            .prefetch_related("inputs", "transitions")
+            .get(pk=task_id)
+        )
         data = TaskDetailSerializer(task, context=self.get_serializer_context()).data
         return Response(data, status=http_status)
 
@@ -192,3 +203,20 @@ class TaskViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         return self._transition(request, task_retry_failed, "retry")
+
+    @extend_schema(
+        summary="Add input datasets to a task",
+        description="Append datasets to the task's series of inputs: data_in_uids (in order) "
+        "or data_in_selection (a name pattern; datasets already in the series are skipped). "
+        "Only while the task is defined, running or paused (else 409); a dataset already in "
+        "the series, an unknown one or a pattern matching nothing is a 400.",
+        request=TaskAddInputsSerializer,
+        responses={201: TaskDetailSerializer, **error_responses(400, 404, 409)},
+    )
+    @action(detail=True, methods=["post"])
+    def inputs(self, request: Request, pk: str | None = None) -> Response:
+        task = self.get_object()
+        serializer = TaskAddInputsSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        task_add_inputs(task_id=task.pk, **serializer.validated_data)
+        return self._detail(task.pk, status.HTTP_201_CREATED)

@@ -180,6 +180,8 @@ class FakeDSM:
             ds = self._clean_dataset(body, *self._taken())
             self.datasets[ds.uid] = ds
             return 201, ds.as_json()
+        if method == "GET" and parts == ["datasets"]:
+            return 200, {"datasets": self._find(query)}
         if method == "POST" and parts == ["datasets", "bulk"]:
             specs = body.get("datasets") if isinstance(body, dict) else None
             if not isinstance(specs, list) or not specs:
@@ -216,6 +218,35 @@ class FakeDSM:
         rest = [f for f in ds.files if f["id"] > after]
         page = rest[:limit]
         return {"files": page, "next_cursor": page[-1]["id"] if len(rest) > limit else None}
+
+    def _find(self, query: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """``GET /datasets?name=<glob>&role=&limit=``: a glob over the whole name, by name."""
+        errors: dict[str, list[str]] = {}
+        name = query.get("name", [""])[0]
+        if not name.strip() or len(name) > 255 or not name.strip("*?"):
+            errors["name"] = ["A glob of 1 to 255 characters, not wildcards only."]
+        role = query.get("role", [None])[0]
+        if role is not None and role not in ROLES:
+            errors["role"] = [f"One of {list(ROLES)}."]
+        try:
+            limit = int(query.get("limit", ["1000"])[0])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_LIMIT:
+            errors["limit"] = [f"1 to {MAX_LIMIT}."]
+        if errors:
+            raise ApiError(400, "validation_failed", errors)
+        # Written apart from files.dsm.glob_regex on purpose: the fake checks the client.
+        regex = re.compile(
+            "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in name),
+            re.DOTALL,
+        )
+        found = [
+            d
+            for d in self.datasets.values()
+            if regex.fullmatch(d.name) and (role is None or d.role == role)
+        ]
+        return [d.as_json() for d in sorted(found, key=lambda d: d.name)[:limit]]
 
     def _add(self, ds: _Dataset, body: Any) -> list[dict[str, Any]]:
         files = body.get("files") if isinstance(body, dict) else None

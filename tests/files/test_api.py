@@ -157,6 +157,39 @@ def test_dataset_list_detail_and_filters(api_client):
     assert "id" not in body
 
 
+def test_dataset_list_filters_by_name_glob(api_client):
+    names = ["run2026.b.raw", "run2026.a.raw", "run2026_a_raw", "RUN2026.c.raw", "run2026.a.log"]
+    ds = {name: DatasetFactory(name=name) for name in names}
+    closed_out = DatasetFactory(name="run2026.z.raw", role="output", state="closed")
+
+    def glob(pattern, **extra):
+        return _ids(api_client.get(DATASETS, {"name__glob": pattern, **extra}), "name")
+
+    assert glob("run2026.*.raw", ordering="name") == [
+        "run2026.a.raw",
+        "run2026.b.raw",
+        "run2026.z.raw",  # the state is no filter
+    ]
+    assert glob("run2026.?.raw", role="input", ordering="name") == [
+        "run2026.a.raw",
+        "run2026.b.raw",
+    ]
+    assert glob("run2026_*") == ["run2026_a_raw"]  # _ is literal
+    assert glob("*.c.raw") == ["RUN2026.c.raw"]
+    assert glob("run2026.c.raw") == []  # case-sensitive
+    assert glob("run2026.a.raw") == ["run2026.a.raw"]  # the whole name
+    assert glob("run2026.a") == []
+    assert glob("*.raw", state="closed") == [closed_out.name]
+    assert sorted(glob("")) == sorted([*ds, closed_out.name])  # empty: no filter, as elsewhere
+
+    for bad in ("*", "?**", " ", "x" * 256):
+        response = api_client.get(DATASETS, {"name__glob": bad})
+        assert response.status_code == 400, bad
+        body = response.json()
+        assert body["error"] == "validation_failed"
+        assert list(body["detail"]) == ["name__glob"]
+
+
 def test_an_unknown_or_malformed_dataset_uid_is_404(api_client):
     for url in (f"{DATASETS}{uuid.uuid4()}/", f"{DATASETS}not-a-uuid/"):
         response = api_client.get(url)

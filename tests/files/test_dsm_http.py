@@ -187,6 +187,115 @@ def test_cursor_paging_over_2500_files(dsm, server, dataset):
     assert list(iter_files(dsm, dataset.uid, limit=1000)) == registered
 
 
+def test_find_datasets_sends_the_glob_and_reads_the_selection(dsm, server):
+    for name, role in [
+        ("run2026.b.raw", "input"),
+        ("run2026.a.raw", "input"),
+        ("run2026_a_raw", "input"),
+        ("run2026.A.raw", "output"),
+        ("run2026.c.raw", "input"),
+        ("RUN2026.a.raw", "input"),
+    ]:
+        dsm.register_dataset(name, role=role)
+    closed = dsm.close_dataset(dsm.find_datasets("run2026.c.raw")[0].uid)
+    before = server.count()
+
+    found = dsm.find_datasets("run2026.?.raw")
+    assert [d.name for d in found] == ["run2026.a.raw", "run2026.b.raw", "run2026.c.raw"]
+    assert all(type(d) is DatasetInfo for d in found) and found[-1] == closed
+    assert [d.name for d in dsm.find_datasets("run2026.?.raw", role=None)] == [
+        "run2026.A.raw",
+        "run2026.a.raw",
+        "run2026.b.raw",
+        "run2026.c.raw",
+    ]
+    assert [d.name for d in dsm.find_datasets("run2026.*", role="output")] == ["run2026.A.raw"]
+    assert [d.name for d in dsm.find_datasets("run2026_*", limit=5)] == ["run2026_a_raw"]
+    assert [d.name for d in dsm.find_datasets("run2026.*", limit=2)] == [
+        "run2026.a.raw",
+        "run2026.b.raw",
+    ]
+    assert dsm.find_datasets("run2026.[a].raw") == []
+
+    gets = [r for r in server.requests[before:]]
+    assert {(r.method, r.path) for r in gets} == {("GET", "/datasets")}
+    assert gets[0].query == {"name": ["run2026.?.raw"], "role": ["input"], "limit": ["1000"]}
+    assert gets[1].query == {"name": ["run2026.?.raw"], "limit": ["1000"]}  # role None: omitted
+    assert gets[2].query["role"] == ["output"]
+    assert gets[3].query["limit"] == ["5"]
+
+
+@pytest.mark.parametrize(
+    "pattern, kwargs",
+    [
+        ("", {}),
+        ("*", {}),
+        ("?**", {}),
+        ("x" * 256, {}),
+        ("run*", {"role": "sideways"}),
+        ("run*", {"limit": 0}),
+        ("run*", {"limit": 10_001}),
+    ],
+)
+def test_find_datasets_refuses_bad_arguments_before_any_request(dsm, server, pattern, kwargs):
+    with pytest.raises(ValidationFailed):
+        dsm.find_datasets(pattern, **kwargs)
+    assert server.count() == 0
+
+
+def test_find_datasets_is_retried_like_every_get(dsm, server, sleeps):
+    dsm.register_dataset("run.1")
+    server.inject("status", times=2, status=503, match="/datasets")
+    assert [d.name for d in dsm.find_datasets("run.*")] == ["run.1"]
+    assert server.count("GET", "/datasets") == 3
+    assert sleeps.delays == [BACKOFF, 2 * BACKOFF]
+
+
+def _ds(name, role="input", **extra):
+    return {
+        "uid": str(uuid.uuid4()),
+        "name": name,
+        "role": role,
+        "state": "open",
+        "file_count": 0,
+        "total_size": 0,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"<html>oops</html>", "not JSON"),
+        ([_ds("run.1")], "a body that is not a JSON object"),
+        ({"results": []}, "missing field 'datasets'"),
+        ({"datasets": {"run.1": _ds("run.1")}}, "'datasets' is not a list"),
+        ({"datasets": [{"name": "run.1"}]}, "missing field 'uid'"),
+        ({"datasets": [_ds("run.1", state="ajar")]}, "'state' is not one of"),
+        ({"datasets": [_ds("run.1"), _ds("other.1")]}, "'other.1', which does not match"),
+        ({"datasets": [_ds("run.1", role="output")]}, "role 'output', not 'input'"),
+        ({"datasets": [_ds("run.2"), _ds("run.1")]}, "out of name order"),
+        ({"datasets": [_ds("run.1"), _ds("run.1")]}, "out of name order"),
+        ({"datasets": [_ds("run.1"), _ds("run.2"), _ds("run.3")]}, "3 datasets for a limit of 2"),
+    ],
+)
+def test_a_nonsense_selection_is_a_dsm_error(dsm, server, payload, message):
+    server.inject("body", status=200, payload=payload)
+    with pytest.raises(DSMError, match=message) as exc:
+        dsm.find_datasets("run.?", limit=2)
+    assert "GET /datasets" in str(exc.value.detail)
+    assert server.count() == 1  # a nonsense answer is not retried
+
+
+def test_a_400_from_the_dsm_on_a_selection_is_validation_failed(dsm, server):
+    server.inject(
+        "body", status=400, payload={"error": "validation_failed", "detail": {"name": ["no"]}}
+    )
+    with pytest.raises(ValidationFailed) as exc:
+        dsm.find_datasets("run.*")
+    assert exc.value.detail == {"name": ["no"]}
+
+
 # --- 4xx mapping ----------------------------------------------------------------------------
 
 
@@ -455,6 +564,14 @@ def test_local_and_http_backends_answer_alike(dsm):
             client.get_dataset(uuid.UUID(int=7))
         with pytest.raises(Conflict):
             client.register_dataset("same.dataset")
+        for other, role in [("same.b", "input"), ("same_a", "output"), ("same.a", "input")]:
+            client.register_dataset(other, role=role, uid=uuid.uuid5(uid, other))
+        found = {
+            pattern: client.find_datasets(pattern, role=role)
+            for pattern, role in [("same.*", "input"), ("same?*", None), ("same.a", None)]
+        }
+        with pytest.raises(ValidationFailed) as refused:
+            client.find_datasets("**", role="x", limit=0)
         results[name] = {
             "dataset": ds,
             "closed": closed,
@@ -466,7 +583,13 @@ def test_local_and_http_backends_answer_alike(dsm):
                 rest.next_cursor,
             ],
             "types": {type(ds), type(closed), type(page), *map(type, files)},
+            "found": found,
+            "refused": refused.value.detail,
         }
     assert results["local"] == results["http"]
     assert results["http"]["types"] == {DatasetInfo, FilePage, FileInfo}
     assert results["http"]["closed"].file_count == 5
+    found = results["local"]["found"]
+    assert [d.name for d in found["same?*"]] == ["same.a", "same.b", "same.dataset", "same_a"]
+    assert [d.name for d in found["same.*"]] == ["same.a", "same.b"]
+    assert set(results["local"]["refused"]) == {"pattern", "role", "limit"}

@@ -1,11 +1,13 @@
 """The ``local`` DSM backend on the real Postgres: every method, through files.services."""
 
+import re
 import uuid
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from files.dsm import (
+    MAX_FIND,
     DatasetInfo,
     DatasetSpec,
     DSMClient,
@@ -308,3 +310,196 @@ def test_list_files_refuses_bad_paging_arguments(dsm, kwargs):
     ds = dsm.register_dataset("data.args")
     with pytest.raises(ValidationFailed):
         dsm.list_files(ds.uid, **kwargs)
+
+
+# --- find_datasets (a selection of datasets by name glob) -----------------------------------
+
+# Names full of characters that are special to LIKE (% _ \), to regexes (. [ ] ( ) + ^ $ { } | \)
+# or to neither, in both cases; registered in a shuffled order.
+TRICKY = [
+    "run2026.B.raw",
+    "run2026.a.raw",
+    "run2026Xa.raw",
+    "run2026.a.raw.tmp",
+    "run2026.ab.raw",
+    "run2026..raw",
+    "run2026_a_raw",
+    "run2026%a%raw",
+    "run2026[a].raw",
+    "run2026a.raw",
+    "RUN2026.a.raw",
+    "run\\2026.a.raw",
+    "run2026.(a)+.raw",
+    "run2026.^a$.raw",
+    "run2026.{1,2}|x.raw",
+    "run 2026.a.raw",
+    "run2026.é.raw",
+    "run2026.a\nb.raw",
+]
+
+# What "run2026.*.raw" selects among them: "." is literal, "*" spans anything but the rest.
+RUN_DOT_RAW = [
+    "run2026.(a)+.raw",
+    "run2026..raw",
+    "run2026.B.raw",
+    "run2026.^a$.raw",
+    "run2026.a\nb.raw",
+    "run2026.a.raw",
+    "run2026.ab.raw",
+    "run2026.{1,2}|x.raw",
+    "run2026.é.raw",
+]
+
+
+def glob_reference(pattern, names):
+    """The glob's meaning, spelt out with fnmatch-free Python (``fnmatch`` has ``[...]``)."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return sorted(n for n in names if re.fullmatch(regex, n, re.DOTALL))
+
+
+@pytest.fixture
+def tricky(dsm):
+    for name in TRICKY[1::2] + TRICKY[::2]:
+        dsm.register_dataset(name)
+    return TRICKY
+
+
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        ("run2026.*.raw", RUN_DOT_RAW),
+        ("run2026.?.raw", ["run2026.B.raw", "run2026.a.raw", "run2026.é.raw"]),
+        ("run2026.a.raw", ["run2026.a.raw"]),  # no wildcard: one name, whole
+        ("run2026.a", []),  # the whole name, not a prefix
+        (
+            "*a.raw",
+            [
+                "RUN2026.a.raw",
+                "run 2026.a.raw",
+                "run2026.a.raw",
+                "run2026Xa.raw",
+                "run2026a.raw",
+                "run\\2026.a.raw",
+            ],
+        ),
+        ("run2026_a_raw", ["run2026_a_raw"]),  # _ is no LIKE wildcard
+        ("run2026_*", ["run2026_a_raw"]),
+        ("run2026%*", ["run2026%a%raw"]),  # nor is %
+        ("run2026[a]*", ["run2026[a].raw"]),  # [ ] is no character class
+        ("run2026[?]*", ["run2026[a].raw"]),
+        ("run\\2026*", ["run\\2026.a.raw"]),  # \ is literal
+        ("run2026.(a)+*", ["run2026.(a)+.raw"]),
+        ("run2026.^a$*", ["run2026.^a$.raw"]),
+        ("*{1,2}|x*", ["run2026.{1,2}|x.raw"]),
+        ("RUN*", ["RUN2026.a.raw"]),  # case-sensitive
+        ("run2026.A.raw", []),
+        ("run2026.a?b.raw", ["run2026.a\nb.raw"]),  # ? is any one character, a newline too
+        ("run2026.a*b.raw", ["run2026.a\nb.raw", "run2026.ab.raw"]),
+        ("*.raw.tmp", ["run2026.a.raw.tmp"]),
+        (
+            "*2026.a*",
+            [
+                "RUN2026.a.raw",
+                "run 2026.a.raw",
+                "run2026.a\nb.raw",
+                "run2026.a.raw",
+                "run2026.a.raw.tmp",
+                "run2026.ab.raw",
+                "run\\2026.a.raw",
+            ],
+        ),
+        ("run2026.a.raw*", ["run2026.a.raw", "run2026.a.raw.tmp"]),  # * may be empty
+        ("run2026.**.raw", RUN_DOT_RAW),  # a run of stars is one star
+    ],
+)
+def test_find_datasets_matches_a_glob_over_the_whole_name(dsm, tricky, pattern, expected):
+    found = dsm.find_datasets(pattern)
+    assert all(type(d) is DatasetInfo for d in found)
+    names = [d.name for d in found]
+    assert names == sorted(expected)
+    assert names == glob_reference(pattern, tricky)
+
+
+def test_find_datasets_agrees_with_the_glob_everywhere(dsm, tricky):
+    patterns = ["*" + c + "*" for c in sorted(set("".join(tricky)))]
+    patterns += ["r" + "?" * n + "*" for n in (1, 12, 13)] + ["*raw", "r*w", "*?.?a?*", "*\n*"]
+    for pattern in patterns:
+        names = [d.name for d in dsm.find_datasets(pattern)]
+        assert names == glob_reference(pattern, tricky), pattern
+
+
+def test_find_datasets_orders_by_code_point_and_limits(dsm):
+    names = ["sel.b", "sel.B", "sel.a_z", "sel.a.z", "sel.aa", "sel.a-z", "sel.Z", "sel.~"]
+    for name in names:
+        dsm.register_dataset(name)
+    found = [d.name for d in dsm.find_datasets("sel.*")]
+    assert found == sorted(names)  # Python's order of str: code points, whatever the collation
+    assert [d.name for d in dsm.find_datasets("sel.*", limit=3)] == sorted(names)[:3]
+    assert [d.name for d in dsm.find_datasets("sel.*", limit=1)] == sorted(names)[:1]
+
+
+def test_find_datasets_filters_by_role_or_not_and_ignores_the_state(dsm):
+    a_in = dsm.register_dataset("sel.a.in")
+    b_out = dsm.register_dataset("sel.b.out", role="output")
+    c_in = dsm.close_dataset(dsm.register_dataset("sel.c.in").uid, reason="complete")
+    assert dsm.find_datasets("sel.*") == [a_in, c_in]  # role="input" by default
+    assert dsm.find_datasets("sel.*", role="output") == [b_out]
+    assert dsm.find_datasets("sel.*", role=None) == [a_in, b_out, c_in]
+    assert c_in.state == "closed" and dsm.find_datasets("sel.c.in") == [c_in]
+
+
+def test_find_datasets_without_a_match_is_an_empty_list(dsm):
+    dsm.register_dataset("sel.a")
+    assert dsm.find_datasets("other.*") == []
+    assert dsm.find_datasets("sel.a", role="output") == []
+
+
+def test_find_datasets_is_one_query(dsm, django_assert_num_queries):
+    for i in range(5):
+        dsm.register_dataset(f"sel.{i}")
+    with django_assert_num_queries(1):
+        assert len(dsm.find_datasets("sel.?")) == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"pattern": ""}, "pattern"),
+        ({"pattern": "   "}, "pattern"),
+        ({"pattern": "x" * 256}, "pattern"),
+        ({"pattern": "*"}, "pattern"),
+        ({"pattern": "**"}, "pattern"),
+        ({"pattern": "?*"}, "pattern"),
+        ({"pattern": "???"}, "pattern"),
+        ({"pattern": "a\x00*"}, "pattern"),
+        ({"pattern": None}, "pattern"),
+        ({"pattern": b"run*"}, "pattern"),
+        ({"pattern": "run*", "role": "sideways"}, "role"),
+        ({"pattern": "run*", "role": ""}, "role"),
+        ({"pattern": "run*", "limit": 0}, "limit"),
+        ({"pattern": "run*", "limit": MAX_FIND + 1}, "limit"),
+        ({"pattern": "run*", "limit": "5"}, "limit"),
+        ({"pattern": "run*", "limit": True}, "limit"),
+        ({"pattern": "run*", "limit": 2.0}, "limit"),
+    ],
+)
+def test_find_datasets_refuses_bad_arguments(dsm, kwargs, field):
+    dsm.register_dataset("run.1")
+    pattern = kwargs.pop("pattern")
+    with pytest.raises(ValidationFailed) as exc:
+        dsm.find_datasets(pattern, **kwargs)
+    assert list(exc.value.detail) == [field]
+
+
+def test_find_datasets_reports_every_bad_argument_at_once(dsm):
+    with pytest.raises(ValidationFailed) as exc:
+        dsm.find_datasets("*", role="x", limit=0)
+    assert set(exc.value.detail) == {"pattern", "role", "limit"}
+
+
+def test_find_datasets_accepts_the_extremes(dsm):
+    name = "x" * 255
+    dsm.register_dataset(name)
+    assert [d.name for d in dsm.find_datasets(name, limit=MAX_FIND)] == [name]
+    assert [d.name for d in dsm.find_datasets("x" * 254 + "?")] == [name]
+    assert [d.name for d in dsm.find_datasets("*x")] == [name]

@@ -11,7 +11,7 @@ from django.urls import reverse
 
 from jobs.models import Job, JobState, JobTransition
 from tasks import services
-from tasks.models import Task, TaskState, TaskTransition
+from tasks.models import Task, TaskInput, TaskState, TaskTransition
 from tests.factories import DatasetFactory, JobFactory, TaskFactory, UserFactory
 from wms.exceptions import Conflict
 
@@ -144,10 +144,12 @@ def test_change_page_shows_transitions_and_job_counts(admin_client_logged):
     assert "pause for the test" in html  # the transition inline
     assert 'title="finished: 2"' in html and 'title="queued: 1"' in html
     assert "2/3 done" in html  # queued is not done yet
-    inline = response.context["inline_admin_formsets"][0]
-    assert inline.formset.model is TaskTransition
-    assert not inline.has_add_permission and not inline.has_delete_permission
-    assert not inline.has_change_permission
+    inlines = {i.formset.model: i for i in response.context["inline_admin_formsets"]}
+    assert set(inlines) == {TaskInput, TaskTransition}
+    for inline in inlines.values():  # both read-only
+        assert not inline.has_add_permission and not inline.has_delete_permission
+        assert not inline.has_change_permission
+    assert f"{task.data_in_uid}" in html or "input dataset" in html
 
 
 def test_transition_changelist_and_change_pages_are_read_only(admin_client_logged):

@@ -103,11 +103,18 @@ def test_task_create_requires_an_input_dataset(user, uid):
     assert Task.objects.count() == 0
 
 
-@pytest.mark.parametrize("uid", [uuid.uuid4(), str(uuid.uuid4()), "not-a-uuid"])
-def test_task_create_unknown_input_dataset_is_a_field_error(user, uid):
+@pytest.mark.parametrize(
+    "uid, message",
+    [
+        (uuid.uuid4(), "No dataset with this uid."),
+        (str(uuid.uuid4()), "No dataset with this uid."),
+        ("not-a-uuid", "Not a valid UUID."),
+    ],
+)
+def test_task_create_unknown_input_dataset_is_a_field_error(user, uid, message):
     with pytest.raises(ValidationFailed) as info:
         task_create(owner=user, executable="run.sh", data_in_uid=uid)
-    assert info.value.detail == {"data_in_uid": ["No dataset with this uid."]}
+    assert info.value.detail == {"data_in_uid": [message]}
     assert Task.objects.count() == 0
 
 
