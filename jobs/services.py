@@ -157,6 +157,7 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
         log.info("jobs_cancelled", count=cancelled, source=source)
         kick_finalize(
             Job.objects.filter(pk__in=ids, state=JobState.CANCELLED)
+            .order_by()  # no default ordering in the DISTINCT: one row per task
             .values_list("task_id", flat=True)
             .distinct()
         )
@@ -892,5 +893,7 @@ def attempts_interrupt(
 
         kick_dispatch()
     if fail:
-        kick_finalize(Job.objects.filter(pk__in=fail).values_list("task_id", flat=True).distinct())
+        kick_finalize(
+            Job.objects.filter(pk__in=fail).order_by().values_list("task_id", flat=True).distinct()
+        )
     return InterruptResult(attempts=n, retried=len(retry), failed=len(fail))
