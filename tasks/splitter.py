@@ -1,15 +1,17 @@
 """The splitter: a running task's input files become jobs, ``files_per_job`` files per job.
 
-Run by beat every few seconds (``wms.split``) and kicked on commit when a task is created or one
-of its input datasets gains files or closes. For each task it holds the task row (``FOR UPDATE
-SKIP LOCKED``: two splitters never work on one task at once) and goes through the task's series
-of input datasets (``TaskInput``, in order): for each input not yet done it reads the files
-after the input's ``split_cursor`` from the DSM page by page, and creates jobs and their input
-FILE_DAT rows in bulk. A job's files come from one dataset. The unique constraint
-``file_one_job_per_input`` is the last line of defence: an input file can never get two jobs in
-one task. A trailing group smaller than ``files_per_job`` waits until its dataset is closed
-(more files may come to fill it); an input is done once its dataset is closed and every file of
-it has a job.
+Run by beat every few seconds (``wms.split``) and kicked on commit when a task is created or one of
+its input datasets gains files or closes. For each task it goes through the task's series of input
+datasets (``TaskInput``, in order): for each input not yet done it reads the files after the
+input's ``split_cursor`` from the DSM page by page, OUTSIDE any transaction (a slow external DSM
+never keeps a row locked: a cancel or pause of the task does not wait for it), and writes each
+page's jobs and their input FILE_DAT rows in bulk in one short transaction that holds the task row
+(``FOR UPDATE SKIP LOCKED``) and moves the cursor by compare-and-set: two splitters never both
+write a page, and a task paused or cancelled meanwhile gets no more jobs. A job's files come from
+one dataset. The unique constraint ``file_one_job_per_input`` is the last line of defence: an input
+file can never get two jobs in one task. A trailing group smaller than ``files_per_job`` waits
+until its dataset is closed (more files may come to fill it); an input is done once its dataset is
+closed and every file of it has a job.
 """
 
 from __future__ import annotations
@@ -210,22 +212,19 @@ def task_split(*, task_id: int, dsm: DSMClient | None = None) -> SplitResult:
     own = dsm is None
     dsm = dsm or get_dsm()
     try:
-        with transaction.atomic():
-            return _split_locked(task_id, dsm)
+        return _split(task_id, dsm)
     finally:
         if own:
             dsm.close()
 
 
-def _split_locked(task_id: int, dsm: DSMClient) -> SplitResult:
+def _split(task_id: int, dsm: DSMClient) -> SplitResult:
     if not switch_enabled("splitter"):
         return SplitResult(task_id=task_id)
-    task = (
-        Task.objects.select_for_update(skip_locked=True)
-        .filter(pk=task_id, state__in=SPLITTABLE_STATES, splitter_enabled=True)
-        .first()
-    )
-    if task is None:  # not splittable now, or another splitter holds it
+    task = Task.objects.filter(
+        pk=task_id, state__in=SPLITTABLE_STATES, splitter_enabled=True
+    ).first()
+    if task is None:  # not splittable now
         return SplitResult(task_id=task_id)
     # The series, in order: every input not yet done gets jobs for the files it has now. An
     # open dataset never holds up the ones after it; its files get jobs as they arrive.
@@ -236,18 +235,14 @@ def _split_locked(task_id: int, dsm: DSMClient) -> SplitResult:
         if jobs_made >= budget:
             more = True
             break
-        made, used, input_more = _split_input(task, task_input, dsm, budget - jobs_made)
+        made, used, input_more, lost = _split_input(task, task_input, dsm, budget - jobs_made)
         jobs_made += made
         files_used += used
         more = more or input_more
+        if lost:  # another splitter moved on, or the task stopped being splittable
+            break
     if task.state == TaskState.DEFINED:
-        apply_transition(
-            Task,
-            task.pk,
-            TaskState.RUNNING,
-            source=TransitionSource.SPLITTER,
-            reason="splitter started the task",
-        )
+        _start(task.pk)
     if jobs_made:
         log.info("task_split", task_id=task.pk, jobs=jobs_made, files=files_used, more=more)
         from jobs.tasks import kick_dispatch
@@ -259,10 +254,36 @@ def _split_locked(task_id: int, dsm: DSMClient) -> SplitResult:
     return SplitResult(task_id=task.pk, jobs=jobs_made, files=files_used, more=more)
 
 
+def _start(task_id: int) -> None:
+    """defined → running, once the splitter has been through the task (even with no job yet).
+    Under the task row's lock, and only from defined: a task paused or cancelled meanwhile
+    stays so."""
+    with transaction.atomic():
+        if (
+            Task.objects.select_for_update(skip_locked=True)
+            .filter(pk=task_id, state=TaskState.DEFINED, splitter_enabled=True)
+            .exists()
+        ):
+            apply_transition(
+                Task,
+                task_id,
+                TaskState.RUNNING,
+                source=TransitionSource.SPLITTER,
+                reason="splitter started the task",
+                only_from=(TaskState.DEFINED,),
+            )
+
+
 def _split_input(
     task: Task, task_input: TaskInput, dsm: DSMClient, budget: int
-) -> tuple[int, int, bool]:
-    """Jobs for the files of one input dataset after its cursor: (jobs, files, more).
+) -> tuple[int, int, bool, bool]:
+    """Jobs for the files of one input dataset after its cursor: (jobs, files, more, lost).
+
+    The DSM is read OUTSIDE any transaction (an external DSM may be slow: no row lock waits on
+    it); each page's jobs are then written in one short transaction that holds the task row
+    (``FOR UPDATE SKIP LOCKED``) and moves the input's cursor by compare-and-set
+    (:func:`_commit_groups`). ``lost``: that failed, this run stops and the other writer's
+    work stands.
 
     The dataset's state is read BEFORE its files: if it was closed then, the listing that
     follows is complete, a short trailing group may be made into a job, and once every file
@@ -277,7 +298,7 @@ def _split_input(
     read = used  # the last file read in this run
     carry: list[FileInfo] = []  # read but not used: a short group waiting for more files
     jobs_made = files_used = 0
-    more = done = False
+    more = False
     while True:
         page = dsm.list_files(task_input.dataset_uid, after=read, limit=page_size)
         if page.files:
@@ -287,23 +308,56 @@ def _split_input(
         n_full = len(batch) // per_job * per_job
         take = batch if (last_page and closed) else batch[:n_full]
         carry = batch[len(take) :]
-        if take:
+        done = last_page and closed  # closed when read, and every file read gets a job now
+        if take or done:
             groups = [take[i : i + per_job] for i in range(0, len(take), per_job)]
-            dataset_id, entry_of = _entry_ids(dsm, info, take)
-            jobs_made += _create_jobs(task, groups, dataset_id, entry_of)
+            new_used = take[-1].id if take else used
+            if not _commit_groups(task, task_input, dsm, info, groups, used, new_used, done):
+                return jobs_made, files_used, False, True
+            jobs_made += len(groups)
             files_used += len(take)
-            used = take[-1].id
+            used = new_used
         if last_page:
-            done = closed  # closed when read, and every file read has a job now
             break
         if jobs_made >= budget:
             more = True
             break
-    changes: dict = {}
-    if used != task_input.split_cursor:
-        changes["split_cursor"] = used
+    return jobs_made, files_used, more, False
+
+
+def _commit_groups(
+    task: Task,
+    task_input: TaskInput,
+    dsm: DSMClient,
+    info,
+    groups: list[list[FileInfo]],
+    expected: int | None,
+    new_cursor: int | None,
+    done: bool,
+) -> bool:
+    """Write one page's jobs and move the input's cursor, all or nothing. False (nothing
+    written) when the task is not splittable any more, another splitter holds it, or the
+    cursor is not where this run read it from."""
+    with transaction.atomic():
+        if not (
+            Task.objects.select_for_update(skip_locked=True)
+            .filter(pk=task.pk, state__in=SPLITTABLE_STATES, splitter_enabled=True)
+            .exists()
+        ):
+            return False
+        changes: dict = {"split_cursor": new_cursor}
+        if done:
+            changes["split_done_at"] = timezone.now()
+        moved = TaskInput.objects.filter(
+            pk=task_input.pk, split_cursor=expected, split_done_at__isnull=True
+        ).update(**changes)
+        if not moved:
+            return False
+        if groups:
+            take = [f for group in groups for f in group]
+            dataset_id, entry_of = _entry_ids(dsm, info, take)
+            _create_jobs(task, groups, dataset_id, entry_of)
     if done:
-        changes["split_done_at"] = timezone.now()
         log.info(
             "task_input_split_done",
             task_id=task.pk,
@@ -311,9 +365,7 @@ def _split_input(
             dataset_uid=str(task_input.dataset_uid),
             files=info.file_count,
         )
-    if changes:
-        TaskInput.objects.filter(pk=task_input.pk).update(**changes)
-    return jobs_made, files_used, more
+    return True
 
 
 def split_all(*, beat: bool = False) -> list[SplitResult]:

@@ -6,6 +6,7 @@ import threading
 import pytest
 from django.db import connection
 
+from files.dsm.local import LocalDSMClient
 from files.models import File, FileType
 from files.services import dataset_add_files, dataset_close, dataset_register
 from jobs.models import Job
@@ -182,3 +183,110 @@ def test_groups_span_dsm_pages(db, settings):
     assert task_split(task_id=task.pk).jobs == 4
     sizes = sorted(j.files.count() for j in Job.objects.filter(task=task))
     assert sizes == [1, 3, 3, 3]
+
+
+class _WatchingDSM(LocalDSMClient):
+    """The local DSM, with a hook run at every ``list_files`` call (the splitter's DSM reads)."""
+
+    def __init__(self, hook) -> None:
+        super().__init__()
+        self.hook = hook
+        self.calls = 0
+
+    def list_files(self, dataset_uid, *, after=None, limit=1000):
+        self.calls += 1
+        self.hook(self.calls)
+        return super().list_files(dataset_uid, after=after, limit=limit)
+
+
+def _in_other_connection(fn):
+    """Run ``fn`` in a thread with its own database connection; return its result or raise."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as exc:
+            out["error"] = exc
+        finally:
+            connection.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_dsm_is_read_with_no_row_of_the_task_locked(settings):
+    """A slow external DSM must never keep the task row locked: while the splitter reads, a
+    cancel (another connection, NOWAIT) takes the task row at once."""
+    settings.WMS_SPLIT_PAGE = 10
+    ds = _dataset(30, name="mc.nolock")
+    dataset_close(dataset=ds, source="api")
+    task = TaskFactory(data_in_uid=ds.uid)
+    seen = []
+
+    def lock_it(_call):
+        def grab():
+            from django.db import transaction
+
+            with transaction.atomic():
+                Task.objects.select_for_update(nowait=True).get(pk=task.pk)
+                TaskInput.objects.select_for_update(nowait=True).filter(task=task).count()
+            return True
+
+        seen.append(_in_other_connection(grab))  # DatabaseError (lock not available) if held
+
+    dsm = _WatchingDSM(lock_it)
+    assert task_split(task_id=task.pk, dsm=dsm).jobs == 30
+    assert dsm.calls == 3 and seen == [True] * 3  # 3 pages of 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_cancelled_while_the_dsm_is_read_gets_no_more_jobs(settings):
+    from tasks.services import task_cancel
+
+    settings.WMS_SPLIT_PAGE = 10
+    ds = _dataset(30, name="mc.cancelmid")
+    dataset_close(dataset=ds, source="api")
+    task = TaskFactory(data_in_uid=ds.uid)
+
+    def cancel_on_second_page(call):
+        if call == 2:  # the first page's jobs are written; cancel before the second's
+            _in_other_connection(lambda: task_cancel(task_id=task.pk, source="api"))
+
+    result = task_split(task_id=task.pk, dsm=_WatchingDSM(cancel_on_second_page))
+
+    assert result.jobs == 10
+    assert Job.objects.filter(task=task).count() == 10
+    assert set(Job.objects.filter(task=task).values_list("state", flat=True)) == {"cancelled"}
+    cursor = TaskInput.objects.get(task=task).split_cursor
+    assert File.objects.filter(task=task, type=FileType.INPUT, entry_id__gt=cursor).count() == 0
+    assert Task.objects.get(pk=task.pk).state == TaskState.CANCELLED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_splitter_that_read_a_page_another_one_wrote_drops_it(settings):
+    """Two splitters read the same files; the one whose cursor moved under it writes nothing
+    (compare-and-set on the input's cursor), and every file still has exactly one job."""
+    settings.WMS_SPLIT_PAGE = 10
+    ds = _dataset(20, name="mc.cas")
+    dataset_close(dataset=ds, source="api")
+    task = TaskFactory(data_in_uid=ds.uid)
+    other = []
+
+    def race(call):
+        if call == 1:  # this run read nothing yet; another splitter does the whole task now
+            other.append(_in_other_connection(lambda: task_split(task_id=task.pk).jobs))
+
+    mine = task_split(task_id=task.pk, dsm=_WatchingDSM(race))
+
+    assert other == [20] and mine.jobs == 0
+    assert Job.objects.filter(task=task).count() == 20
+    assert (
+        File.objects.filter(task=task, type=FileType.INPUT).values("entry").distinct().count() == 20
+    )
+    assert TaskInput.objects.get(task=task).split_done_at is not None
