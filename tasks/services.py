@@ -150,6 +150,8 @@ def resolve_inputs(
     """The input datasets asked for, in order, as the DSM describes them (``DatasetInfo``).
 
     Exactly one way of naming them: one uid, a list of uids (no repeats), or a name pattern.
+    Only datasets of role ``input``: an output dataset also holds its task's logs and
+    intermediate merge outputs, which are no input for another task.
     ``taken``: the uids a task reads already (adding one of them again is a 400);
     ``own_output``: the task's output dataset, never its own input (a selection skips it). At most
     ``WMS_TASK_MAX_INPUTS`` datasets in all. Unknown datasets and bad patterns are 400s keyed by
@@ -178,13 +180,17 @@ def resolve_inputs(
     room = settings.WMS_TASK_MAX_INPUTS - len(taken)
     if data_in_selection:
         try:
-            found = dsm.find_datasets(str(data_in_selection), role=None, limit=room + 1)
+            found = dsm.find_datasets(str(data_in_selection), role="input", limit=room + 1)
         except ValidationFailed as exc:
             raise ValidationFailed({"data_in_selection": _messages(exc.detail)}) from exc
         found = [ds for ds in found if ds.uid not in {*taken, own_output}]
         if not found:
             raise ValidationFailed(
-                {"data_in_selection": ["No dataset (not already an input) matches this pattern."]}
+                {
+                    "data_in_selection": [
+                        "No input dataset (not already an input) matches this pattern."
+                    ]
+                }
             )
         if len(found) > room:
             raise ValidationFailed(
@@ -232,9 +238,17 @@ def resolve_inputs(
             continue
         seen.add(uid)
         try:
-            out.append(dsm.get_dataset(uid))
+            info = dsm.get_dataset(uid)
         except NotFound:
             errors[key] = ["No dataset with this uid."]
+            continue
+        if info.role != "input":
+            errors[key] = [
+                f"Dataset {info.name!r} is an {info.role} dataset (it holds its task's logs "
+                "and intermediate outputs too): only input datasets can be read by a task."
+            ]
+            continue
+        out.append(info)
     if errors:
         raise ValidationFailed(errors)
     return out

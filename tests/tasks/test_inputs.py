@@ -24,6 +24,7 @@ pytestmark = pytest.mark.django_db
 
 URL = "/api/v1/tasks/"
 ADD = reverse("admin:tasks_task_add")
+NO_MATCH = "No input dataset (not already an input) matches this pattern."
 ALREADY = "This dataset is in the task's inputs already."
 UNKNOWN = "No dataset with this uid."
 ONE_WAY = "Give only one of data_in_uid, data_in_uids and data_in_selection."
@@ -172,7 +173,7 @@ def test_create_with_one_uid_is_a_series_of_one(user):
         ),
         (
             "no match",
-            {"data_in_selection": ["No dataset (not already an input) matches this pattern."]},
+            {"data_in_selection": [NO_MATCH]},
         ),
         (
             "selection over the max",
@@ -478,7 +479,7 @@ def test_add_inputs_to_a_missing_task_is_a_404(db):
         ("over the room", {"data_in_uids": ["At most 2 datasets (a task reads at most 3)."]}),
         (
             "selection of inputs only",
-            {"data_in_selection": ["No dataset (not already an input) matches this pattern."]},
+            {"data_in_selection": [NO_MATCH]},
         ),
         ("uid and selection", {"data_in_uids": [ONE_WAY], "data_in_selection": [ONE_WAY]}),
     ],
@@ -827,3 +828,22 @@ def test_add_inputs_with_nothing_names_its_own_field(user):
     with pytest.raises(ValidationFailed) as info:
         task_add_inputs(task_id=task.pk)
     assert info.value.detail == {"data_in_uids": ["This field is required (or data_in_selection)."]}
+
+
+def test_an_output_dataset_is_no_input(user):
+    """Another task's output dataset holds its logs and intermediate outputs too: refused by
+    uid, skipped by a selection."""
+    producer = _create(user, data_in_uids=[_ds("chain.in", 1).uid], name="chain")
+    out = Dataset.objects.get(uid=producer.data_out_uid)
+    assert out.name.startswith("chain.") and out.role == DatasetRole.OUTPUT
+
+    with pytest.raises(ValidationFailed) as info:
+        _create(user, data_in_uids=[_ds("chain.other", 1).uid, out.uid])
+    assert list(info.value.detail) == ["data_in_uids[1]"]
+    assert "is an output dataset" in info.value.detail["data_in_uids[1]"][0]
+
+    task = _create(user, data_in_selection="chain.*")  # matches chain.in, chain.other, the output
+    assert _series(task) == [
+        Dataset.objects.get(name="chain.in").uid,
+        Dataset.objects.get(name="chain.other").uid,
+    ]
