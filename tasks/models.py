@@ -62,7 +62,7 @@ class Task(models.Model):
     device_type = models.CharField(max_length=3, choices=DeviceType.choices, default=DeviceType.CPU)
     mode = models.CharField(max_length=5, choices=Mode.choices, default=Mode.MAP)
     data_in_uid = models.UUIDField(
-        help_text="DSM uid of the (first) input dataset; the whole series is in ``inputs``."
+        help_text="DSM uid of the (first) input dataset; a task may read a series (its inputs)."
     )
     storage_url = models.CharField(max_length=1024, blank=True, default="")
     data_out_url = models.CharField(max_length=1024, blank=True, default="")

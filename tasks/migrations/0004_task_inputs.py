@@ -46,7 +46,7 @@ class Migration(migrations.Migration):
             model_name="task",
             name="data_in_uid",
             field=models.UUIDField(
-                help_text="DSM uid of the (first) input dataset; the whole series is in ``inputs``."
+                help_text="DSM uid of the (first) input dataset; a task may read a series (its inputs)."
             ),
         ),
         migrations.CreateModel(
