@@ -1,20 +1,23 @@
 """Split N input files into jobs, against a raw COPY of the same rows in the same run.
 
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/wms .venv/bin/python benchmarks/split.py [N]
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/wms .venv/bin/python benchmarks/split.py [N] \
+        [--datasets K]
 
-Target (issue 3): >= 100k jobs/s and <= 3x the raw COPY.
+Target (issue 3): >= 100k jobs/s and <= 3x the raw COPY. Then (issue 5) the same N files spread
+over a series of K input datasets (default 100), one task over the series: what the per-input
+work (a DSM read of each dataset, one transaction per page) costs against the single dataset.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
-import sys
 import uuid
 
 from _common import Timer, bench_database, django_setup, report
 
 
-def main(n: int) -> None:
+def main(n: int, k: int) -> None:
     django_setup()
     from django.contrib.auth import get_user_model
     from django.db import connection, transaction
@@ -74,7 +77,23 @@ def main(n: int) -> None:
                 cp.write(buf.getvalue())
         assert Job.objects.filter(task=task2).count() == n
 
+        # The same number of files over a series of k datasets, one task over the series.
+        series = [dataset_register(name=f"bench.series.{i:04d}") for i in range(k)]
+        per = n // k
+        for i, sds in enumerate(series):
+            dataset_add_files(
+                dataset=sds,
+                files=[{"name": f"evt.{i:04d}.{j:07d}.root", "size": 1000} for j in range(per)],
+            )
+            dataset_close(dataset=sds, source="bench")
+        task3 = task_create(owner=user, executable="noop", data_in_uids=[d.uid for d in series])
+        with Timer() as t_series:
+            result3 = task_split(task_id=task3.pk)
+        assert result3.jobs == per * k, result3
+        assert not task3.inputs.filter(split_done_at__isnull=True).exists()
+
     rate = n / t_split.seconds
+    series_rate = per * k / t_series.seconds
     report(
         f"split {n} input files into {n} jobs (files_per_job=1)",
         [
@@ -82,9 +101,18 @@ def main(n: int) -> None:
             ("splitter", f"{t_split.seconds:.2f} s  = {rate:,.0f} jobs/s  (target >= 100,000)"),
             ("raw COPY same rows", f"{t_copy.seconds:.2f} s  = {n / t_copy.seconds:,.0f} rows/s"),
             ("ratio split / COPY", f"{t_split.seconds / t_copy.seconds:.2f}x  (target <= 3x)"),
+            (
+                f"series of {k} datasets",
+                f"{t_series.seconds:.2f} s  = {series_rate:,.0f} jobs/s  "
+                f"({series_rate / rate:.2f}x the single dataset)",
+            ),
         ],
     )
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=100_000, help="input files")
+    parser.add_argument("--datasets", type=int, default=100, help="datasets of the series")
+    args = parser.parse_args()
+    main(args.n, max(1, args.datasets))
