@@ -55,11 +55,13 @@ class DatasetAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
         "uid",
         "role",
         "state_badge",
+        "owner",
         "file_count",
         "size_human",
         "created_at",
         "closed_at",
     )
+    list_select_related = ("owner",)
     list_display_links = ("id", "name")
     list_filter = ("state", "role", "created_at")
     search_fields = ("name",)
@@ -70,7 +72,7 @@ class DatasetAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     inlines = (DatasetTransitionInline,)
     Media = WMSAdminMedia
     change_fieldsets = (
-        (None, {"fields": ("name", "uid", "role", "state_badge", "location")}),
+        (None, {"fields": ("name", "uid", "role", "state_badge", "owner", "location")}),
         ("Content", {"fields": ("file_count", "size_human", "entries_link", "job_files_link")}),
         ("Times", {"fields": ("created_at", "updated_at", "state_changed_at", "closed_at")}),
     )
@@ -95,7 +97,9 @@ class DatasetAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if change:  # unreachable: the change form is view-only
             return
-        ds = services.dataset_register(**{f: form.cleaned_data[f] for f in DATASET_ADD_FIELDS})
+        ds = services.dataset_register(
+            **{f: form.cleaned_data[f] for f in DATASET_ADD_FIELDS}, owner=request.user
+        )
         copy_into(obj, ds)
 
     def get_search_results(self, request, queryset, search_term):

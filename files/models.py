@@ -8,6 +8,7 @@ points at the catalogue entry it reads, so one dataset can feed several tasks.
 
 import uuid
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -37,7 +38,13 @@ DATASET_MACHINE = StateMachine(
 
 
 class Dataset(models.Model):
-    """A dataset of the DSM catalogue: open (takes files) or closed (complete)."""
+    """A dataset of the DSM catalogue: open (takes files) or closed (complete).
+
+    ``owner`` is the user who registered it through the API or the admin; it is null for the
+    datasets the system made (a task's output dataset, internal code, rows mirrored from an
+    external DSM, rows older than the column). Who may write a dataset through the API:
+    ``files.api.permissions``.
+    """
 
     STATE_MACHINE = DATASET_MACHINE
     TRANSITION_MODEL = "files.DatasetTransition"
@@ -50,6 +57,16 @@ class Dataset(models.Model):
     total_size = models.PositiveBigIntegerField(default=0)
     location = models.CharField(
         max_length=1024, blank=True, default="", help_text="Base URL of the dataset's files."
+    )
+    # PROTECT as Task.owner: a user leaves by being deactivated (they can no longer write
+    # anything), and the catalogue keeps who registered each dataset.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        related_name="datasets",
+        null=True,
+        blank=True,
+        help_text="The user who registered the dataset; none for datasets the system made.",
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
+from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -35,13 +36,23 @@ def dataset_register(
     role: str = DatasetRole.INPUT,
     location: str = "",
     uid: uuid.UUID | None = None,
+    owner: AbstractBaseUser | None = None,
 ) -> Dataset:
-    """Create an open dataset; a name or uid already taken is a 409."""
+    """Create an open dataset; a name or uid already taken is a 409.
+
+    ``owner``: the user registering it (the API's caller); ``None`` for a dataset the system
+    makes (a task's output dataset, internal code).
+    """
     if not name or not name.strip():
         raise ValidationFailed({"name": ["This field may not be blank."]})
     if role not in DatasetRole.values:
         raise ValidationFailed({"role": [f"Must be one of {DatasetRole.values}."]})
-    fields: dict[str, Any] = {"name": name.strip(), "role": role, "location": location}
+    fields: dict[str, Any] = {
+        "name": name.strip(),
+        "role": role,
+        "location": location,
+        "owner": owner,
+    }
     if uid is not None:
         fields["uid"] = uid
     try:
@@ -49,7 +60,13 @@ def dataset_register(
             ds = Dataset.objects.create(**fields)
     except IntegrityError as exc:
         raise Conflict(f"A dataset named {name!r} (or with this uid) already exists.") from exc
-    log.info("dataset_registered", dataset_uid=str(ds.uid), dataset=ds.name, role=role)
+    log.info(
+        "dataset_registered",
+        dataset_uid=str(ds.uid),
+        dataset=ds.name,
+        role=role,
+        owner=owner.get_username() if owner is not None else None,
+    )
     return ds
 
 
@@ -57,11 +74,14 @@ _DATASET_SPEC_KEYS = frozenset({"name", "role", "location", "uid"})
 
 
 @transaction.atomic
-def datasets_register(*, specs: Iterable[Mapping[str, Any]]) -> list[Dataset]:
+def datasets_register(
+    *, specs: Iterable[Mapping[str, Any]], owner: AbstractBaseUser | None = None
+) -> list[Dataset]:
     """Create several open datasets at once, all or none (e.g. a task's inputs and output).
 
     Each spec is ``{"name", "role"?, "location"?, "uid"?}``; names and uids may not repeat within
-    the request (400) nor clash with an existing dataset (409). One INSERT per dataset.
+    the request (400) nor clash with an existing dataset (409). One INSERT per dataset. Every
+    one of them gets ``owner`` (see ``dataset_register``).
     """
     specs = list(specs)
     if not specs:
@@ -96,7 +116,7 @@ def datasets_register(*, specs: Iterable[Mapping[str, Any]]) -> list[Dataset]:
     created = []
     for i, fields in enumerate(cleaned):
         try:
-            created.append(dataset_register(**fields))
+            created.append(dataset_register(**fields, owner=owner))
         except ValidationFailed as exc:
             raise ValidationFailed({f"datasets[{i}]": exc.detail}) from exc
     return created

@@ -38,6 +38,9 @@ class DatasetFactory(factory.django.DjangoModelFactory):
 
     name = factory.Sequence(lambda n: f"mc.run{n:05d}.evgen")
     role = DatasetRole.INPUT
+    # A system dataset by default; the API lets only its owner (staff, files.change_dataset)
+    # write an input dataset: DatasetFactory(owner=user).
+    owner = None
 
 
 class DatasetEntryFactory(factory.django.DjangoModelFactory):
@@ -59,7 +62,7 @@ class TaskFactory(factory.django.DjangoModelFactory):
     executable = "wms-payload-map"
     args = "--events 100"
     rank = 0
-    data_in_uid = factory.LazyFunction(lambda: DatasetFactory().uid)
+    data_in_uid = factory.LazyFunction(lambda: DatasetFactory.create().uid)
     name = factory.Sequence(lambda n: f"task-{n}")
 
     @factory.post_generation

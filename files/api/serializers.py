@@ -64,7 +64,14 @@ class FileSerializer(serializers.ModelSerializer):
 
 class DatasetSerializer(serializers.ModelSerializer):
     """A dataset of the DSM catalogue, found by its ``uid`` (what a task's ``data_in_uid`` and
-    ``data_out_uid`` hold). Open datasets take files; closed ones are complete."""
+    ``data_out_uid`` hold). Open datasets take files; closed ones are complete. ``owner`` is
+    the user who registered it (null for the datasets the WMS made, a task's output among
+    them): an input dataset takes files and is closed through the API by its owner, staff or a
+    user with the permission ``files.change_dataset``; an output dataset by the WMS only."""
+
+    owner_username = serializers.CharField(
+        source="owner.get_username", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = Dataset
@@ -76,6 +83,8 @@ class DatasetSerializer(serializers.ModelSerializer):
             "file_count",
             "total_size",
             "location",
+            "owner",
+            "owner_username",
             "created_at",
             "updated_at",
             "state_changed_at",

@@ -21,7 +21,8 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
 
 from wms.exceptions import DSMError, ValidationFailed
 
@@ -182,6 +183,19 @@ class DSMClient(Protocol):
         """Release the client's resources (connections); the client is unusable afterwards."""
         ...
 
+    def __enter__(self) -> Self:
+        """``with get_dsm() as dsm:`` gives the client itself."""
+        ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """``close()`` on the way out; exceptions propagate."""
+        ...
+
 
 class ClientBase:
     """What both backends share: use as a context manager, ``close()`` when done."""
@@ -189,10 +203,15 @@ class ClientBase:
     def close(self) -> None:
         """Nothing to release by default."""
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 

@@ -7,7 +7,7 @@ from django.urls import reverse
 
 from files import services
 from files.models import Dataset, DatasetEntry, DatasetState, DatasetTransition, File
-from tests.factories import DatasetEntryFactory, DatasetFactory, FileFactory
+from tests.factories import DatasetEntryFactory, DatasetFactory, FileFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -39,7 +39,7 @@ def _queries(client, url):
 @pytest.mark.parametrize(
     ("name", "make"),
     [
-        ("dataset", lambda: DatasetFactory()),
+        ("dataset", lambda: DatasetFactory(owner=UserFactory())),
         ("datasetentry", lambda: DatasetEntryFactory()),
         ("file", lambda: FileFactory(dataset=DatasetFactory(), entry=DatasetEntryFactory())),
     ],
@@ -113,7 +113,7 @@ def test_files_are_read_only(admin_client_logged):
 # --- writes through the services ---------------------------------------------------------------
 
 
-def test_add_dataset_registers_it_through_the_service(admin_client_logged):
+def test_add_dataset_registers_it_through_the_service(admin_client_logged, admin_user):
     response = admin_client_logged.post(
         reverse("admin:files_dataset_add"),
         {"name": "  data24.physics_main  ", "role": "input", "location": "root://eos/x"},
@@ -121,6 +121,11 @@ def test_add_dataset_registers_it_through_the_service(admin_client_logged):
     assert response.status_code == 302
     ds = Dataset.objects.get(name="data24.physics_main")  # dataset_register strips the name
     assert ds.state == DatasetState.OPEN and ds.location == "root://eos/x"
+    assert ds.owner == admin_user  # whoever registers it owns it
+
+    page = admin_client_logged.get(reverse("admin:files_dataset_change", args=[ds.pk]))
+    assert "owner" in page.context["adminform"].readonly_fields
+    assert admin_user.username in page.content.decode()
 
 
 def test_add_dataset_with_a_taken_name_is_a_form_error(admin_client_logged):

@@ -1,9 +1,12 @@
 """API v1 of files and datasets: ownership of job files, filters, cursor pagination; dataset
-registration (single and bulk, all or none), files added to a dataset, listing and closing."""
+registration (single and bulk, all or none; the caller owns them), files added to a dataset,
+listing and closing, and who may add files or close (owner, staff, ``files.change_dataset``;
+output datasets by the WMS only)."""
 
 import uuid
 
 import pytest
+from django.contrib.auth.models import Permission
 from rest_framework.test import APIClient
 
 from files.models import Dataset, DatasetEntry, DatasetTransition, FileStatus, FileType
@@ -13,6 +16,7 @@ from tests.factories import (
     FileFactory,
     JobFactory,
     TaskFactory,
+    UserFactory,
 )
 from wms import checksums
 
@@ -200,7 +204,7 @@ def test_an_unknown_or_malformed_dataset_uid_is_404(api_client):
 # --- datasets: register ---------------------------------------------------------------------------
 
 
-def test_register_a_dataset(api_client):
+def test_register_a_dataset(api_client, user):
     uid = uuid.uuid4()
     response = api_client.post(
         DATASETS,
@@ -216,7 +220,9 @@ def test_register_a_dataset(api_client):
         "open",
         "root://eos/run1",
     )
-    assert response.json()["uid"] == str(uid)
+    assert dataset.owner == user  # the caller owns what they register
+    assert (response.json()["uid"], response.json()["owner"]) == (str(uid), user.pk)
+    assert response.json()["owner_username"] == user.username
 
 
 @pytest.mark.parametrize(
@@ -246,7 +252,7 @@ def test_register_a_taken_name_answers_409(api_client):
     assert Dataset.objects.count() == 1
 
 
-def test_bulk_registers_every_dataset(api_client):
+def test_bulk_registers_every_dataset(api_client, user):
     response = api_client.post(
         f"{DATASETS}bulk/",
         {
@@ -266,6 +272,8 @@ def test_bulk_registers_every_dataset(api_client):
         ("run2", "input"),
         ("run1.out", "output"),
     }
+    assert set(Dataset.objects.values_list("owner", flat=True)) == {user.pk}
+    assert {d["owner"] for d in response.json()["datasets"]} == {user.pk}
 
 
 def test_bulk_is_all_or_none_on_a_duplicate(api_client):
@@ -317,8 +325,8 @@ def test_bulk_error_names_the_bad_item(api_client):
 # --- datasets: files and close --------------------------------------------------------------------
 
 
-def test_add_files_to_an_open_dataset(api_client):
-    dataset = DatasetFactory()
+def test_add_files_to_an_open_dataset(api_client, user):
+    dataset = DatasetFactory(owner=user)
 
     response = api_client.post(
         ds_url(dataset, "files/"),
@@ -346,9 +354,9 @@ def test_add_files_to_an_open_dataset(api_client):
     ],
 )
 def test_add_files_with_bad_input_answers_400_per_field_and_writes_nothing(
-    api_client, files, where
+    api_client, user, files, where
 ):
-    dataset = DatasetFactory()
+    dataset = DatasetFactory(owner=user)
     good = _entry("good.root")
 
     response = api_client.post(ds_url(dataset, "files/"), {"files": [good, *files]}, format="json")
@@ -361,8 +369,8 @@ def test_add_files_with_bad_input_answers_400_per_field_and_writes_nothing(
     assert dataset.file_count == 0
 
 
-def test_add_files_repeated_or_empty_answers_400(api_client):
-    dataset = DatasetFactory()
+def test_add_files_repeated_or_empty_answers_400(api_client, user):
+    dataset = DatasetFactory(owner=user)
     for files in ([], [_entry("a"), _entry("a")]):
         response = api_client.post(ds_url(dataset, "files/"), {"files": files}, format="json")
         assert response.status_code == 400
@@ -370,8 +378,8 @@ def test_add_files_repeated_or_empty_answers_400(api_client):
     assert not DatasetEntry.objects.exists()
 
 
-def test_add_a_file_already_in_the_dataset_answers_409(api_client):
-    entry = DatasetEntryFactory(name="a.root")
+def test_add_a_file_already_in_the_dataset_answers_409(api_client, user):
+    entry = DatasetEntryFactory(name="a.root", dataset__owner=user)
     response = api_client.post(
         ds_url(entry.dataset, "files/"),
         {"files": [_entry("new.root"), _entry("a.root")]},
@@ -397,8 +405,8 @@ def test_list_a_datasets_files_by_cursor(api_client):
     assert seen == [e.pk for e in entries]
 
 
-def test_close_a_dataset_then_it_refuses_files(api_client):
-    dataset = DatasetFactory()
+def test_close_a_dataset_then_it_refuses_files(api_client, user):
+    dataset = DatasetFactory(owner=user)
 
     response = api_client.post(ds_url(dataset, "close/"), {"reason": "run over"})
     assert response.status_code == 200
@@ -415,11 +423,153 @@ def test_close_a_dataset_then_it_refuses_files(api_client):
     assert dataset.file_count == 0
 
 
-def test_datasets_are_shared_by_every_user(user, other_user):
-    """Datasets have no owner: another user may read and fill them."""
-    dataset = DatasetFactory()
+# --- datasets: who may write ---------------------------------------------------------------------
+
+
+def _client(user):
     client = APIClient()
-    client.force_authenticate(other_user)
-    assert client.get(ds_url(dataset)).status_code == 200
-    response = client.post(ds_url(dataset, "files/"), {"files": [_entry("x")]}, format="json")
+    client.force_authenticate(user)
+    return client
+
+
+def _with_change_dataset():
+    user = UserFactory()
+    user.user_permissions.add(
+        Permission.objects.get(content_type__app_label="files", codename="change_dataset")
+    )
+    return user
+
+
+def _snapshot(dataset):
+    """Everything a refused write must leave as it was."""
+    dataset.refresh_from_db()
+    return (
+        list(DatasetEntry.objects.filter(dataset=dataset).values_list("id", flat=True)),
+        dataset.state,
+        dataset.file_count,
+        dataset.total_size,
+        dataset.closed_at,
+        DatasetTransition.objects.filter(subject=dataset).count(),
+    )
+
+
+def _add(client, dataset, name="x.root"):
+    return client.post(ds_url(dataset, "files/"), {"files": [_entry(name)]}, format="json")
+
+
+def _close(client, dataset):
+    return client.post(ds_url(dataset, "close/"), {"reason": "done"}, format="json")
+
+
+def _assert_refused(response, *words):
+    assert response.status_code == 403, response.json()
+    body = response.json()
+    assert body["error"] == "permission_denied"
+    for word in words:
+        assert word in body["detail"]
+
+
+def test_the_catalogue_is_read_by_every_user(user, other_user):
+    dataset = DatasetFactory(owner=user)
+    DatasetEntryFactory(dataset=dataset)
+    client = _client(other_user)
+
+    assert _ids(client.get(DATASETS), "uid") == [str(dataset.uid)]
+    body = client.get(ds_url(dataset)).json()
+    assert (body["owner"], body["owner_username"]) == (user.pk, user.username)
+    assert len(client.get(ds_url(dataset, "files/")).json()["results"]) == 1
+    system = DatasetFactory()
+    assert client.get(ds_url(system)).json()["owner"] is None
+
+
+def test_the_owner_adds_files_and_closes(api_client, user):
+    dataset = DatasetFactory(owner=user)
+    assert _add(api_client, dataset).status_code == 201
+    assert _close(api_client, dataset).status_code == 200
+    dataset.refresh_from_db()
+    assert (dataset.file_count, dataset.state) == (1, "closed")
+
+
+@pytest.mark.parametrize("write", [_add, _close])
+def test_another_user_may_not_write_a_dataset_and_nothing_changes(user, other_user, write):
+    dataset = DatasetFactory(owner=user)
+    DatasetEntryFactory(dataset=dataset, name="first.root")
+    before = _snapshot(dataset)
+
+    _assert_refused(write(_client(other_user), dataset), dataset.name, "another user")
+
+    assert _snapshot(dataset) == before
+
+
+def test_the_refusal_comes_before_the_state_and_input_checks(user, other_user):
+    closed = DatasetFactory(owner=user, state="closed")
+    client = _client(other_user)
+    _assert_refused(_add(client, closed))  # not the 409 dataset_closed
+    bad = client.post(ds_url(DatasetFactory(owner=user), "files/"), {"files": []}, format="json")
+    _assert_refused(bad)  # not the 400
+
+
+@pytest.mark.parametrize(
+    "make_writer",
+    [
+        pytest.param(lambda: UserFactory(is_staff=True), id="staff"),
+        pytest.param(_with_change_dataset, id="files.change_dataset"),
+    ],
+)
+@pytest.mark.parametrize("owned", [True, False], ids=["another_users", "ownerless"])
+def test_staff_and_the_change_permission_write_any_input_dataset(user, make_writer, owned):
+    dataset = DatasetFactory(owner=user if owned else None)
+    client = _client(make_writer())
+
+    assert _add(client, dataset).status_code == 201
+    assert _close(client, dataset).status_code == 200
+    dataset.refresh_from_db()
+    assert (dataset.file_count, dataset.state) == (1, "closed")
+    assert DatasetTransition.objects.filter(subject=dataset).count() == 1
+
+
+@pytest.mark.parametrize("write", [_add, _close])
+def test_an_ownerless_input_dataset_is_not_written_by_a_plain_user(api_client, write):
+    dataset = DatasetFactory(owner=None)
+    before = _snapshot(dataset)
+
+    _assert_refused(write(api_client, dataset), "has no owner", "files.change_dataset")
+
+    assert _snapshot(dataset) == before
+
+
+def test_an_output_dataset_is_written_by_the_wms_only(user, admin_user):
+    """Not by its task's owner, nor staff, nor the change permission; the WMS's own DSM client
+    (what the pilots' reports and the finalizer use) still writes and closes it."""
+    from files.dsm import get_dsm
+    from tasks.services import task_create
+
+    task = task_create(
+        owner=user, executable="wms-payload-map", data_in_uid=DatasetFactory(owner=user).uid
+    )
+    output = Dataset.objects.get(uid=task.data_out_uid)
+    assert output.role == "output"
+    before = _snapshot(output)
+
+    for who in (user, admin_user, UserFactory(is_staff=True), _with_change_dataset()):
+        client = _client(who)
+        _assert_refused(_add(client, output), "Output datasets are written by the WMS only")
+        _assert_refused(_close(client, output), "Output datasets are written by the WMS only")
+        assert client.get(ds_url(output)).status_code == 200  # reading stays open
+    assert _snapshot(output) == before
+
+    with get_dsm() as dsm:
+        dsm.register_files(output.uid, [_entry("job1/out.root")])
+        dsm.close_dataset(output.uid, source="system", reason="task ended")
+    output.refresh_from_db()
+    assert (output.file_count, output.state) == (1, "closed")
+
+
+def test_an_output_dataset_registered_by_a_user_is_not_written_by_them_either(api_client):
+    response = api_client.post(DATASETS, {"name": "mine.out", "role": "output"}, format="json")
     assert response.status_code == 201
+    dataset = Dataset.objects.get(name="mine.out")
+
+    _assert_refused(_add(api_client, dataset), "Output datasets are written by the WMS only")
+    _assert_refused(_close(api_client, dataset), "Output datasets are written by the WMS only")
+    assert _snapshot(dataset)[:3] == ([], "open", 0)

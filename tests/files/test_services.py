@@ -20,6 +20,7 @@ from files.services import (
     dataset_add_files,
     dataset_close,
     dataset_register,
+    datasets_register,
     file_create,
 )
 from tests.factories import DatasetEntryFactory, DatasetFactory, FileFactory, JobFactory
@@ -51,6 +52,19 @@ def test_dataset_register_creates_an_open_dataset():
     assert (stored.role, stored.location, stored.state) == ("output", "file:///d", "open")
     assert (stored.file_count, stored.total_size, stored.closed_at) == (0, 0, None)
     assert isinstance(stored.uid, uuid.UUID)
+
+
+def test_dataset_register_has_no_owner_unless_given(user):
+    assert dataset_register(name="made.by.the.system").owner is None
+    ds = dataset_register(name="user.alice.raw", owner=user)
+    assert Dataset.objects.get(pk=ds.pk).owner == user
+
+
+def test_datasets_register_gives_every_dataset_the_owner(user):
+    made = datasets_register(specs=[{"name": "a"}, {"name": "b", "role": "output"}], owner=user)
+    assert {ds.owner_id for ds in made} == {user.pk}
+    assert set(Dataset.objects.values_list("owner", flat=True)) == {user.pk}
+    assert datasets_register(specs=[{"name": "c"}])[0].owner is None
 
 
 def test_dataset_register_with_a_given_uid():
