@@ -261,6 +261,7 @@ def run_wms(n: int, pilots: int, slots: int, work: Path, prefix: str, timeout: f
         )
         if errors:
             example = JobAttempt.objects.filter(job__task=task).exclude(error_code="").first()
+            assert example is not None  # errors counted at least one such attempt
             print(f"failed attempts: {errors}; e.g. {example.error_message[:500]}", file=sys.stderr)
     except Exception:
         print(f"the stack's output: {log.name}", file=sys.stderr)

@@ -236,12 +236,12 @@ def main() -> None:
             # queue; they stop once every event is applied (they would wait for more).
             shared = multiprocessing.get_context("fork").Value("q", 0)
             cpu_bus = CpuMeter(broker=True)
-            bus = run_processes(
+            bus_runs = run_processes(
                 bus_consumer, [(total, batch, shared)] * args.consumers, start=cpu_bus.start
             )
             cpu_bus.stop()
-            t_bus = max(last for _, last, _ in bus) - cpu_bus.started
-            applied = sum(a for a, _, _ in bus)
+            t_bus = max(last for _, last, _ in bus_runs) - cpu_bus.started
+            applied = sum(a for a, _, _ in bus_runs)
             assert applied == total, applied
             assert (
                 JobAttempt.objects.filter(
@@ -275,7 +275,7 @@ def main() -> None:
             ),
             (
                 "  CPU per 1,000 events",
-                cpu_bus.per(total / 1000, consumers=sum(c for _, _, c in bus)),
+                cpu_bus.per(total / 1000, consumers=sum(c for _, _, c in bus_runs)),
             ),
             (
                 "  publishing (not in the figure)",

@@ -28,7 +28,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from django.conf import settings
@@ -45,6 +45,14 @@ log = structlog.get_logger(__name__)
 
 TRANSIENT = (DatabaseError, DSMError, BrokerError)
 RETRY_PAUSE = 2.0  # seconds to wait after a transient failure before taking more
+
+
+class StopSignal(Protocol):
+    """What :func:`consume` needs of ``stop``: a ``threading.Event`` or anything shaped like it."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float, /) -> bool: ...
 
 
 @dataclass
@@ -200,7 +208,7 @@ class EventBatcher:
 def consume(
     conn: Connection,
     *,
-    stop: threading.Event | None = None,
+    stop: StopSignal | None = None,
     batch_size: int | None = None,
     max_wait: float | None = None,
     max_batches: int | None = None,

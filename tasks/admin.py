@@ -49,7 +49,7 @@ PROGRESS_ORDER = (
 FINAL_JOB_STATES = set(jobs.models.FINAL_JOB_STATES)
 
 # What task_create takes (the add form) and what task_update may change (the change form).
-CREATE_FIELDS = (
+CREATE_FIELDS: tuple[str, ...] = (
     "name",
     "executable",
     "args",

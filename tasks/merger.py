@@ -182,7 +182,7 @@ def _create_merges(task: Task, planned: list[_Planned]) -> list[int]:
         ]
     )
     done_ids = [m.id for _, _, done in planned for m in done]
-    outputs: dict[int, list[File]] = defaultdict(list)
+    outputs: dict[int | None, list[File]] = defaultdict(list)  # File.job_id is nullable
     for f in File.objects.filter(
         job_id__in=done_ids, type=FileType.OUTPUT, status=FileStatus.READY
     ).order_by("id"):
@@ -208,7 +208,7 @@ def _create_merges(task: Task, planned: list[_Planned]) -> list[int]:
             for f in outputs[m.id]
         ]
     )
-    first_input: dict[int, int] = {}
+    first_input: dict[int | None, int] = {}  # by File.job_id (nullable)
     for f in inputs:
         first_input.setdefault(f.job_id, f.pk)
     for job, (_, group, _) in zip(jobs, planned, strict=True):

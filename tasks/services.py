@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.db.models import Exists, F, OuterRef, Q
@@ -39,7 +39,7 @@ def _get(task_id: int) -> Task:
 @transaction.atomic
 def task_create(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     executable: str,
     data_in_uid: uuid.UUID | str | None = None,
     data_in_uids: Sequence[uuid.UUID | str] | None = None,

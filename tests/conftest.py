@@ -87,7 +87,7 @@ def drain_queue():
     from wms import bus
 
     def _drain(device_type: str, *, limit: int = 100_000) -> list[tuple[dict, int | None]]:
-        out = []
+        out: list[tuple[dict, int | None]] = []
         conn = bus.new_connection()
         try:
             queue = bus.topology().job_queue(device_type)(conn.default_channel)

@@ -18,7 +18,7 @@ _RE = re.compile(r"^(adler32|sha256|md5):([0-9a-f]+)$")
 def is_valid(value: str) -> bool:
     """True for ``adler32:0a1b2c3d`` / ``sha256:<64 hex>`` / ``md5:<32 hex>`` (lower case)."""
     m = _RE.fullmatch(value or "")  # fullmatch: "$" alone lets a trailing newline through
-    return bool(m) and len(m.group(2)) == _HEX_LEN[m.group(1)]
+    return m is not None and len(m.group(2)) == _HEX_LEN[m.group(1)]
 
 
 def file_checksum(path: str | Path, algorithm: str = "adler32", chunk: int = 1 << 20) -> str:

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import Count
 
 from files.dsm import FileInfo, get_dsm, iter_files
@@ -159,7 +159,7 @@ def demo_inputs_write(
 
 def demo_start(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     files: int = DEFAULT_FILES,
     events: int = DEFAULT_EVENTS,
     gpu_files_per_job: int = DEFAULT_GPU_FILES_PER_JOB,

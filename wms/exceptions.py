@@ -16,7 +16,8 @@ class WMSError(Exception):
     default_detail = "Internal error."
 
     def __init__(self, detail: Any = None, *, code: str | None = None) -> None:
-        self.detail = self.default_detail if detail is None else detail
+        # A message, or a mapping of field -> messages (ValidationFailed) as the API renders it.
+        self.detail: Any = self.default_detail if detail is None else detail
         if code is not None:
             self.code = code
         super().__init__(self.detail)

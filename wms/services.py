@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser, Permission
+from django.contrib.auth.models import Permission, User
 from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
 
@@ -62,7 +62,7 @@ def pilot_registrar_ensure(*, username: str = PILOT_REGISTRAR) -> str:
 
 
 @transaction.atomic
-def demo_operator_ensure(*, username: str = DEMO_OPERATOR) -> AbstractBaseUser:
+def demo_operator_ensure(*, username: str = DEMO_OPERATOR) -> User:
     """The (non-staff) account that owns the demo's tasks; staff operators see them too."""
     user, _created = _service_account(username)
     return user

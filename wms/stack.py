@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol
 
 import psutil
 
@@ -42,6 +42,14 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 DEVICE_TYPES = ("cpu", "gpu")
 
 _COLORS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92")
+
+
+class TextSink(Protocol):
+    """Where the children's output is copied: ``sys.stdout``, a file, an ``io.TextIOBase``..."""
+
+    def write(self, s: str, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 class StackError(RuntimeError):
@@ -131,7 +139,7 @@ class Stack:
         config: StackConfig,
         *,
         env: Mapping[str, str] | None = None,
-        out: TextIO | None = None,
+        out: TextSink | None = None,
     ) -> None:
         self.config = config
         self.port = config.port or free_port(config.host)

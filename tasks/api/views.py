@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import extend_schema, extend_schema_view
@@ -164,7 +164,7 @@ class TaskViewSet(viewsets.GenericViewSet):
         serializer = TaskCreateSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
         # IsAuthenticated let the request in: the user is a real account.
-        owner = cast(AbstractBaseUser, request.user)
+        owner = cast(User, request.user)
         task = task_create(owner=owner, **serializer.validated_data)
         return self._detail(task.pk, status.HTTP_201_CREATED)
 

@@ -85,6 +85,7 @@ def _alive(pid: int) -> bool:
 
 
 def _output_closed(task: Task) -> bool:
+    assert task.data_out_uid is not None  # task_create registered the output dataset
     with get_dsm() as dsm:
         return not dsm.get_dataset(task.data_out_uid).is_open
 

@@ -21,7 +21,7 @@ def _task(n: int, *, name: str, **kw):
     ds = dataset_register(name=name)
     dataset_add_files(dataset=ds, files=[{"name": f"{name}.{i:04d}", "size": i} for i in range(n)])
     dataset_close(dataset=ds, source="api")
-    task = TaskFactory(data_in_uid=ds.uid, **kw)
+    task = TaskFactory.create(data_in_uid=ds.uid, **kw)
     task_split(task_id=task.pk)
     return task
 

@@ -43,6 +43,7 @@ def _set(task: Task, *states: str) -> None:
 
 def _out_state(task: Task) -> str:
     task.refresh_from_db()
+    assert task.data_out_uid is not None  # task_create registers it
     return Dataset.objects.get(uid=task.data_out_uid).state
 
 

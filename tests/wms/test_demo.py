@@ -7,6 +7,7 @@ the summary's checks (outputs read back, checksums, merged seeds and events) mee
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -69,7 +70,7 @@ def test_demo_start_registers_real_inputs_and_two_tasks(run, tmp_path):
     assert [t.expected_jobs for t in run.tasks] == [6, 2]  # 6 files, 4 per GPU job: 4 + 2
 
 
-def run_jobs_like_a_pilot(run: demo.DemoRun, tmp_path, *, fail: set[int] = frozenset()):
+def run_jobs_like_a_pilot(run: demo.DemoRun, tmp_path, *, fail: Collection[int] = frozenset()):
     """Split the tasks, then run every job's payload and record it finished with its output."""
     for t in run.tasks:
         task_split(task_id=t.task_id)
@@ -91,8 +92,10 @@ def run_jobs_like_a_pilot(run: demo.DemoRun, tmp_path, *, fail: set[int] = froze
             "check_sum": checksums.file_checksum(path),
             "url": path.as_uri(),
         }
+        out_uid = job.task.data_out_uid
+        assert out_uid is not None  # task_create registered the output dataset
         with get_dsm() as dsm:
-            dsm.register_files(job.task.data_out_uid, [spec])
+            dsm.register_files(out_uid, [spec])
         file_create(
             file_name=spec["name"],
             type=FileType.OUTPUT,

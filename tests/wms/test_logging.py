@@ -62,7 +62,9 @@ def _lines(buf: io.StringIO) -> list[str]:
 
 def _here() -> int:
     """The line number of the caller (to compare with the logged file:line)."""
-    return inspect.currentframe().f_back.f_lineno
+    frame = inspect.currentframe()
+    assert frame is not None and frame.f_back is not None  # CPython has frames
+    return frame.f_back.f_lineno
 
 
 def test_console_line_has_the_seed_shape(capture):

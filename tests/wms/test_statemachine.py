@@ -52,7 +52,7 @@ FORBIDDEN_PAIRS = _pairs(False)
 
 def _make(name: str, state: str) -> models.Model:
     _model, _machine, factory = MACHINES[name]
-    return factory(state=state, state_changed_at=LONG_AGO)
+    return factory.create(state=state, state_changed_at=LONG_AGO)
 
 
 # --- the maps themselves ------------------------------------------------------------------------
