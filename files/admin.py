@@ -16,12 +16,13 @@ from files import services
 from files.models import (
     Dataset,
     DatasetEntry,
+    DatasetRole,
     DatasetState,
     DatasetTransition,
     File,
 )
 from jobs.models import Job
-from tasks.models import Task
+from tasks.models import ACTIVE_TASK_STATES, Task
 from wms import checksums
 from wms.admin import (
     ADMIN_SOURCE,
@@ -38,6 +39,7 @@ from wms.admin import (
     run_service_action,
     state_badge,
 )
+from wms.exceptions import Conflict
 
 
 class DatasetTransitionInline(TransitionInline):
@@ -139,11 +141,30 @@ class DatasetAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "uid", "name", "state"),
-            lambda ds: services.dataset_close(dataset=ds, source=ADMIN_SOURCE, reason=reason),
+            lambda ds: _admin_close(ds, reason),
             done="closed",
             unchanged="already closed",
             log_message="Closed (admin action).",
         )
+
+
+def _admin_close(ds: Dataset, reason: str):
+    """The admin's close. The output dataset of a task that may still run jobs is refused
+    (its jobs' outputs and logs still go there; the WMS closes it when the task ends: cancel
+    the task instead). Once the task ended, an operator may close it by hand (e.g. when a
+    pilot never acknowledged a kill and the finalizer still waits)."""
+    if ds.role == DatasetRole.OUTPUT:
+        active = (
+            Task.objects.filter(data_out_uid=ds.uid, state__in=ACTIVE_TASK_STATES)
+            .values_list("pk", flat=True)
+            .first()
+        )
+        if active is not None:
+            raise Conflict(
+                f"{ds.name} is the output dataset of task {active}, which may still run jobs: "
+                "the WMS closes it when the task ends (cancel the task to end it now)."
+            )
+    return services.dataset_close(dataset=ds, source=ADMIN_SOURCE, reason=reason)
 
 
 ENTRY_ADD_FIELDS = ("dataset", "name", "size", "check_sum", "url")

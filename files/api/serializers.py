@@ -107,11 +107,24 @@ class DatasetCreateSerializer(StrictFieldsMixin, serializers.Serializer):
     the uid it already has in the DSM (one is made up otherwise)."""
 
     name = serializers.CharField(max_length=_max_length(Dataset, "name"))
-    role = serializers.ChoiceField(choices=DatasetRole.choices, default=DatasetRole.INPUT)
+    role = serializers.ChoiceField(
+        choices=DatasetRole.choices,
+        default=DatasetRole.INPUT,
+        help_text="input (the only role a user registers: output datasets are made by the "
+        "WMS, one per task).",
+    )
     location = serializers.CharField(
         max_length=_max_length(Dataset, "location"), allow_blank=True, default=""
     )
     uid = serializers.UUIDField(required=False)
+
+    def validate_role(self, value: str) -> str:
+        if value != DatasetRole.INPUT:
+            raise serializers.ValidationError(
+                "Only input datasets are registered through the API: the WMS makes each "
+                "task's output dataset itself."
+            )
+        return value
 
 
 class DatasetBulkCreateSerializer(StrictFieldsMixin, serializers.Serializer):

@@ -219,6 +219,29 @@ def test_closing_a_closed_dataset_again_changes_nothing(admin_client_logged):
     assert Dataset.objects.get(pk=ds.pk).closed_at == closed_at
 
 
+def test_close_action_refuses_the_output_of_a_task_that_may_still_run(admin_client_logged, user):
+    """The output of an active task stays open (its jobs still write there): a message, no
+    close. Once the task ended, an operator may close it by hand."""
+    from tasks.services import task_cancel, task_create
+
+    task = task_create(owner=user, executable="x", data_in_uid=DatasetFactory().uid, name="t")
+    output = Dataset.objects.get(uid=task.data_out_uid)
+
+    response = close_action(admin_client_logged, [output])
+
+    errors = [text for level, text in messages_of(response) if level == "error"]
+    assert len(errors) == 1 and f"output dataset of task {task.pk}" in errors[0]
+    assert Dataset.objects.get(pk=output.pk).state == DatasetState.OPEN
+    assert not DatasetTransition.objects.filter(subject=output).exists()
+
+    task_cancel(task_id=task.pk, source="api")
+    output.refresh_from_db()
+    assert output.state == DatasetState.OPEN  # no finalizer runs in this test
+    response = close_action(admin_client_logged, [output])
+    assert ("success", "1 dataset closed.") in messages_of(response)
+    assert Dataset.objects.get(pk=output.pk).state == DatasetState.CLOSED
+
+
 def test_file_changelist_links_job_task_and_dataset(admin_client_logged):
     f = FileFactory(dataset=DatasetFactory())
     html = admin_client_logged.get(reverse("admin:files_file_changelist")).content.decode()

@@ -259,18 +259,18 @@ def test_bulk_registers_every_dataset(api_client, user):
             "datasets": [
                 {"name": "run1"},
                 {"name": "run2", "location": "root://eos/run2"},
-                {"name": "run1.out", "role": "output"},
+                {"name": "run3", "role": "input"},
             ]
         },
         format="json",
     )
 
     assert response.status_code == 201, response.json()
-    assert [d["name"] for d in response.json()["datasets"]] == ["run1", "run2", "run1.out"]
-    assert set(Dataset.objects.values_list("name", "role")) == {
-        ("run1", "input"),
-        ("run2", "input"),
-        ("run1.out", "output"),
+    assert [d["name"] for d in response.json()["datasets"]] == ["run1", "run2", "run3"]
+    assert set(Dataset.objects.values_list("name", "role", "location")) == {
+        ("run1", "input", ""),
+        ("run2", "input", "root://eos/run2"),
+        ("run3", "input", ""),
     }
     assert set(Dataset.objects.values_list("owner", flat=True)) == {user.pk}
     assert {d["owner"] for d in response.json()["datasets"]} == {user.pk}
@@ -565,11 +565,17 @@ def test_an_output_dataset_is_written_by_the_wms_only(user, admin_user):
     assert (output.file_count, output.state) == (1, "closed")
 
 
-def test_an_output_dataset_registered_by_a_user_is_not_written_by_them_either(api_client):
+def test_a_user_registers_no_output_dataset(api_client):
+    """Output datasets are made by the WMS, one per task: the API refuses the role (a dataset
+    nobody could ever fill or close), alone or within a bulk registration, writing nothing."""
     response = api_client.post(DATASETS, {"name": "mine.out", "role": "output"}, format="json")
-    assert response.status_code == 201
-    dataset = Dataset.objects.get(name="mine.out")
-
-    _assert_refused(_add(api_client, dataset), "Output datasets are written by the WMS only")
-    _assert_refused(_close(api_client, dataset), "Output datasets are written by the WMS only")
-    assert _snapshot(dataset)[:3] == ([], "open", 0)
+    assert response.status_code == 400
+    assert response.json()["error"] == "validation_failed"
+    assert "Only input datasets" in response.json()["detail"]["role"][0]
+    response = api_client.post(
+        f"{DATASETS}bulk/",
+        {"datasets": [{"name": "ok.in"}, {"name": "mine.out", "role": "output"}]},
+        format="json",
+    )
+    assert response.status_code == 400
+    assert not Dataset.objects.filter(name__in=["mine.out", "ok.in"]).exists()
