@@ -50,6 +50,7 @@ FINAL_JOB_STATES = set(jobs.models.FINAL_JOB_STATES)
 
 # What task_create takes (the add form) and what task_update may change (the change form).
 CREATE_FIELDS: tuple[str, ...] = (
+    "data_in_follow",
     "name",
     "executable",
     "args",
@@ -70,6 +71,7 @@ CREATE_FIELDS: tuple[str, ...] = (
     "merge_on_child_failure",
 )
 UPDATE_FIELDS = (
+    "data_in_follow",
     "name",
     "rank",
     "max_retries",
@@ -287,7 +289,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             {
                 "description": "Either a first dataset uid (and more, one a line), or a name "
                 "pattern (* any run of characters, ? one) selecting the datasets by name.",
-                "fields": ("data_in_uid", "more_inputs", "data_in_selection"),
+                "fields": ("data_in_uid", "more_inputs", "data_in_selection", "data_in_follow"),
             },
         ),
         (
@@ -341,6 +343,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                     "data_in_uid",
                     "input_dataset",
                     "data_in_selection",
+                    "data_in_follow",
                     "data_out_uid",
                     "output_dataset",
                     "storage_url",

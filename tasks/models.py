@@ -87,6 +87,11 @@ class Task(models.Model):
         default="",
         help_text="The name pattern the input datasets were selected by (empty: listed).",
     )
+    data_in_follow = models.BooleanField(
+        default=False,
+        help_text="Follow the selection: input datasets that come to match data_in_selection "
+        "are added to the task as they are registered. The task cannot end while it follows.",
+    )
     # --- merging the outputs (tasks.merger, docs/lifecycle.md "Merge jobs") ---
     merge_group_size = models.PositiveIntegerField(
         default=0,
@@ -144,6 +149,10 @@ class Task(models.Model):
         if self.merge_group_size == 1:
             raise ValidationError(
                 {"merge_group_size": ["0 (no merge) or at least 2: a merge of one is a copy."]}
+            )
+        if self.data_in_follow and not self.data_in_selection:
+            raise ValidationError(
+                {"data_in_follow": ["Only a task whose inputs are a data_in_selection follows."]}
             )
         if self.merge_group_size and not self.merge_executable:
             raise ValidationError({"merge_executable": ["Required when merge_group_size > 0."]})

@@ -16,7 +16,7 @@ from django.db.models import Exists, F, OuterRef, Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from files.dsm import get_dsm
+from files.dsm import MAX_FIND, get_dsm
 from files.models import File, FileStatus, FileType
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from pilots.models import PilotState
@@ -44,6 +44,7 @@ def task_create(
     data_in_uid: uuid.UUID | str | None = None,
     data_in_uids: Sequence[uuid.UUID | str] | None = None,
     data_in_selection: str = "",
+    data_in_follow: bool = False,
     args: str = "",
     rank: int = 0,
     device_type: str = DeviceType.CPU,
@@ -65,7 +66,9 @@ def task_create(
     """Define a task over input datasets of the DSM: ONE of ``data_in_uid`` (one dataset),
     ``data_in_uids`` (a series, in order) or ``data_in_selection`` (a name pattern, resolved
     now through the DSM into the series of the datasets it matches, by name). The datasets may
-    still be open and empty (pre-registered): the splitter follows them as files arrive.
+    still be open and empty (pre-registered): the splitter follows them as files arrive. With
+    ``data_in_follow`` (a selection only), input datasets registered later under a matching
+    name join the series too (:func:`task_follow_selection`), until it is turned off.
 
     The task's output dataset is registered in the DSM at once (role ``output``, named
     ``<name or "task">.<id>.out``, located at ``data_out_url``), and its uid kept in
@@ -89,6 +92,7 @@ def task_create(
         mode=mode,
         data_in_uid=dataset.uid,
         data_in_selection=data_in_selection,
+        data_in_follow=data_in_follow,
         storage_url=storage_url,
         data_out_url=data_out_url,
         name=name,
@@ -318,7 +322,70 @@ def task_add_inputs(
     return rows
 
 
+def task_follow_selection(*, task_id: int, dsm: Any) -> list[TaskInput]:
+    """Append to a following task's series the input datasets that came to match its
+    selection since the last look (in name order; the task's own output and datasets already
+    in the series never). Nothing to do: no write at all.
+
+    The DSM is asked first, outside any transaction (the splitter calls this at the start of
+    each run); then the task row is locked (``FOR UPDATE``, as ``task_add_inputs``): a task
+    that stopped following or ended meanwhile takes nothing. At most ``WMS_TASK_MAX_INPUTS``
+    inputs: past that, the rest is logged and left out.
+    """
+    task = Task.objects.filter(pk=task_id, data_in_follow=True).first()
+    if task is None or task.state in ENDED_TASK_STATES or not task.data_in_selection:
+        return []
+    found = dsm.find_datasets(task.data_in_selection, role="input", limit=MAX_FIND)
+    taken = set(TaskInput.objects.filter(task_id=task_id).values_list("dataset_uid", flat=True))
+    new = [ds for ds in found if ds.uid not in taken and ds.uid != task.data_out_uid]
+    if not new:
+        return []
+    with transaction.atomic():
+        task = (
+            Task.objects.select_for_update()
+            .filter(pk=task_id, data_in_follow=True)
+            .exclude(state__in=ENDED_TASK_STATES)
+            .first()
+        )
+        if task is None:
+            return []
+        existing = list(
+            TaskInput.objects.filter(task_id=task_id).values_list("position", "dataset_uid")
+        )
+        taken = {uid for _, uid in existing}
+        new = [ds for ds in new if ds.uid not in taken]
+        room = settings.WMS_TASK_MAX_INPUTS - len(existing)
+        if len(new) > room:
+            log.warning(
+                "task_inputs_limit",
+                task_id=task_id,
+                matching=len(new),
+                room=room,
+                limit=settings.WMS_TASK_MAX_INPUTS,
+            )
+            new = new[: max(0, room)]
+        if not new:
+            return []
+        start = max((pos for pos, _ in existing), default=-1) + 1
+        rows = TaskInput.objects.bulk_create(
+            [
+                TaskInput(task_id=task_id, position=start + i, dataset_uid=ds.uid)
+                for i, ds in enumerate(new)
+            ]
+        )
+        Task.objects.filter(pk=task_id).update(updated_at=timezone.now())
+    log.info(
+        "task_inputs_followed",
+        task_id=task_id,
+        pattern=task.data_in_selection,
+        inputs=[ds.name for ds in new],
+        first_position=start,
+    )
+    return rows
+
+
 _UPDATABLE = {
+    "data_in_follow",
     "rank",
     "splitter_enabled",
     "executor_enabled",
@@ -361,6 +428,11 @@ def task_update(*, task_id: int, **changes: Any) -> Task:
         task.full_clean(exclude=["owner"])
     except DjangoValidationError as exc:
         raise ValidationFailed(exc.message_dict) from exc
+    stop_following = changes.get("data_in_follow") is False and task.state not in ENDED_TASK_STATES
+    if stop_following:
+        # The last look: datasets that matched before the user said "no more" still join.
+        with get_dsm() as dsm:  # the row still says "following" until the save below
+            task_follow_selection(task_id=task_id, dsm=dsm)
     task.save(update_fields=[*changes, "updated_at"])
     if "rank" in changes:
         Job.objects.filter(task_id=task_id, state__in=(JobState.DEFINED, JobState.HELD)).update(
@@ -474,11 +546,14 @@ def _kills_pending(task_id: int) -> bool:
 
 def _input_fully_split(task: Task, dsm: Any) -> tuple[bool, str]:
     """Is every input dataset of the task closed, with every one of its files given a job?
+    (Never while the task follows its selection: more datasets may come.)
 
     An input the splitter marked done (``split_done_at``) costs nothing. For any other, the
     dataset's state is read before its files (a closed dataset takes no more files), then ONE
     listing after the input's split cursor: nothing there means the splitter reached its end.
     """
+    if task.data_in_follow:
+        return False, "following its dataset selection"
     for task_input in TaskInput.objects.filter(task_id=task.pk, split_done_at__isnull=True):
         info = dsm.get_dataset(task_input.dataset_uid)
         if info.is_open:

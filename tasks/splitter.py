@@ -226,6 +226,10 @@ def _split(task_id: int, dsm: DSMClient) -> SplitResult:
     ).first()
     if task is None:  # not splittable now
         return SplitResult(task_id=task_id)
+    if task.data_in_follow:  # datasets that came to match the selection join the series
+        from tasks.services import task_follow_selection
+
+        task_follow_selection(task_id=task.pk, dsm=dsm)
     # The series, in order: every input not yet done gets jobs for the files it has now. An
     # open dataset never holds up the ones after it; its files get jobs as they arrive.
     budget = settings.WMS_SPLIT_MAX_JOBS_PER_RUN

@@ -51,6 +51,7 @@ TASK_FIELDS = [
     "mode",
     "data_in_uid",
     "data_in_selection",
+    "data_in_follow",
     "data_out_uid",
     "storage_url",
     "data_out_url",
@@ -173,6 +174,7 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "data_in_uid",
             "data_in_uids",
             "data_in_selection",
+            "data_in_follow",
             "storage_url",
             "data_out_url",
             "files_per_job",
@@ -233,6 +235,7 @@ class TaskUpdateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
     class Meta:
         model = Task
         fields = [
+            "data_in_follow",
             "name",
             "rank",
             "max_retries",

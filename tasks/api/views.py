@@ -99,6 +99,7 @@ def _action_schema(verb: str) -> Callable[[Any], Any]:
     partial_update=extend_schema(
         summary="Change a task",
         description="Change rank, name, max_retries, max_failed_fraction, splitter_enabled, "
+        "data_in_follow (false: stop following the selection, after one last look), "
         "executor_enabled or the merge settings (merge_group_size and merge_max_level only "
         "while the task has no merge job); "
         "any other field answers 400. A new rank also applies to the task's jobs not "

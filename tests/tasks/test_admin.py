@@ -296,6 +296,7 @@ def test_state_and_creation_fields_are_not_editable(admin_client_logged):
     page = admin_client_logged.get(change_url(task))
     form_fields = set(page.context["adminform"].form.fields)
     assert form_fields == {
+        "data_in_follow",  # may be turned off (or on, for a selection) at run time
         "name",
         "rank",
         "max_retries",

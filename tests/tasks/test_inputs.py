@@ -847,3 +847,99 @@ def test_an_output_dataset_is_no_input(user):
         Dataset.objects.get(name="chain.in").uid,
         Dataset.objects.get(name="chain.other").uid,
     ]
+
+
+# --- following a selection -----------------------------------------------------------------------
+
+
+def test_follow_needs_a_selection(user):
+    a = _ds("fol.a", 1)
+    with pytest.raises(ValidationFailed) as info:
+        _create(user, data_in_uids=[a.uid], data_in_follow=True)
+    assert list(info.value.detail) == ["data_in_follow"]
+    _nothing_written()
+
+
+def test_a_following_task_takes_the_datasets_that_come_to_match(user):
+    first = _ds("follow.r1.raw", 2, close=True)
+    _ds("other.r2.raw", 1, close=True)  # does not match
+    task = _create(user, data_in_selection="follow.*.raw", data_in_follow=True)
+    assert _series(task) == [first.uid]
+    assert task_split(task_id=task.pk).jobs == 2
+
+    # New runs are registered: the next splitter run adds them (name order) and splits them.
+    r3 = _ds("follow.r3.raw", 1)
+    r2 = _ds("follow.r2.raw", 2, close=True)
+    assert task_split(task_id=task.pk).jobs == 2 + 1  # r2's two files and r3's one so far
+    assert _series(task) == [first.uid, r2.uid, r3.uid]
+    assert task_split(task_id=task.pk).jobs == 0  # nothing new: no input, no job
+
+    # Every input is done but r3 (open); even once r3 is closed and split, the task follows:
+    # it does not end.
+    _close(r3)
+    task_split(task_id=task.pk)
+    _finish_jobs(task)
+    assert not TaskInput.objects.filter(task=task, split_done_at__isnull=True).exists()
+    assert task_finalize(task_id=task.pk).waiting == "following its dataset selection"
+
+    # Stop following: one last look first (r4 matched before the user said "no more").
+    r4 = _ds("follow.r4.raw", 1, close=True)
+    from tasks.services import task_update
+
+    task_update(task_id=task.pk, data_in_follow=False)
+    assert _series(task) == [first.uid, r2.uid, r3.uid, r4.uid]
+    task_split(task_id=task.pk)
+    _finish_jobs(task)
+    assert task_finalize(task_id=task.pk).state == TaskState.FINISHED
+    _each_file_once(task, first, r2, r3, r4)
+    # After the end, new matches join no more.
+    _ds("follow.r5.raw", 1, close=True)
+    from files.dsm import get_dsm
+    from tasks.services import task_follow_selection
+
+    with get_dsm() as dsm:
+        assert task_follow_selection(task_id=task.pk, dsm=dsm) == []
+    assert len(_series(task)) == 4
+
+
+def test_following_never_takes_outputs_and_respects_the_limit(user, settings):
+    from files.dsm import get_dsm
+    from tasks.services import task_follow_selection
+
+    settings.WMS_TASK_MAX_INPUTS = 3
+    a = _ds("lim.a", 1)
+    task = _create(user, data_in_selection="lim*", data_in_follow=True, name="lim")
+    out = Dataset.objects.get(uid=task.data_out_uid)
+    assert out.name.startswith("lim.")  # matches the pattern, but is an output
+    b, c, _d = _ds("lim.b", 1), _ds("lim.c", 1), _ds("lim.d", 1)
+
+    with get_dsm() as dsm:
+        rows = task_follow_selection(task_id=task.pk, dsm=dsm)
+        assert [(r.position, r.dataset_uid) for r in rows] == [(1, b.uid), (2, c.uid)]
+        assert task_follow_selection(task_id=task.pk, dsm=dsm) == []  # full: lim.d left out
+    assert _series(task) == [a.uid, b.uid, c.uid]
+
+
+def test_api_follow_and_unfollow(api_client, user):
+    a = _ds("apifol.1", 1, close=True)
+    response = _post(
+        api_client, {"executable": "x", "data_in_selection": "apifol.*", "data_in_follow": True}
+    )
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert body["data_in_follow"] is True and _inputs_of(body) == [(0, str(a.uid))]
+
+    b = _ds("apifol.2", 1, close=True)
+    response = api_client.patch(f"{URL}{body['id']}/", {"data_in_follow": False}, format="json")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["data_in_follow"] is False
+    assert _inputs_of(body) == [(0, str(a.uid)), (1, str(b.uid))]
+
+    response = api_client.patch(f"{URL}{body['id']}/", {"data_in_follow": True}, format="json")
+    assert response.status_code == 200  # a selection task may follow again
+
+    listed = _post(api_client, {"executable": "x", "data_in_uids": [str(a.uid)]}).json()
+    response = api_client.patch(f"{URL}{listed['id']}/", {"data_in_follow": True}, format="json")
+    assert response.status_code == 400
+    assert list(response.json()["detail"]) == ["data_in_follow"]
