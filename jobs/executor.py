@@ -19,9 +19,11 @@ queues stay short and the order by rank is decided here, at claim time.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from django.conf import settings
@@ -67,19 +69,27 @@ MESSAGE_COLUMNS = (
 )
 
 
-def build_messages(job_ids: list[int], *, jobs: list[dict] | None = None) -> list[JobMessage]:
+def build_messages(
+    job_ids: list[int],
+    *,
+    jobs: list[dict] | None = None,
+    tasks: Mapping[int, Mapping[str, Any]] | None = None,
+) -> list[JobMessage]:
     """The job messages of these jobs: three queries whatever their number (two when the
-    caller already read the jobs' ``MESSAGE_COLUMNS``, in the order wanted, as ``jobs``)."""
+    caller already read the jobs' ``MESSAGE_COLUMNS``, in the order wanted, as ``jobs``; one
+    when it also read their tasks' ``data_out_url`` and ``data_out_uid``, by task id, as
+    ``tasks``)."""
     if jobs is None:
         jobs = list(
             Job.objects.filter(pk__in=job_ids).order_by("-rank", "id").values(*MESSAGE_COLUMNS)
         )
-    tasks = {
-        t["id"]: t
-        for t in Task.objects.filter(pk__in={j["task_id"] for j in jobs}).values(
-            "id", "data_out_url", "data_out_uid", "data_in_uid"
-        )
-    }
+    if tasks is None:
+        tasks = {
+            t["id"]: t
+            for t in Task.objects.filter(pk__in={j["task_id"] for j in jobs}).values(
+                "id", "data_out_url", "data_out_uid"
+            )
+        }
     inputs: dict[int, list[InputFile]] = defaultdict(list)
     for f in (
         File.objects.filter(job_id__in=job_ids, type=FileType.INPUT)

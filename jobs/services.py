@@ -26,6 +26,7 @@ from django.utils import timezone
 from files.dsm import get_dsm
 from files.dsm.local import LocalDSMClient
 from files.models import Dataset, File, FileStatus, FileType
+from files.services import dataset_add_files
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event
 from jobs.executor import MESSAGE_COLUMNS, build_messages
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
@@ -349,7 +350,9 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
     job = (
         Job.objects.select_for_update(of=("self",))
         .filter(uuid=uid)
-        .values("state", *MESSAGE_COLUMNS)  # the job message is built from this row
+        # the job message is built from this row and its task's (joined, not locked)
+        .values("state", *MESSAGE_COLUMNS, *_MESSAGE_TASK_COLUMNS)
+        .order_by()
         .first()
     )
     if job is None:
@@ -366,7 +369,7 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
         raise JobNotQueued(f"Job {uid} is {job['state']}, not queued.")
     now = timezone.now()
     source = f"pilot:{pilot.pk}"
-    apply_transition(
+    apply_transition(  # both rows are locked: their states are not read again
         Job,
         job["id"],
         JobState.RUNNING,
@@ -374,13 +377,28 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
         reason=f"attempt {attempt} started",
         updates={"pilot_id": pilot.pk, "time_start": now, "time_end": None},
         only_from=(JobState.QUEUED,),
+        locked_state=job["state"],
     )
     JobAttempt.objects.create(job_id=job["id"], number=attempt, pilot_id=pilot.pk, started_at=now)
     if pilot_state in (PilotState.REGISTERED, PilotState.IDLE):
-        apply_transition(Pilot, pilot.pk, PilotState.BUSY, source=source, reason="job started")
+        apply_transition(
+            Pilot,
+            pilot.pk,
+            PilotState.BUSY,
+            source=source,
+            reason="job started",
+            locked_state=pilot_state,
+        )
     log.info("job_started", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
-    del job["state"]  # the message's columns are unchanged by the start: no second read
-    return build_messages([job["id"]], jobs=[job])[0]
+    # The message's columns are unchanged by the start: no second read.
+    task = {"id": job["task_id"]}
+    for column in _MESSAGE_TASK_COLUMNS:
+        task[column.removeprefix("task__")] = job.pop(column)
+    del job["state"]
+    return build_messages([job["id"]], jobs=[job], tasks={task["id"]: task})[0]
+
+
+_MESSAGE_TASK_COLUMNS = ("task__data_out_url", "task__data_out_uid")
 
 
 # --- the pilot protocol: status events ----------------------------------------------------------
@@ -487,11 +505,17 @@ def _end_attempt(att: _Attempt, ev: StatusEvent, now: Any, *, state: str | None 
     att.ended = True
 
 
-def _register_outputs(files: list[_FileRow], now: Any) -> dict[tuple[uuid.UUID, str], int | None]:
+def _register_outputs(
+    files: list[_FileRow], now: Any, dataset_ids: Mapping[uuid.UUID, int | None]
+) -> dict[tuple[uuid.UUID, str], int | None]:
     """Register the files in their tasks' output datasets through the DSM; one call per
     dataset. Returns (dataset uid, name) → local catalogue entry id (None with an external
     DSM). A closed dataset leaves its files ``failed``; a name already there (a write of an
-    external DSM whose answer was lost) is taken as registered."""
+    external DSM whose answer was lost) is taken as registered.
+
+    With the local DSM the catalogue's service is called directly with the dataset's id
+    (``dataset_ids``, read with the tasks): what ``LocalDSMClient.register_files`` does,
+    without reading the dataset's row again."""
     by_dataset: dict[uuid.UUID, list[_FileRow]] = defaultdict(list)
     for f in files:
         if f.register and f.dataset_uid is not None:
@@ -502,13 +526,23 @@ def _register_outputs(files: list[_FileRow], now: Any) -> dict[tuple[uuid.UUID, 
     dsm = get_dsm()
     try:
         local = isinstance(dsm, LocalDSMClient)
+
+        def register(uid: uuid.UUID, specs: list[dict[str, Any]]) -> list[tuple[int, str]]:
+            if not local:
+                return [(info.id, info.name) for info in dsm.register_files(uid, specs)]
+            dataset_id = dataset_ids.get(uid)
+            if dataset_id is None:
+                raise NotFound(f"Dataset {uid} does not exist.")
+            added = dataset_add_files(dataset=Dataset(pk=dataset_id, uid=uid), files=specs)
+            return [(e.pk, e.name) for e in added]
+
         for uid, group in by_dataset.items():
             specs = [
                 {"name": f.name, "size": f.size, "check_sum": f.check_sum, "url": f.url}
                 for f in group
             ]
             try:
-                infos = dsm.register_files(uid, specs)
+                infos = register(uid, specs)
             except DatasetClosed as exc:
                 log.error("outputs_not_registered", dataset_uid=str(uid), detail=str(exc.detail))
                 for f in group:
@@ -518,7 +552,7 @@ def _register_outputs(files: list[_FileRow], now: Any) -> dict[tuple[uuid.UUID, 
                 infos = []
                 for spec in specs:
                     try:
-                        infos.extend(dsm.register_files(uid, [spec]))
+                        infos.extend(register(uid, [spec]))
                     except Conflict:
                         log.warning(
                             "output_already_registered", dataset_uid=str(uid), name=spec["name"]
@@ -528,8 +562,8 @@ def _register_outputs(files: list[_FileRow], now: Any) -> dict[tuple[uuid.UUID, 
                 for f in group:
                     f.status = FileStatus.FAILED
                 continue
-            for info in infos:
-                entries[(uid, info.name)] = info.id if local else None
+            for entry_id, name in infos:
+                entries[(uid, name)] = entry_id if local else None
     finally:
         dsm.close()
     return entries
@@ -758,7 +792,7 @@ def _store_files(files: list[_FileRow], now: Any) -> None:
             dataset_ids[uid] = dataset_id
     for f in files:
         f.dataset_uid = out_uids.get(f.task_id)
-    entries = _register_outputs(files, now)
+    entries = _register_outputs(files, now, dataset_ids)
     rows = File.objects.bulk_create(
         [
             File(

@@ -22,6 +22,13 @@ def copy_supported() -> bool:
     return connection.vendor == "postgresql" and getattr(settings, "WMS_BULK_COPY", True)
 
 
+def array_inserts_supported() -> bool:
+    """Can one INSERT take its rows as array parameters (``unnest``) and skip existing keys
+    with ``ON CONFLICT DO NOTHING RETURNING``? A capability of the database (PostgreSQL),
+    so callers need not branch on the backend themselves."""
+    return connection.vendor == "postgresql"
+
+
 def allocate_ids(model: type[models.Model], n: int) -> list[int]:
     """``n`` fresh primary keys from the model's sequence (PostgreSQL only)."""
     table = model._meta.db_table

@@ -97,11 +97,15 @@ def apply_transition(
     reason: str = "",
     updates: Mapping[str, Any] | None = None,
     only_from: Iterable[str] | None = None,
+    locked_state: str | None = None,
 ) -> TransitionResult:
     """Move object ``pk`` of ``model`` to ``target``; see the module docstring.
 
     ``updates`` are other columns written by the same UPDATE (``time_end``, ``cur_retry``, ...).
     ``only_from`` narrows the map's sources for this call (e.g. "cancel only if not running").
+    ``locked_state``: the caller holds the row's lock (``SELECT ... FOR UPDATE`` in the current
+    transaction) and read this state under it, so the state is not read again and no
+    savepoint is needed: the UPDATE and the transition row, or the error, and nothing else.
     """
     machine: StateMachine = model.STATE_MACHINE  # type: ignore[attr-defined]
     allowed = machine.sources(target)
@@ -116,6 +120,28 @@ def apply_transition(
         values["updated_at"] = now
 
     manager = model._default_manager
+    if locked_state is not None:
+        if locked_state == target:
+            return TransitionResult(won=False, from_state=locked_state, to_state=target)
+        if locked_state not in allowed:
+            raise InvalidTransition(
+                entity=machine.entity, pk=pk, current=locked_state, target=target
+            )
+        with transaction.atomic(savepoint=False):
+            if not manager.filter(pk=pk, state=locked_state).update(**values):
+                raise Conflict(
+                    f"{machine.entity} {pk} left {locked_state} under a lock that should have "
+                    "held it."
+                )
+            _log_model(model)._default_manager.create(
+                subject_id=pk,
+                from_state=locked_state,
+                to_state=target,
+                at=now,
+                source=source,
+                reason=reason,
+            )
+        return TransitionResult(won=True, from_state=locked_state, to_state=target)
     with transaction.atomic():
         # A bounded compare-and-set loop: each lost round means another writer changed the
         # state in between, and the next round re-reads what it changed it to.
@@ -173,7 +199,8 @@ def apply_transition_bulk(
     if "updated_at" in fields:
         values["updated_at"] = now
     manager = model._default_manager
-    with transaction.atomic():
+    # Rows the caller holds need no savepoint: an error here rolls back the caller's batch.
+    with transaction.atomic(savepoint=not locked):
         if locked:
             moved = list(pks)
         else:

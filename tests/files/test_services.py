@@ -221,6 +221,22 @@ def test_dataset_add_files_name_already_in_the_dataset_is_a_conflict_all_or_none
     ]
 
 
+def test_dataset_add_files_needs_only_the_dataset_id_and_uid():
+    """A pilot's report registers its outputs with ``Dataset(pk=..., uid=...)``, unread."""
+    ds = DatasetFactory()
+    files = _files(2)
+    entries = dataset_add_files(dataset=Dataset(pk=ds.pk, uid=ds.uid), files=files)
+    stored = dict(DatasetEntry.objects.filter(dataset=ds).values_list("name", "id"))
+    assert [(e.name, e.pk) for e in entries] == sorted(stored.items())
+    ds.refresh_from_db()
+    assert (ds.file_count, ds.total_size) == (2, sum(f["size"] for f in files))
+    dataset_close(dataset=ds, source="test")
+    with pytest.raises(DatasetClosed):
+        dataset_add_files(dataset=Dataset(pk=ds.pk, uid=ds.uid), files=_files(1, start=5))
+    ds.refresh_from_db()
+    assert ds.file_count == 2
+
+
 def test_the_same_file_name_in_two_datasets_is_fine():
     a, b = DatasetFactory(), DatasetFactory()
     dataset_add_files(dataset=a, files=_files(1))

@@ -9,6 +9,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState
+from pilots.auth import pilot_by_token_hash
 from pilots.models import Pilot, PilotState
 from pilots.services import hash_token, pilot_revoke_token
 from tests.factories import JobFactory, UserFactory
@@ -132,6 +133,25 @@ def test_a_revoked_token_is_401(make_pilot):
     assert response.status_code == 401
     assert response.json()["error"] == "not_authenticated"
     assert response["WWW-Authenticate"] == "Pilot"
+
+
+def test_the_token_lookup_reads_the_pilot_as_the_orm_would(make_pilot):
+    pilot, _ = make_pilot()
+    Pilot.objects.filter(pk=pilot.pk).update(metrics={"load1": 0.5}, status="ok")
+    found = pilot_by_token_hash(pilot.token_hash)
+    expected = Pilot.objects.get(pk=pilot.pk)
+    assert found is not None and found.pk == pilot.pk
+    fields = [f.attname for f in Pilot._meta.concrete_fields]
+    assert [getattr(found, f) for f in fields] == [getattr(expected, f) for f in fields]
+    assert found.metrics == {"load1": 0.5}
+    assert pilot_by_token_hash("0" * 64) is None
+
+
+def test_a_token_revoked_after_a_call_is_refused_at_once(make_pilot):
+    pilot, client = make_pilot()
+    assert heartbeat(client, pilot.pk).status_code == 200
+    pilot_revoke_token(pilot_id=pilot.pk)
+    assert heartbeat(client, pilot.pk).status_code == 401
 
 
 @pytest.mark.parametrize("header", ["Pilot wrong-token", "Pilot", "Pilot a b"])

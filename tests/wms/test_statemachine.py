@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
 
 from files.models import DATASET_MACHINE, Dataset, DatasetState
@@ -278,6 +278,37 @@ def test_updates_are_not_written_when_the_transition_is_refused():
         apply_transition(Job, job.pk, JobState.DEFINED, source="reaper", updates={"cur_retry": 1})
     job.refresh_from_db()
     assert (job.state, job.cur_retry) == ("finished", 0)
+
+
+@pytest.mark.django_db
+def test_locked_state_is_applied_and_logged_without_reading_the_state_again(
+    django_assert_num_queries,
+):
+    job = JobFactory(state=JobState.QUEUED)
+    with transaction.atomic():
+        state = Job.objects.select_for_update().values_list("state", flat=True).get(pk=job.pk)
+        with django_assert_num_queries(2):  # the UPDATE and the transition row: no savepoint
+            result = apply_transition(
+                Job, job.pk, JobState.RUNNING, source="pilot:1", locked_state=state
+            )
+    assert (result.won, result.from_state) == (True, "queued")
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING
+    assert list(job.transitions.values_list("from_state", "to_state")) == [("queued", "running")]
+
+
+@pytest.mark.django_db
+def test_locked_state_keeps_the_map_and_the_no_op():
+    job = JobFactory(state=JobState.FINISHED)
+    with pytest.raises(InvalidTransition):
+        apply_transition(
+            Job, job.pk, JobState.RUNNING, source="pilot:1", locked_state=JobState.FINISHED
+        )
+    same = apply_transition(
+        Job, job.pk, JobState.FINISHED, source="pilot:1", locked_state=JobState.FINISHED
+    )
+    assert not same.won
+    assert not job.transitions.exists()
 
 
 @pytest.mark.django_db
