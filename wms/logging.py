@@ -106,6 +106,9 @@ def configure_logging(*, fmt: str = "console", level: str = "INFO") -> dict[str,
     shared = _shared_processors(fmt)
     structlog.configure(
         processors=[
+            # First: an event below its logger's level is dropped before any work is done on
+            # it (the call-site lookup is the dearest processor).
+            structlog.stdlib.filter_by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
