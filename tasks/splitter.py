@@ -229,7 +229,12 @@ def _split(task_id: int, dsm: DSMClient) -> SplitResult:
     if task.data_in_follow:  # datasets that came to match the selection join the series
         from tasks.services import task_follow_selection
 
-        task_follow_selection(task_id=task.pk, dsm=dsm)
+        try:
+            task_follow_selection(task_id=task.pk, dsm=dsm)
+        except WMSError as exc:  # the DSM's trouble: split what the task has, look again later
+            log.warning(
+                "task_follow_failed", task_id=task.pk, error=exc.code, detail=str(exc.detail)
+            )
     # The series, in order: every input not yet done gets jobs for the files it has now. An
     # open dataset never holds up the ones after it; its files get jobs as they arrive.
     budget = settings.WMS_SPLIT_MAX_JOBS_PER_RUN

@@ -943,3 +943,20 @@ def test_api_follow_and_unfollow(api_client, user):
     response = api_client.patch(f"{URL}{listed['id']}/", {"data_in_follow": True}, format="json")
     assert response.status_code == 400
     assert list(response.json()["detail"]) == ["data_in_follow"]
+
+
+def test_a_dsm_failure_while_following_does_not_stop_the_split(user):
+    from files.dsm.local import LocalDSMClient
+    from wms.exceptions import DSMError
+
+    class FindFails(LocalDSMClient):
+        def find_datasets(self, pattern, *, role="input", limit=1000):
+            raise DSMError("The DSM answered GET /datasets with 503.")
+
+    a = _ds("flaky.a", 3, close=True)
+    task = _create(user, data_in_selection="flaky.*", data_in_follow=True)
+    _ds("flaky.b", 1, close=True)  # would join, but the DSM cannot be asked now
+
+    assert task_split(task_id=task.pk, dsm=FindFails()).jobs == 3
+    assert _series(task) == [a.uid]
+    assert task_split(task_id=task.pk).jobs == 1  # the DSM answers again: b joins and is split
