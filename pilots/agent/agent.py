@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kombu import Connection
+from kombu import Connection, Queue
 from kombu.message import Message
 
 from pilots.agent import __version__, host
@@ -102,6 +102,7 @@ class Agent:
         self._signals: list[int] = []  # appended by the signal handler, read by the main loop
         self._signals_seen = 0
         self._conn: Connection | None = None
+        self._job_queue: Queue | None = None  # the job queue bound to self._conn's channel
         self._lock_fd: int | None = None
         self._stop_on_signal = threading.Event()  # cuts the registration retries short
         self._last_activity = time.monotonic()
@@ -413,7 +414,10 @@ class Agent:
             if self._conn is None:
                 self._conn = self._new_connection()
                 self._conn.ensure_connection(max_retries=1)
-            queue = self.topology.job_queue(self.device_type)(self._conn.default_channel)
+            channel = self._conn.default_channel
+            queue = self._job_queue
+            if queue is None or queue.channel is not channel:  # bound once per channel
+                queue = self._job_queue = self.topology.job_queue(self.device_type)(channel)
             return queue.get(no_ack=False)
         except Exception as exc:  # connection/channel errors of kombu or amqp
             log.warning(kv("broker_get_failed", error=f"{type(exc).__name__}: {exc}"))
@@ -423,6 +427,7 @@ class Agent:
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
+        self._job_queue = None
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.release()

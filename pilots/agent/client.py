@@ -10,6 +10,7 @@ Every answer is classified the way the contract says a pilot must treat it:
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -73,6 +74,19 @@ class Backoff:
         return delay * random.uniform(0.8, 1.0)
 
 
+def _settle_environment(session: requests.Session, server_url: str) -> None:
+    """Read the environment's proxies and CA bundle once, for the one server this session
+    talks to, instead of at every request: with ``trust_env`` a request walks the whole
+    environment for proxies (~1/4 of its CPU) and looks for a ``~/.netrc``. The same settings
+    as requests would find (``HTTP(S)_PROXY``/``NO_PROXY``, ``REQUESTS_CA_BUNDLE``,
+    ``CURL_CA_BUNDLE``); a ``.netrc`` is not read (every call sends its own Authorization)."""
+    session.proxies.update(requests.utils.get_environ_proxies(server_url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
+
+
 class PilotClient:
     """REST calls of one pilot. ``token`` is the pilot's own token, set after registration."""
 
@@ -96,6 +110,7 @@ class PilotClient:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = f"wms-pilot/{__version__}"
+            _settle_environment(session, self.server_url)
             self._local.session = session
         return session
 

@@ -217,3 +217,42 @@ def test_a_fresh_work_dir_per_attempt(tmp_path, outdir):
     _, result = run(job, tmp_path)
 
     assert {o["name"] for o in result.outputs if o["type"] == "output"} == {"a"}
+
+
+def test_a_short_job_is_measured_by_wait4_without_a_tree_walk(tmp_path, outdir):
+    job = job_message(outdir, "write", "a=1")
+    runner = JobRunner(job, work_root=tmp_path / "work", sample_interval=30.0)
+    result = runner.run()
+
+    assert result.state == "finished"
+    # no sample in the job's life: CPU time and peak RSS come from the reaped child's rusage
+    assert result.metrics["cpu_time"] > 0 and result.metrics["max_rss_mb"] > 1
+    assert result.metrics["rss_mb"] == 0  # nothing left running
+
+
+def test_a_longer_job_is_sampled_while_it_runs(tmp_path, outdir):
+    runner = JobRunner(job_message(outdir, "sleep", "10"), work_root=tmp_path / "work")
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        wait_until(lambda: runner.pid is not None)
+        assert runner.metrics()["rss_mb"] == 0  # not at the start: after one interval (1 s)
+        wait_until(lambda: runner.metrics()["rss_mb"] > 1, timeout=8)
+    finally:
+        runner.kill("test over")
+        thread.join(10)
+
+
+@pytest.mark.parametrize("scratch", [False, True])
+def test_cleanup_removes_the_work_dir_whatever_the_job_left_in_it(tmp_path, outdir, scratch):
+    args = ("write", "a=1") if scratch else ("sleep", "0")
+    runner, result = run(job_message(outdir, *args), tmp_path)
+    assert result.log_staged
+    if scratch:
+        (runner.dir / "scratch" / "deep").mkdir(parents=True)
+        (runner.dir / "scratch" / "deep" / "tmp.dat").write_text("x")
+
+    runner.cleanup()
+
+    assert not runner.dir.exists()
+    assert runner.dir.parent.is_dir()  # jobs/ itself stays
