@@ -304,6 +304,22 @@ def task_add_inputs(
             taken=[uid for _, uid in existing],
             own_output=task.data_out_uid,
         )
+    rows = _append_inputs(task_id, existing, datasets)
+    log.info(
+        "task_inputs_added",
+        task_id=task_id,
+        inputs=[str(ds.uid) for ds in datasets],
+        first_position=rows[0].position,
+    )
+    kick("wms.split", task_id=task_id)
+    return rows
+
+
+def _append_inputs(
+    task_id: int, existing: list[tuple[int, uuid.UUID]], datasets: Sequence[Any]
+) -> list[TaskInput]:
+    """The datasets as the task's next inputs, after ``existing`` ((position, uid) pairs read
+    under the task row's lock, which the caller holds)."""
     start = max((pos for pos, _ in existing), default=-1) + 1
     rows = TaskInput.objects.bulk_create(
         [
@@ -312,13 +328,6 @@ def task_add_inputs(
         ]
     )
     Task.objects.filter(pk=task_id).update(updated_at=timezone.now())
-    log.info(
-        "task_inputs_added",
-        task_id=task_id,
-        inputs=[str(ds.uid) for ds in datasets],
-        first_position=start,
-    )
-    kick("wms.split", task_id=task_id)
     return rows
 
 
@@ -366,20 +375,13 @@ def task_follow_selection(*, task_id: int, dsm: Any) -> list[TaskInput]:
             new = new[: max(0, room)]
         if not new:
             return []
-        start = max((pos for pos, _ in existing), default=-1) + 1
-        rows = TaskInput.objects.bulk_create(
-            [
-                TaskInput(task_id=task_id, position=start + i, dataset_uid=ds.uid)
-                for i, ds in enumerate(new)
-            ]
-        )
-        Task.objects.filter(pk=task_id).update(updated_at=timezone.now())
+        rows = _append_inputs(task_id, existing, new)
     log.info(
         "task_inputs_followed",
         task_id=task_id,
         pattern=task.data_in_selection,
         inputs=[ds.name for ds in new],
-        first_position=start,
+        first_position=rows[0].position,
     )
     return rows
 

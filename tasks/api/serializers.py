@@ -130,6 +130,20 @@ class TaskInputsField(serializers.ListField):
     child = serializers.UUIDField()
 
 
+def _uids_field() -> TaskInputsField:
+    return TaskInputsField(
+        required=False, min_length=1, help_text="Input datasets, in the order they are read."
+    )
+
+
+def _selection_field() -> serializers.CharField:
+    return serializers.CharField(
+        required=False,
+        max_length=255,
+        help_text="A name pattern of input datasets (glob: * any run, ? one character).",
+    )
+
+
 def _one_input_way(data: Any, fields: tuple[str, ...]) -> dict[str, list[str]]:
     """The errors of a request naming its input datasets in none or several of ``fields``
     (only the shape: whether the datasets exist is the service's question, to the DSM)."""
@@ -153,14 +167,8 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
     """
 
     data_in_uid = serializers.UUIDField(required=False, allow_null=True)
-    data_in_uids = TaskInputsField(
-        required=False, min_length=1, help_text="Input datasets, in the order they are read."
-    )
-    data_in_selection = serializers.CharField(
-        required=False,
-        max_length=255,
-        help_text="A dataset name pattern (glob: * any run, ? one character).",
-    )
+    data_in_uids = _uids_field()
+    data_in_selection = _selection_field()
 
     class Meta:
         model = Task
@@ -198,14 +206,8 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 class TaskAddInputsSerializer(StrictFieldsMixin, serializers.Serializer):
     """Datasets to append to a task's series: ``data_in_uids`` or ``data_in_selection``."""
 
-    data_in_uids = TaskInputsField(
-        required=False, min_length=1, help_text="Input datasets, in the order they are read."
-    )
-    data_in_selection = serializers.CharField(
-        required=False,
-        max_length=255,
-        help_text="A dataset name pattern (glob: * any run, ? one character).",
-    )
+    data_in_uids = _uids_field()
+    data_in_selection = _selection_field()
 
     def to_internal_value(self, data: Any) -> Any:
         return _with_input_errors(
