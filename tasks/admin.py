@@ -70,20 +70,7 @@ CREATE_FIELDS: tuple[str, ...] = (
     "merge_max_level",
     "merge_on_child_failure",
 )
-UPDATE_FIELDS = (
-    "data_in_follow",
-    "name",
-    "rank",
-    "max_retries",
-    "max_failed_fraction",
-    "splitter_enabled",
-    "executor_enabled",
-    "merge_group_size",
-    "merge_executable",
-    "merge_args",
-    "merge_max_level",
-    "merge_on_child_failure",
-)
+UPDATE_FIELDS = services.UPDATABLE_FIELDS
 
 
 def job_progress_bar(task_id: int, counts: dict[str, int]) -> str:

@@ -386,20 +386,22 @@ def task_follow_selection(*, task_id: int, dsm: Any) -> list[TaskInput]:
     return rows
 
 
-_UPDATABLE = {
+# What may change at run time, in the order the API and the admin show it.
+UPDATABLE_FIELDS = (
     "data_in_follow",
-    "rank",
-    "splitter_enabled",
-    "executor_enabled",
     "name",
+    "rank",
     "max_retries",
     "max_failed_fraction",
+    "splitter_enabled",
+    "executor_enabled",
     "merge_group_size",
     "merge_executable",
     "merge_args",
     "merge_max_level",
     "merge_on_child_failure",
-}
+)
+_UPDATABLE = frozenset(UPDATABLE_FIELDS)
 # The shape of the merge tree: fixed once the task has a merge job.
 _MERGE_SHAPE = {"merge_group_size", "merge_max_level"}
 

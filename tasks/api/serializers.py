@@ -11,6 +11,7 @@ from rest_framework import serializers
 
 from tasks.models import Task, TaskInput, TaskTransition
 from tasks.selectors import task_job_counts
+from tasks.services import UPDATABLE_FIELDS
 from wms.api import StrictFieldsMixin
 
 
@@ -236,17 +237,4 @@ class TaskUpdateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
 
     class Meta:
         model = Task
-        fields = [
-            "data_in_follow",
-            "name",
-            "rank",
-            "max_retries",
-            "max_failed_fraction",
-            "splitter_enabled",
-            "executor_enabled",
-            "merge_group_size",
-            "merge_executable",
-            "merge_args",
-            "merge_max_level",
-            "merge_on_child_failure",
-        ]
+        fields = list(UPDATABLE_FIELDS)

@@ -9,6 +9,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from files.models import Dataset
 from jobs.models import Job, JobState, JobTransition
 from tasks import services
 from tasks.models import Task, TaskInput, TaskState, TaskTransition
@@ -149,7 +150,8 @@ def test_change_page_shows_transitions_and_job_counts(admin_client_logged):
     for inline in inlines.values():  # both read-only
         assert not inline.has_add_permission and not inline.has_delete_permission
         assert not inline.has_change_permission
-    assert f"{task.data_in_uid}" in html or "input dataset" in html
+    assert "Input datasets (read in this order)" in html
+    assert f">{Dataset.objects.get(uid=task.data_in_uid).name}</a>" in html  # the input, linked
 
 
 def test_transition_changelist_and_change_pages_are_read_only(admin_client_logged):
