@@ -229,6 +229,7 @@ class WebApp:
             DJANGO_DEBUG="false",
             DJANGO_SECRET_KEY="bench-" + uuid.uuid4().hex,
             DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+            DJANGO_SECURE_SSL_REDIRECT="false",  # plain HTTP on the loopback, no TLS proxy
             WMS_LOG_LEVEL=self.log_level,
             WMS_SERVER_URL=self.url,
             DJANGO_STATIC_ROOT=self._static.name,

@@ -109,7 +109,6 @@ def main(k: int, n_pilots: int) -> None:
     import requests
     from django.conf import settings
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
 
     from files.dsm import get_dsm
     from jobs.models import AttemptState, Job, JobAttempt
@@ -117,7 +116,7 @@ def main(k: int, n_pilots: int) -> None:
     from tasks.services import task_create
     from wms import bus
     from wms.demo import demo_inputs_write
-    from wms.services import pilot_registrar_ensure
+    from wms.services import api_token_create, pilot_registrar_ensure
     from wms.stack import Stack, StackConfig
 
     if not settings.CELERY_BROKER_URL.startswith("amqp"):
@@ -129,7 +128,7 @@ def main(k: int, n_pilots: int) -> None:
     out = Lines()
     with bench_database(), tempfile.TemporaryDirectory(prefix="wms-cancel-") as tmp:
         owner = get_user_model().objects.create_user("bench")
-        token = Token.objects.create(user=owner)
+        _token, key = api_token_create(user=owner, name="bench")
         entries, _ = demo_inputs_write(directory=Path(tmp) / "in", files=k, events=100, base_seed=1)
         with get_dsm() as dsm:
             info = dsm.register_dataset("bench.cancel", role="input")
@@ -174,7 +173,7 @@ def main(k: int, n_pilots: int) -> None:
                 max_retries=0,
             )
             api = requests.Session()
-            api.headers["Authorization"] = f"Token {token.key}"
+            api.headers["Authorization"] = f"Token {key}"
             done: set[int] = set()
             for i in range(k):
                 # a running job not cancelled yet, and its payload process

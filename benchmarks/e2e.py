@@ -184,6 +184,7 @@ def run_wms(n: int, pilots: int, slots: int, work: Path, prefix: str, timeout: f
         "DJANGO_DEBUG": "false",
         "DJANGO_SECRET_KEY": "bench-" + uuid.uuid4().hex,
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "DJANGO_SECURE_SSL_REDIRECT": "false",  # plain HTTP on the loopback, no TLS proxy
         "DJANGO_STATIC_ROOT": str(static),
         "WMS_LOG_LEVEL": "WARNING",
     }

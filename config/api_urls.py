@@ -9,6 +9,7 @@
 | ``pilots/register/``, ``pilots/<id>/…`` | the pilot protocol: register, heartbeat, ... |
 | ``jobs/<uuid>/start/``, ``.../report/`` | pilot protocol: start a job, report on it |
 | ``switches/`` | the splitter's and the executor's global on/off switches (wms.switches_api) |
+| ``tokens/`` | a user's own API tokens: list, create (key shown once), revoke (wms.tokens_api) |
 
 Anything else under /api/v1/ answers 404 with the API's error body.
 """
@@ -26,6 +27,7 @@ urlpatterns: list = [
     path("", include("files.api.urls")),
     path("", include("pilots.api.urls")),
     path("", include("wms.switches_api")),
+    path("", include("wms.tokens_api")),
     # Last: unknown paths, the root included. Only paths ending in a slash, so that APPEND_SLASH
     # still redirects "/api/v1/tasks" to "/api/v1/tasks/".
     re_path(r"^(?:.*/)?$", not_found_view),

@@ -5,6 +5,9 @@ transport under var/. Setting DATABASE_URL and CELERY_BROKER_URL moves it to Pos
 RabbitMQ; no code outside config/ knows which one it runs on.
 """
 
+import os
+import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -19,14 +22,39 @@ if env.str("WMS_ENV_FILE", default=""):
 VAR_DIR = Path(env.str("WMS_VAR_DIR", default=str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-DEBUG = env.bool("DJANGO_DEBUG", default=True)
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
-if not SECRET_KEY:
-    if not DEBUG:
-        raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
-    SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"  # noqa: S105
+# --- Safe defaults (docs/security.md) ------------------------------------------------------------
+# With no DJANGO_* variable the settings are production's: DEBUG off, a secret of this
+# installation, localhost names only. Development mode is switched on explicitly
+# (DJANGO_DEBUG=true; `manage.py up` does it for the processes it starts).
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["*"] if DEBUG else [])
+
+def _secret_key_of_this_installation(path: Path) -> str:
+    """A random key made once into ``path`` (mode 0600) and read from it afterwards, so that
+    every process sharing WMS_VAR_DIR (web, worker, ``manage.py``) signs with the same key.
+    The file appears whole or not at all (written aside, then hard-linked into place), so
+    processes starting together agree on one key."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(64))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            tmp.unlink()
+    key = path.read_text().strip()
+    if len(key) < 50:
+        raise ImproperlyConfigured(f"{path} holds no usable secret key: remove it")
+    return key
+
+
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="") or _secret_key_of_this_installation(
+    VAR_DIR / "secret_key"
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
@@ -37,10 +65,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
     "django_structlog",
+    "axes",
     "wms",
     "files",
     "tasks",
@@ -60,6 +88,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_structlog.middlewares.RequestMiddleware",
+    # Last (django-axes): answers a locked-out login attempt (see "Accounts" below).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -121,7 +151,7 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise looks there before 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "wms.auth.ApiTokenAuthentication",  # Authorization: Token <key>, stored hashed
         # A pilot's token (docs/pilot-api.md) is recognised everywhere, so that a user
         # endpoint answers a pilot 403 ("not for pilots") rather than 401.
         "pilots.auth.PilotTokenAuthentication",
@@ -270,3 +300,63 @@ CELERY_BEAT_SCHEDULE = {
         "kwargs": {"beat": True},
     },
 }
+
+# --- Accounts: tokens, logins, throttles (docs/security.md) --------------------------------------
+# Admin (password) logins: django-axes counts failures per (username, client IP) pair and locks
+# the pair for a cool-off period; a success before the limit resets the count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out pair before the check
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env.bool("WMS_LOGIN_LOCKOUT", default=True)
+AXES_FAILURE_LIMIT = env.int("WMS_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("WMS_LOGIN_COOLOFF_MINUTES", default=15))
+# username+IP: a guesser is stopped, but nobody can lock an operator out from elsewhere by
+# failing on purpose with their name. "username" alone would also stop guessing spread over
+# many addresses, at that price.
+AXES_LOCKOUT_PARAMETERS = [
+    p.split("+") if "+" in p else p
+    for p in env.list("WMS_LOGIN_LOCKOUT_BY", default=["username+ip_address"])
+]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "wms.throttles.client_ip"  # the same client address as the throttles
+AXES_VERBOSE = False  # failures are logged by the WMS's own handlers
+# Clients behind this many reverse proxies: the client address is taken from X-Forwarded-For
+# (as the proxies append to it) for the login lockout and the API's throttles. 0: REMOTE_ADDR.
+WMS_NUM_PROXIES = env.int("WMS_NUM_PROXIES", default=0)
+
+# API throttles (DRF): per user for users, per client address for anonymous calls. Pilots are
+# neither (pilots/auth.py): they have a scope of their own, per pilot, off by default.
+CACHES = {"default": env.cache_url("DJANGO_CACHE_URL", default="locmemcache://")}
+REST_FRAMEWORK["NUM_PROXIES"] = WMS_NUM_PROXIES or None
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = [
+    "wms.throttles.UserThrottle",
+    "wms.throttles.AnonThrottle",
+    "pilots.throttles.PilotThrottle",
+]
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
+    "user": env.str("WMS_THROTTLE_USER", default="6000/min") or None,
+    "anon": env.str("WMS_THROTTLE_ANON", default="600/min") or None,
+    "pilot": env.str("WMS_THROTTLE_PILOT", default="") or None,
+}
+# Users' API tokens: how long one made through the API lives when the request names no expiry.
+WMS_API_TOKEN_DEFAULT_DAYS = env.int("WMS_API_TOKEN_DEFAULT_DAYS", default=90)
+
+# Transport security: on by default when DEBUG is off, each switchable for a site that
+# terminates TLS in a proxy in front (then set DJANGO_SECURE_PROXY_SSL_HEADER, so that Django
+# knows a request came in over HTTPS).
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # load balancers' health checks over plain HTTP
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=not DEBUG)
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG
+)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=not DEBUG)
+# The header a TLS-terminating proxy sets to "https" (e.g. X-Forwarded-Proto); empty: none.
+# Only with a proxy that always sets or strips it, or clients could claim HTTPS.
+_proxy_ssl_header = env.str("DJANGO_SECURE_PROXY_SSL_HEADER", default="")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https") if _proxy_ssl_header else None
+)

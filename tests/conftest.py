@@ -13,6 +13,21 @@ def _fast_password_hasher(settings):
 
 
 @pytest.fixture(autouse=True)
+def _plain_http_test_client(settings):
+    """The settings are production's (DEBUG off: HTTPS redirect, secure cookies, HSTS); the
+    test client speaks plain HTTP, so the redirect is off here, and only here."""
+    settings.SECURE_SSL_REDIRECT = False
+
+
+@pytest.fixture(autouse=True)
+def _fresh_throttle_counts():
+    """The API's throttles count in the default (local-memory) cache: each test starts at 0."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _no_kicks(settings):
     """In-process tests send no on-commit kicks to the real broker's control queue (they would
     pile up there: no worker of the test consumes them). End-to-end tests run real workers
@@ -45,6 +60,22 @@ def api_client(user):
     client = APIClient()
     client.force_authenticate(user=user)
     return client
+
+
+@pytest.fixture
+def token_client(db):
+    """``token_client(user)`` → an APIClient speaking with a new API token of ``user``
+    (``Authorization: Token <key>``); ``client.api_token`` is the row, ``client.key`` the key."""
+    from tests.factories import api_token
+
+    def _make(user, **kwargs):
+        token, key = api_token(user, **kwargs)
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+        client.api_token, client.key = token, key
+        return client
+
+    return _make
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pilots.models import CommandKind, Pilot, PilotCommand
 from pilots.services import hash_token
 from tasks.models import Task, TaskInput
 from wms import checksums
+from wms.services import api_token_create
 
 
 @functools.cache
@@ -131,3 +132,8 @@ class FileFactory(factory.django.DjangoModelFactory):
     check_sum = factory.LazyAttribute(lambda o: checksums.bytes_checksum(o.file_name.encode()))
     job = factory.SubFactory(JobFactory)
     task = factory.SelfAttribute("job.task")
+
+
+def api_token(user, *, name: str = "tests", expires_at=None) -> tuple:
+    """A user's API token through the service: (ApiToken, key), the key shown this once."""
+    return api_token_create(user=user, name=name, expires_at=expires_at)

@@ -18,13 +18,16 @@ from django.contrib.auth import get_permission_codename
 from django.db import models
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
 from wms.choices import TransitionSource
 from wms.exceptions import WMSError
-from wms.models import Switch
+from wms.models import ApiToken, Switch
+from wms.services import api_token_create, api_token_revoke
 from wms.statemachine import TransitionResult
 from wms.switches import SERVICES, switch_set
 
@@ -376,3 +379,127 @@ class SwitchAdmin(ServiceWriteAdminMixin, admin.ModelAdmin):
     @admin.action(description="Switch off", permissions=["manage"])
     def switch_off(self, request, queryset):
         self._switch(request, queryset, False)
+
+
+# --- users' API tokens ------------------------------------------------------------------------
+
+
+class ApiTokenStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [("active", "active"), ("expired", "expired"), ("revoked", "revoked")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        value = self.value()
+        if value == "active":
+            return queryset.filter(revoked_at__isnull=True).filter(
+                Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+            )
+        if value == "expired":
+            return queryset.filter(revoked_at__isnull=True, expires_at__lte=now)
+        if value == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        return queryset
+
+
+class ApiTokenAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ("user", "name", "expires_at")
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(ServiceWriteAdminMixin, admin.ModelAdmin):
+    """Users' API tokens without their secret: neither the key (never stored) nor its hash is
+    shown, searched, filtered or sorted on. Adding one (``api_token_create``) shows its key
+    this once, on the page that answers the form; revoking is an action."""
+
+    form = ApiTokenAddForm
+    list_display = (
+        "name",
+        "user",
+        "prefix",
+        "status",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    list_filter = (ApiTokenStatusFilter, "created_at", "expires_at")
+    search_fields = ("name", "prefix", "user__username")
+    raw_id_fields = ("user",)
+    list_select_related = ("user",)
+    actions = ("revoke_tokens",)
+    readonly_fields = (
+        "user",
+        "name",
+        "prefix",
+        "status",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    Media = WMSAdminMedia
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ("user", "name", "expires_at")
+        return self.readonly_fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return () if obj is None else self.readonly_fields
+
+    def has_change_permission(self, request, obj=None):
+        return False  # nothing of a token changes but its revocation (the action)
+
+    def lookup_allowed(self, lookup, value, request=None):
+        # No filtering by the key's hash from the URL (?key_hash=...): no guessing oracle.
+        if lookup.split("__")[0] == "key_hash":
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="status")
+    def status(self, obj):
+        if obj.revoked_at:
+            return "revoked"
+        return "active" if obj.is_active() else "expired"
+
+    def save_model(self, request, obj, form, change):
+        token, key = api_token_create(
+            user=form.cleaned_data["user"],
+            name=form.cleaned_data["name"],
+            expires_at=form.cleaned_data.get("expires_at"),
+        )
+        copy_into(obj, token)
+        obj._shown_once_key = key
+
+    def response_add(self, request, obj, post_url_continue=None):
+        """The key, this once, on the answer to the form itself (never in a redirect, a
+        message stored in a cookie or the session, or a log)."""
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "token": obj,
+            "key": obj._shown_once_key,
+            "title": "API token created",
+            "changelist_url": admin_changelist_url(ApiToken),
+        }
+        response = TemplateResponse(request, "admin/wms/apitoken/created.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Revoke the selected tokens", permissions=["manage"])
+    def revoke_tokens(self, request, queryset):
+        run_service_action(
+            self,
+            request,
+            queryset,
+            lambda token: api_token_revoke(token_id=token.pk),
+            done="revoked",
+            unchanged="already revoked",
+            log_message="Revoked (admin action).",
+        )

@@ -135,15 +135,17 @@ _ERROR_DESCRIPTIONS = {
     404: "No such object, or it belongs to another user (`not_found`).",
     409: "The change conflicts with the current state (`invalid_transition`, "
     "`dataset_closed`, `conflict`). Nothing was written.",
+    429: "Too many requests (`throttled`): wait the seconds of `Retry-After`. Nothing was written.",
 }
 
 
 def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
     """Schema entries for error answers: ``{401: OpenApiResponse(ErrorSerializer), ...}``.
 
-    401 and 403 are added to every operation (every endpoint needs authentication).
+    401 and 403 are added to every operation (every endpoint needs authentication), and 429
+    (every endpoint is throttled, ``wms.throttles``).
     """
-    wanted = sorted({401, 403, *codes})
+    wanted = sorted({401, 403, 429, *codes})
     return {
         code: OpenApiResponse(response=ErrorSerializer, description=_ERROR_DESCRIPTIONS[code])
         for code in wanted

@@ -1,5 +1,7 @@
-"""What all apps share in the database: the shape of a transition-log row."""
+"""What all apps share in the database: the shape of a transition-log row, the run-time switches
+and users' API tokens."""
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -46,3 +48,40 @@ class Switch(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {'on' if self.enabled else 'off'}"
+
+
+class ApiToken(models.Model):
+    """A user's API token (``Authorization: Token <key>``), as pilots' tokens are kept: only the
+    key's sha256 is stored (``key_hash``, unique), the key itself is shown once, at creation.
+
+    ``prefix`` is the key's first characters, not secret, so that a user or an operator can
+    tell tokens apart. A token stops working when it expires (``expires_at``) or is revoked
+    (``revoked_at``); the row stays, for the record. ``last_used_at`` is written at most once a
+    minute per token (``wms.services.api_token_touch``), not on every request. Rows are written
+    only by ``wms.services``.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100, help_text="What the token is for.")
+    prefix = models.CharField(
+        max_length=16, help_text="The key's first characters (not secret), to recognise it."
+    )
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API token"
+        verbose_name_plural = "API tokens"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    def is_active(self, now=None) -> bool:
+        now = now or timezone.now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)

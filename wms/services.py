@@ -1,13 +1,22 @@
-"""Writes that belong to no single app: the accounts of operators and of local services."""
+"""Writes that belong to no single app: the accounts of operators and of local services, and
+users' API tokens."""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission, User
 from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from wms.exceptions import NotFound, ValidationFailed
+from wms.models import ApiToken
 
 PILOT_REGISTRAR = "pilot-registrar"
 DEMO_OPERATOR = "demo"
@@ -39,15 +48,20 @@ def _service_account(username: str) -> tuple[Any, bool]:
 
 
 @transaction.atomic
-def pilot_registrar_ensure(*, username: str = PILOT_REGISTRAR) -> str:
-    """Make sure the account local pilots register with exists, may add pilots
-    (``pilots.add_pilot``, see docs/pilot-api.md) and has a DRF token; return the token key.
+def pilot_registrar_ensure(
+    *,
+    username: str = PILOT_REGISTRAR,
+    label: str = "pilot registration",
+    replace: bool = False,
+) -> str:
+    """Make sure the account pilots register with exists and may add pilots
+    (``pilots.add_pilot``, see docs/pilot-api.md), give it a new API token named
+    ``label`` and return its key (shown this once: only its hash is kept).
 
-    Idempotent: a second call returns the same token. The account is not staff and has no
-    usable password.
+    ``replace`` revokes the account's earlier tokens of that name first (``manage.py up``
+    makes a new one for its local pilots at every start). The account is not staff and has
+    no usable password.
     """
-    from rest_framework.authtoken.models import Token
-
     from pilots.models import Pilot
 
     user, _created = _service_account(username)
@@ -57,8 +71,13 @@ def pilot_registrar_ensure(*, username: str = PILOT_REGISTRAR) -> str:
         defaults={"name": "Can add pilot"},
     )
     user.user_permissions.add(permission)
-    token, _ = Token.objects.get_or_create(user=user)
-    return token.key
+    if replace:
+        for token_id in ApiToken.objects.filter(
+            user=user, name=label, revoked_at__isnull=True
+        ).values_list("id", flat=True):
+            api_token_revoke(token_id=token_id)
+    _token, key = api_token_create(user=user, name=label)
+    return key
 
 
 @transaction.atomic
@@ -66,3 +85,69 @@ def demo_operator_ensure(*, username: str = DEMO_OPERATOR) -> User:
     """The (non-staff) account that owns the demo's tasks; staff operators see them too."""
     user, _created = _service_account(username)
     return user
+
+
+# --- users' API tokens (docs/security.md) --------------------------------------------------------
+
+API_TOKEN_KEY_PREFIX = "wmsu_"  # noqa: S105 - a marker of our keys, not a secret
+API_TOKEN_SHOWN_PREFIX = 12  # characters of the key kept in clear to recognise it: "wmsu_" + 7
+API_TOKEN_TOUCH_EVERY = timedelta(seconds=60)  # last_used_at is written at most this often
+
+
+def api_token_hash(key: str | bytes) -> str:
+    """The sha256 of a key, as stored in ``ApiToken.key_hash``."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
+
+
+@transaction.atomic
+def api_token_create(
+    *, user: Any, name: str, expires_at: datetime | None = None
+) -> tuple[ApiToken, str]:
+    """A new API token of ``user``; returns it with its key, which is shown this once (only
+    its sha256 is stored). ``expires_at`` None: it never expires."""
+    name = (name or "").strip()
+    errors: dict[str, list[str]] = {}
+    if not name:
+        errors["name"] = ["A token needs a name (what it is for)."]
+    elif len(name) > 100:
+        errors["name"] = ["At most 100 characters."]
+    if expires_at is not None and expires_at <= timezone.now():
+        errors["expires_at"] = ["The expiry must lie in the future."]
+    if not user.is_active:
+        errors["user"] = ["The user is not active."]
+    if errors:
+        raise ValidationFailed(errors)
+    key = API_TOKEN_KEY_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(
+        user=user,
+        name=name,
+        prefix=key[:API_TOKEN_SHOWN_PREFIX],
+        key_hash=api_token_hash(key),
+        expires_at=expires_at,
+    )
+    return token, key
+
+
+def api_token_revoke(*, token_id: int, user: Any = None) -> bool:
+    """Revoke a token: its next request is refused (401). ``user``: only if it is theirs
+    (another user's token is "not found"). Returns False when it was revoked already."""
+    tokens = ApiToken.objects.filter(pk=token_id)
+    if user is not None:
+        tokens = tokens.filter(user=user)
+    if not tokens.exists():
+        raise NotFound(f"No API token {token_id}.")
+    return bool(tokens.filter(revoked_at__isnull=True).update(revoked_at=timezone.now()))
+
+
+def api_token_touch(*, token: ApiToken, now: datetime | None = None) -> bool:
+    """Record that ``token`` was used, at most once per ``API_TOKEN_TOUCH_EVERY``: a request
+    whose token was marked less than a minute ago writes nothing. One conditional UPDATE, so
+    that concurrent requests write it once."""
+    now = now or timezone.now()
+    if token.last_used_at is not None and now - token.last_used_at < API_TOKEN_TOUCH_EVERY:
+        return False
+    fresh = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - API_TOKEN_TOUCH_EVERY)
+    won = bool(ApiToken.objects.filter(fresh, pk=token.pk).update(last_used_at=now))
+    if won:
+        token.last_used_at = now
+    return won

@@ -16,7 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from rest_framework.authtoken.models import Token
 
 from files.dsm import get_dsm
 from files.models import DatasetEntry, File, FileType
@@ -26,7 +25,7 @@ from tasks import services as task_services
 from tasks.models import Task, TaskState, TaskTransition
 from tasks.services import task_create
 from tests.e2e.conftest import wait_until
-from tests.factories import UserFactory
+from tests.factories import UserFactory, api_token
 from wms.demo import demo_inputs_write
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -92,11 +91,11 @@ def _output_closed(task: Task) -> bool:
 
 def test_cancelling_a_task_kills_its_processes_and_frees_the_pilot(make_stack, tmp_path):
     owner = UserFactory()
-    token = Token.objects.create(user=owner)
+    _token, key = api_token(owner)
     uid = _dataset(tmp_path, "e2e.cancel", N_FILES)
     stack, out = make_stack(cpu=1, gpu=0, slots=SLOTS, env={"WMS_FINALIZE_EVERY": "2"})
     api = requests.Session()
-    api.headers["Authorization"] = f"Token {token.key}"
+    api.headers["Authorization"] = f"Token {key}"
     task = _task(owner, uid, tmp_path, "cancel", "--events 200 --sleep 30")
 
     # --- two jobs running, the others waiting --------------------------------------------------

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Permission
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState
 from pilots.auth import pilot_by_token_hash
 from pilots.models import Pilot, PilotState
 from pilots.services import hash_token, pilot_revoke_token
-from tests.factories import JobFactory, UserFactory
+from tests.factories import JobFactory, UserFactory, api_token
 
 pytestmark = pytest.mark.django_db
 
@@ -31,8 +30,8 @@ BODY = {
 
 def token_client(user) -> APIClient:
     client = APIClient()
-    token, _ = Token.objects.get_or_create(user=user)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    _token, key = api_token(user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
     return client
 
 

@@ -2,13 +2,12 @@
 PATCH and the pause/resume/cancel actions."""
 
 import pytest
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState
 from tasks.api.serializers import JobCountsSerializer, TaskUpdateSerializer
 from tasks.models import Task, TaskState, TaskTransition
-from tests.factories import DatasetFactory, JobFactory, TaskFactory, UserFactory
+from tests.factories import DatasetFactory, JobFactory, TaskFactory, UserFactory, api_token
 
 pytestmark = pytest.mark.django_db
 
@@ -56,9 +55,9 @@ def test_a_bad_token_answers_401():
 
 def test_token_authentication_works(user):
     task = TaskFactory(owner=user)
-    token = Token.objects.create(user=user)
+    _token, key = api_token(user)
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
 
     response = client.get(URL)
 
@@ -490,9 +489,9 @@ def test_a_user_token_belongs_to_one_user(other_user):
     """A second user's token sees that user's tasks, not the first one's."""
     first = UserFactory()
     TaskFactory(owner=first)
-    token = Token.objects.create(user=other_user)
+    _token, key = api_token(other_user)
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
     assert _ids(client.get(URL)) == []
 
 

@@ -11,7 +11,6 @@ from collections.abc import Collection
 
 import pytest
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
 
 from files.dsm import get_dsm
 from files.models import Dataset, DatasetEntry, DatasetState, File, FileStatus, FileType
@@ -22,21 +21,36 @@ from tasks.models import Task
 from tasks.splitter import task_split
 from tests.factories import JobAttemptFactory
 from wms import checksums, demo
-from wms.services import demo_operator_ensure, pilot_registrar_ensure
+from wms.models import ApiToken
+from wms.services import api_token_hash, demo_operator_ensure, pilot_registrar_ensure
 
 pytestmark = pytest.mark.django_db
 
 
-def test_pilot_registrar_has_a_stable_token_and_may_add_pilots_only():
+def test_pilot_registrar_gets_a_hashed_token_and_may_add_pilots_only():
     key = pilot_registrar_ensure()
 
-    assert pilot_registrar_ensure() == key  # idempotent
     user = get_user_model().objects.get(username="pilot-registrar")
-    assert Token.objects.get(user=user).key == key
+    token = ApiToken.objects.get(user=user)
+    assert token.key_hash == api_token_hash(key) and key not in token.key_hash
+    assert token.is_active()
+    other = pilot_registrar_ensure()  # another site's: both work
+    assert other != key and ApiToken.objects.filter(user=user, revoked_at=None).count() == 2
     assert user.has_perm("pilots.add_pilot")
     assert not user.is_staff and not user.is_superuser
     assert not user.has_usable_password()
     assert not user.has_perm("tasks.add_task")
+
+
+def test_manage_up_replaces_the_token_of_its_local_pilots():
+    first = pilot_registrar_ensure(label="local pilots", replace=True)
+    site = pilot_registrar_ensure()
+    second = pilot_registrar_ensure(label="local pilots", replace=True)
+
+    hashes = {t.key_hash: t for t in ApiToken.objects.all()}
+    assert hashes[api_token_hash(first)].revoked_at is not None
+    assert hashes[api_token_hash(second)].is_active()
+    assert hashes[api_token_hash(site)].is_active()  # another name: untouched
 
 
 def test_demo_operator_is_one_plain_account():

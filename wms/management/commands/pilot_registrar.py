@@ -1,7 +1,9 @@
-"""``manage.py pilot_registrar [--username NAME]``: print the token pilots register with.
+"""``manage.py pilot_registrar [--username NAME] [--name NAME]``: a token pilots register with.
 
-Creates (once) a non-staff account allowed to add pilots, with an API token, and prints the
-token: give it to sites as ``WMS_PILOT_REGISTER_TOKEN`` (docs/pilot.md).
+Creates (once) a non-staff account allowed to add pilots, gives it a new API token and prints
+the token's key, this once (only its hash is kept): give it to sites as
+``WMS_PILOT_REGISTER_TOKEN`` (docs/pilot.md). Each run makes another token (one per site, say);
+revoke one with ``manage.py api_token revoke`` or in the admin.
 """
 
 from django.core.management.base import BaseCommand
@@ -10,10 +12,11 @@ from wms.services import PILOT_REGISTRAR, pilot_registrar_ensure
 
 
 class Command(BaseCommand):
-    help = "Print (creating it once) the API token pilots register with."
+    help = "Print a new API token pilots register with (the account is created once)."
 
     def add_arguments(self, parser):
         parser.add_argument("--username", default=PILOT_REGISTRAR)
+        parser.add_argument("--name", default="pilot registration", help="what it is for")
 
-    def handle(self, *args, username: str, **options):
-        self.stdout.write(pilot_registrar_ensure(username=username))
+    def handle(self, *args, username: str, name: str, **options):
+        self.stdout.write(pilot_registrar_ensure(username=username, label=name))

@@ -1,7 +1,10 @@
 """``manage.py up``: the whole WMS on whatever DATABASE_URL / CELERY_BROKER_URL say.
 
-Migrates, makes sure the accounts exist (the development operator ``admin`` / ``admin`` when
-DEBUG is on and there is no user yet; the pilot-registration account and its token), then starts
+Development mode is switched on explicitly for what ``up`` starts (``DJANGO_DEBUG=true`` in the
+children's environment), unless ``DJANGO_DEBUG`` is set: the settings' own default is
+production's (docs/security.md). Migrates, makes sure the accounts exist (in development mode,
+the operator ``admin`` / ``admin`` when there is no user yet; the pilot-registration account and
+a new token for the local pilots, revoking the previous run's), then starts
 as child processes the web app, a Celery worker with beat and one CPU and one GPU pilot
 (:mod:`wms.stack`), waits for ``/healthz``, runs ``manage.py demo`` and stops everything. Exits
 with the demo's status. ``--no-demo`` keeps everything running until Ctrl-C instead.
@@ -12,7 +15,7 @@ from __future__ import annotations
 import signal
 import time
 
-from django.conf import settings
+import environ
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
@@ -27,6 +30,11 @@ def _parse_addr(addr: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise CommandError(f"--addr must be host:port, not {addr!r}")
     return host or "127.0.0.1", int(port)
+
+
+def development_mode() -> bool:
+    """``up`` is the quick start: development mode unless ``DJANGO_DEBUG`` says otherwise."""
+    return environ.Env().bool("DJANGO_DEBUG", default=True)
 
 
 class _Terminated(Exception):
@@ -71,9 +79,10 @@ class Command(BaseCommand):
     def handle(self, *args, **o):
         call_command("migrate", interactive=False, verbosity=0)
         self.stdout.write(self.style.SUCCESS("database migrated"))
-        if settings.DEBUG and dev_operator_ensure():
+        development = development_mode()
+        if development and dev_operator_ensure():
             self.stdout.write("development operator account created: admin / admin")
-        token = pilot_registrar_ensure()
+        token = pilot_registrar_ensure(label="local pilots (manage.py up)", replace=True)
         if o["no_serve"]:
             return
         if o["pilots_per_device"] < 0:
@@ -89,7 +98,8 @@ class Command(BaseCommand):
             pilots_per_device=o["pilots_per_device"],
             web=o["web"],
         )
-        stack = Stack(config, out=self.stdout)
+        env = {"DJANGO_DEBUG": "true"} if development else {}
+        stack = Stack(config, env=env, out=self.stdout)
         status, reason = self._run(stack, demo=not o["no_demo"], timeout=o["timeout"])
         if status:
             raise CommandError(reason, returncode=status)
