@@ -206,6 +206,8 @@ def test_up_runs_the_whole_demo_and_exits_0_on_the_embedded_default(embedded):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "[demo] demo OK: every job finished, every output checked" in out
+    # development mode switched on explicitly (the settings' default is production's)
+    assert "development operator account created: admin / admin" in out
     assert "24 finished, 0 failed" in out and "6 finished, 0 failed" in out
     assert "stopping pilot-cpu, pilot-gpu" in out
     merged = sorted((embedded / "demo").glob("*/merged-cpu.json"))
