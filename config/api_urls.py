@@ -11,12 +11,11 @@
 | ``switches/`` | the splitter's and the executor's global on/off switches (wms.switches_api) |
 | ``tokens/`` | a user's own API tokens: list, create (key shown once), revoke (wms.tokens_api) |
 
-Anything else under /api/v1/ answers 404 with the API's error body.
+Anything else under /api/ answers 404 with the API's error body (``handler404`` in
+config.urls).
 """
 
-from django.urls import include, path, re_path
-
-from wms.api import not_found_view
+from django.urls import include, path
 
 urlpatterns: list = [
     # The pilot protocol first: "pilots/register/" would otherwise be read as a pilot's id.
@@ -28,7 +27,4 @@ urlpatterns: list = [
     path("", include("pilots.api.urls")),
     path("", include("wms.switches_api")),
     path("", include("wms.tokens_api")),
-    # Last: unknown paths, the root included. Only paths ending in a slash, so that APPEND_SLASH
-    # still redirects "/api/v1/tasks" to "/api/v1/tasks/".
-    re_path(r"^(?:.*/)?$", not_found_view),
 ]

@@ -77,6 +77,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: requests under /api/ with a body over WMS_API_MAX_BODY or a NUL in the path or
+    # query are refused before anything reads them (wms.middleware).
+    "wms.middleware.ApiRequestGuard",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's and the API docs' static files from STATIC_ROOT under gunicorn
     # (after `manage.py collectstatic`); runserver serves them itself in DEBUG.
@@ -161,15 +164,39 @@ REST_FRAMEWORK = {
         "django_filters.rest_framework.DjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_PAGINATION_CLASS": "wms.api.PageNumberPagination",
     "PAGE_SIZE": env.int("WMS_API_PAGE_SIZE", default=100),
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "wms.api.exception_handler",
+    # JSON and form bodies with the checks of wms.parsers (depth, NUL, non-finite numbers).
+    "DEFAULT_PARSER_CLASSES": [
+        "wms.parsers.JSONParser",
+        "wms.parsers.FormParser",
+        "wms.parsers.MultiPartParser",
+    ],
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
 }
+
+# --- Hostile input and outages (wms.middleware, wms.parsers, wms.api) ---
+# The largest request body under /api/, in bytes: larger ones answer 413 before they are
+# read. 16 MiB holds the largest legitimate request, 10,000 files registered in a dataset at
+# once with the longest names and URLs (~14 MB); a pilot's final report is under 1 MB.
+WMS_API_MAX_BODY = env.int("WMS_API_MAX_BODY", default=16 * 1024 * 1024)
+# DRF reads JSON and form bodies through request.body, which Django bounds by this: the same.
+DATA_UPLOAD_MAX_MEMORY_SIZE = WMS_API_MAX_BODY
+# JSON bodies nested deeper than this answer 400.
+WMS_API_MAX_JSON_DEPTH = env.int("WMS_API_MAX_JSON_DEPTH", default=32)
+# Seconds in the Retry-After header of a 503 (database or broker unavailable).
+WMS_API_RETRY_AFTER = env.int("WMS_API_RETRY_AFTER", default=10)
+# /healthz checks the broker at most once per this many seconds (per web process thread).
+WMS_HEALTHZ_BROKER_TTL = env.float("WMS_HEALTHZ_BROKER_TTL", default=5.0)
+# Form bodies (the browsable API, the admin): at most this many fields (400 beyond).
+DATA_UPLOAD_MAX_NUMBER_FIELDS = env.int("WMS_MAX_FORM_FIELDS", default=1000)
+# Under /api/, CSRF failures answer the API's error body; elsewhere Django's page.
+CSRF_FAILURE_VIEW = "wms.api.csrf_failure"
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "WMS API",

@@ -8,26 +8,54 @@ Every error body is ``{"error": code, "detail": ...}``:
 - DRF's exceptions answer with their status; bad input is ``validation_failed`` with ``detail``
   mapping each field to its errors; missing or bad credentials answer **401**
   ``not_authenticated`` with a ``WWW-Authenticate`` challenge (see ``_auth_challenge``);
+- the database or the broker unreachable answers **503** ``database_unavailable`` /
+  ``broker_unavailable`` with ``Retry-After`` (``WMS_API_RETRY_AFTER`` seconds): an outage, not a
+  bug, and the client should try again;
+- Django's refusals of a request (``RequestDataTooBig`` 413 ``request_too_large``,
+  ``TooManyFieldsSent`` 400 ``parse_error``, other ``SuspiciousOperation`` 400 ``bad_request``);
 - anything else is a bug: it is logged with its traceback and answers 500 ``internal_error``
   without leaking the exception text.
+
+Errors raised outside DRF's views (unknown URLs, CSRF failures, refusals and failures in
+middleware, e.g. a session read while the database is down) reach Django's error handlers:
+``config.urls`` points them at :func:`bad_request`, :func:`permission_denied`,
+:func:`page_not_found`, :func:`server_error` and :func:`csrf_failure` here, which answer the
+same body under ``/api/`` and Django's own pages elsewhere (the admin).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import amqp.exceptions
+import kombu.exceptions
 import structlog
+from django.conf import settings
+from django.core.exceptions import (
+    FieldDoesNotExist,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404, HttpRequest, JsonResponse
+from django.db import InterfaceError as DatabaseInterfaceError
+from django.db import OperationalError as DatabaseOperationalError
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import csrf as django_csrf
+from django.views import defaults as django_defaults
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import exceptions as drf_exc
 from rest_framework import pagination, serializers, status
 from rest_framework.filters import OrderingFilter
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
-from wms.exceptions import WMSError
+from wms.exceptions import BrokerError, WMSError
+from wms.middleware import error_json, is_api_request
 
 log = structlog.get_logger(__name__)
 
@@ -68,16 +96,22 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """DRF's ``EXCEPTION_HANDLER``: any exception raised in a view becomes the error body."""
     # Roll back ATOMIC_REQUESTS transactions as DRF's own handler does: no half-written change.
     set_rollback()
+    outage = outage_of(exc)
+    if outage is not None:
+        log.error("request_failed", error=outage[0], detail=str(exc))
+        return error_response(*outage, 503, {"Retry-After": retry_after()})
     if isinstance(exc, WMSError):
         if exc.status >= 500:
             log.error("request_failed", error=exc.code, detail=str(exc.detail))
-        challenge = _auth_challenge(context.get("request")) if exc.status == 401 else None
-        return error_response(
-            exc.code,
-            exc.detail,
-            exc.status,
-            {"WWW-Authenticate": challenge} if challenge else None,
-        )
+        headers: dict[str, str] = {}
+        if exc.status == 401:
+            challenge = _auth_challenge(context.get("request"))
+            if challenge:
+                headers["WWW-Authenticate"] = challenge
+        return error_response(exc.code, exc.detail, exc.status, headers or None)
+    refusal = refusal_of(exc)
+    if refusal is not None:
+        return error_response(*refusal)
     if isinstance(exc, Http404):
         return error_response("not_found", "Not found.", status.HTTP_404_NOT_FOUND)
     if isinstance(exc, DjangoPermissionDenied):
@@ -88,7 +122,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         detail = exc.message_dict if hasattr(exc, "error_dict") else exc.messages
         return error_response("validation_failed", detail, status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, drf_exc.APIException):
-        headers: dict[str, str] = {}
+        headers = {}
         status_code = exc.status_code
         if isinstance(exc, drf_exc.NotAuthenticated | drf_exc.AuthenticationFailed):
             challenge = getattr(exc, "auth_header", None) or _auth_challenge(context.get("request"))
@@ -107,11 +141,99 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     return error_response("internal_error", "Internal server error.", 500)
 
 
+def retry_after() -> str:
+    return str(settings.WMS_API_RETRY_AFTER)
+
+
+_DATABASE_DOWN = (DatabaseOperationalError, DatabaseInterfaceError)
+_BROKER_DOWN = (BrokerError, kombu.exceptions.OperationalError, amqp.exceptions.ConnectionError)
+
+
+def outage_of(exc: BaseException | None) -> tuple[str, str] | None:
+    """``(code, detail)`` when ``exc`` says the database or the broker cannot be reached
+    (or failed in a way worth retrying: a connection lost, a statement cancelled)."""
+    if isinstance(exc, _DATABASE_DOWN):
+        return "database_unavailable", "The database is unavailable; try again later."
+    if isinstance(exc, _BROKER_DOWN):
+        return "broker_unavailable", "The message broker is unavailable; try again later."
+    return None
+
+
+def refusal_of(exc: BaseException | None) -> tuple[str, str, int] | None:
+    """``(code, detail, status)`` of Django's refusals of a request (``SuspiciousOperation``)."""
+    if isinstance(exc, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return "request_too_large", f"The request body exceeds {limit} bytes.", 413
+    if isinstance(exc, TooManyFieldsSent):
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+        return "parse_error", f"Too many form fields (at most {limit}).", 400
+    if isinstance(exc, TooManyFilesSent):
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FILES
+        return "parse_error", f"Too many files (at most {limit}).", 400
+    if isinstance(exc, SuspiciousOperation):
+        # DisallowedHost, a malformed header or cookie, ...: the text may echo the input.
+        return "bad_request", "The request was refused as malformed.", 400
+    return None
+
+
+class JSONErrorsMixin:
+    """For DRF views whose renderers are not JSON (the OpenAPI schema's YAML, Swagger UI's
+    HTML): their errors are rendered as JSON all the same."""
+
+    def handle_exception(self, exc: Exception) -> Response:
+        response = super().handle_exception(exc)  # type: ignore[misc]
+        request = self.request  # type: ignore[attr-defined]
+        request.accepted_renderer = JSONRenderer()
+        request.accepted_media_type = JSONRenderer.media_type
+        return response
+
+
+# --- Django's error handlers (config.urls: handler400, handler403, handler404, handler500) --
+
+
 def not_found_view(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
-    """Unknown paths under /api/v1/ answer the error body too, not Django's HTML page."""
-    return JsonResponse(
-        {"error": "not_found", "detail": f"No endpoint at {request.path}."}, status=404
-    )
+    """Unknown paths under /api/ answer the error body too, not Django's HTML page."""
+    return error_json("not_found", f"No endpoint at {request.path}.", 404)
+
+
+not_found_view.csrf_exempt = True  # type: ignore[attr-defined]  # an unknown URL is a 404
+
+
+def bad_request(request: HttpRequest, exception: Exception, **kwargs: Any) -> HttpResponse:
+    if not is_api_request(request):
+        return django_defaults.bad_request(request, exception, **kwargs)
+    refusal = refusal_of(exception) or ("bad_request", "The request was refused.", 400)
+    return error_json(*refusal)
+
+
+def permission_denied(request: HttpRequest, exception: Exception, **kwargs: Any) -> HttpResponse:
+    if not is_api_request(request):
+        return django_defaults.permission_denied(request, exception, **kwargs)
+    return error_json("permission_denied", str(exception) or "You may not do this.", 403)
+
+
+def page_not_found(request: HttpRequest, exception: Exception, **kwargs: Any) -> HttpResponse:
+    if not is_api_request(request):
+        return django_defaults.page_not_found(request, exception, **kwargs)
+    return not_found_view(request)
+
+
+def server_error(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+    """An exception outside DRF's views (in a middleware, e.g. a session read while the
+    database is down). Django calls this while handling it: ``sys.exc_info()`` holds it."""
+    if not is_api_request(request):
+        return django_defaults.server_error(request, **kwargs)
+    outage = outage_of(sys.exc_info()[1])
+    if outage is not None:
+        return error_json(*outage, 503, Retry_After=retry_after())
+    return error_json("internal_error", "Internal server error.", 500)
+
+
+def csrf_failure(request: HttpRequest, reason: str = "", **kwargs: Any) -> HttpResponse:
+    """``CSRF_FAILURE_VIEW``: a session-authenticated write without its CSRF token."""
+    if not is_api_request(request):
+        return django_csrf.csrf_failure(request, reason, **kwargs)
+    return error_json("permission_denied", f"CSRF Failed: {reason}", 403)
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -119,7 +241,8 @@ class ErrorSerializer(serializers.Serializer):
 
     ``error`` is a stable machine-readable code (``validation_failed``, ``not_authenticated``,
     ``permission_denied``, ``not_found``, ``invalid_transition``, ``dataset_closed``,
-    ``conflict``, ``internal_error``, ...). ``detail`` is a message, or for
+    ``conflict``, ``parse_error``, ``request_too_large``, ``database_unavailable``,
+    ``broker_unavailable``, ``internal_error``, ...). ``detail`` is a message, or for
     ``validation_failed`` an object mapping each field to its list of errors.
     """
 
@@ -135,7 +258,12 @@ _ERROR_DESCRIPTIONS = {
     404: "No such object, or it belongs to another user (`not_found`).",
     409: "The change conflicts with the current state (`invalid_transition`, "
     "`dataset_closed`, `conflict`). Nothing was written.",
+    413: "The body exceeds the server's limit (`request_too_large`, `WMS_API_MAX_BODY`). "
+    "Nothing was read or written.",
     429: "Too many requests (`throttled`): wait the seconds of `Retry-After`. Nothing was written.",
+    503: "The database or the message broker is unavailable (`database_unavailable`, "
+    "`broker_unavailable`); the `Retry-After` header says when to try again. Nothing was "
+    "written.",
 }
 
 
@@ -155,19 +283,90 @@ def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
 # --- lists ----------------------------------------------------------------------------------------
 
 
+def _bad_parameter(name: str, message: str) -> drf_exc.ValidationError:
+    return drf_exc.ValidationError({name: [message]})
+
+
+def _whole(raw: str) -> int | None:
+    """A positive whole number written plainly (at most 18 digits), else None."""
+    if raw.isascii() and raw.isdigit() and len(raw) <= 18 and int(raw) >= 1:
+        return int(raw)
+    return None
+
+
+def _page_size(paginator: Any, request: Any) -> int:
+    """``?page_size=``: a whole number from 1 to ``max_page_size``, else 400 naming it."""
+    raw = request.query_params.get(paginator.page_size_query_param)
+    if raw is None:
+        return paginator.page_size
+    limit = paginator.max_page_size
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= limit:
+        raise _bad_parameter(paginator.page_size_query_param, f"A whole number from 1 to {limit}.")
+    return int(raw)
+
+
 class PageNumberPagination(pagination.PageNumberPagination):
-    """``?page=N&page_size=M`` (M up to 1000) for tables that stay small (tasks, datasets)."""
+    """``?page=N&page_size=M`` (M up to 1000) for tables that stay small (tasks, datasets).
+
+    A ``page`` or ``page_size`` that is not a positive whole number (or ``last``) answers 400
+    naming the parameter; a page past the last one answers 404."""
 
     page_size_query_param = "page_size"
     max_page_size = 1000
 
+    def get_page_size(self, request: Any) -> int:
+        return _page_size(self, request)
+
+    def get_page_number(self, request: Any, paginator: Any) -> Any:
+        raw = request.query_params.get(self.page_query_param)
+        if raw is not None and raw not in self.last_page_strings and _whole(raw) is None:
+            raise _bad_parameter(self.page_query_param, "A whole number from 1, or 'last'.")
+        return super().get_page_number(request, paginator)
+
 
 class CursorPagination(pagination.CursorPagination):
-    """Opaque ``?cursor=`` links for big tables (jobs, files); no COUNT, stable under inserts."""
+    """Opaque ``?cursor=`` links for big tables (jobs, files); no COUNT, stable under inserts.
+
+    A cursor that was not made by this server (undecodable, or its position not a value of
+    the ordering's field) answers 400 naming ``cursor``, as does a bad ``page_size``."""
 
     ordering = "id"
     page_size_query_param = "page_size"
     max_page_size = 1000
+    invalid_cursor_message = "Invalid cursor: use the `next` or `previous` link of a page."
+
+    def get_page_size(self, request: Any) -> int:
+        return _page_size(self, request)
+
+    def paginate_queryset(self, queryset: Any, request: Any, view: Any = None) -> Any:
+        self._model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
+    def decode_cursor(self, request: Any) -> Any:
+        try:
+            cursor = super().decode_cursor(request)
+        except drf_exc.NotFound:
+            raise _bad_parameter(self.cursor_query_param, self.invalid_cursor_message) from None
+        if cursor is not None and cursor.position is not None:
+            self._check_position(cursor.position)
+        return cursor
+
+    def _check_position(self, position: Any) -> None:
+        """The position goes into ``WHERE <field> > %s``: it must be a value of that field
+        (in its range: a bigint past 2**63 would make the database fail)."""
+        name = self.ordering[0].lstrip("-")
+        meta = self._model._meta
+        try:
+            field = meta.pk if name == "pk" else meta.get_field(name)
+        except FieldDoesNotExist:  # an ordering across a relation: left to the database
+            field = None
+        try:
+            if "\x00" in str(position):
+                raise ValueError("NUL")
+            if field is not None:
+                field.run_validators(field.to_python(position))
+        except (DjangoValidationError, ValueError, TypeError):
+            raise _bad_parameter(self.cursor_query_param, self.invalid_cursor_message) from None
 
 
 class StableOrderingFilter(OrderingFilter):

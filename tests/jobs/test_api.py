@@ -112,10 +112,11 @@ def test_cursor_pagination_walks_every_job_once(api_client, user):
     assert api_client.get(second["previous"]).json()["results"] == first["results"]
 
 
-def test_a_bad_cursor_answers_404_with_the_error_body(api_client):
+def test_a_bad_cursor_answers_400_naming_it(api_client):
     response = api_client.get(URL, {"cursor": "garbage"})
-    assert response.status_code == 404
-    assert response.json()["error"] == "not_found"
+    assert response.status_code == 400
+    assert response.json()["error"] == "validation_failed"
+    assert list(response.json()["detail"]) == ["cursor"]
 
 
 def test_detail_shows_attempts_and_transitions(api_client, user):
