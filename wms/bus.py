@@ -33,12 +33,12 @@ def broker_url() -> str:
     return settings.CELERY_BROKER_URL
 
 
-def new_connection() -> Connection:
+def new_connection(*, connect_timeout: float = 10) -> Connection:
     """A fresh connection to the broker the Celery app uses (same URL, same folders)."""
     options = dict(getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {})
     # Confirms are handled per batch below, not message by message.
     options.pop("confirm_publish", None)
-    return Connection(broker_url(), transport_options=options, connect_timeout=10)
+    return Connection(broker_url(), transport_options=options, connect_timeout=connect_timeout)
 
 
 def _connection() -> Connection:

@@ -112,6 +112,9 @@ class DSMError(WMSError):
 
 
 class BrokerError(WMSError):
-    code = "broker_error"
+    """The broker cannot be reached or did not confirm; the API answers 503 with
+    ``Retry-After`` (``wms.api``)."""
+
+    code = "broker_unavailable"
     status = 503
     default_detail = "The message broker is unavailable."
