@@ -465,3 +465,22 @@ def test_a_token_request_needs_no_csrf_token(user):
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     response = client.post("/api/v1/datasets/", {"name": "ds"}, format="json")
     assert response.status_code == 201, response.content
+
+
+@pytest.mark.parametrize(
+    ("text", "too_deep"),
+    [
+        ("[" * 33 + "]" * 33, True),
+        ("[" * 32 + "]" * 32, False),
+        ('{"a": ' * 33 + "1" + "}" * 33, True),
+        ("[" + "[[]]," * 40 + "1]", False),  # many brackets, shallow
+        ("[" * 20 + '"' + "]" * 30 + '",' + "[" * 20 + "]" * 40, True),  # closings in a string
+        ('["\\"' + "[" * 40 + '"]', False),  # an escaped quote, then brackets in the string
+        ('["\\\\", ' + "[" * 40 + "]" * 40 + "]", True),  # an escaped backslash ends no string
+        ("[" * 100_000, True),
+    ],
+)
+def test_the_depth_check_skips_strings(text, too_deep):
+    from wms.parsers import json_too_deep
+
+    assert json_too_deep(text, 32) is too_deep
