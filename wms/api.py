@@ -300,9 +300,10 @@ def _page_size(paginator: Any, request: Any) -> int:
     if raw is None:
         return paginator.page_size
     limit = paginator.max_page_size
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= limit:
+    size = _whole(raw)
+    if size is None or size > limit:
         raise _bad_parameter(paginator.page_size_query_param, f"A whole number from 1 to {limit}.")
-    return int(raw)
+    return size
 
 
 class PageNumberPagination(pagination.PageNumberPagination):
