@@ -32,26 +32,33 @@ NUL_MESSAGE = "The NUL character is not allowed."
 NON_FINITE_MESSAGE = "Numbers must be finite (no NaN, Infinity or overflowing literal)."
 MAX_REPORTED = 20  # offending fields named in one answer
 
-# Brackets become "(" and ")"; every other ASCII character is dropped.
-_BRACKETS = {c: None for c in range(128)} | {
+# The skeleton of a JSON text: brackets as "(" and ")", quotes kept, every other ASCII
+# character dropped.
+_SKELETON = {c: None for c in range(128)} | {
     ord("["): "(",
     ord("{"): "(",
     ord("]"): ")",
     ord("}"): ")",
+    ord('"'): '"',
 }
 
 
 def json_too_deep(text: str, limit: int) -> bool:
     """Does the JSON text nest arrays/objects deeper than ``limit``? Without recursion and in
     C-speed string operations: skipped when the text holds at most ``limit`` opening
-    brackets; otherwise the strings are cut out (escaped quotes first), the brackets kept, and
-    innermost pairs removed ``limit`` times: a pair left is one level too many. (Unbalanced
-    text is not JSON: the decoder refuses it, and its recursion is bounded anyway.)"""
+    brackets; otherwise the brackets outside strings are kept (escaped quotes dropped first,
+    then each string, bracket-free ones in one pass) and innermost pairs removed ``limit``
+    times: a pair left is one level too many. (Unbalanced text is not JSON: the decoder
+    refuses it, and its recursion is bounded anyway.)"""
     if text.count("[") + text.count("{") <= limit:
         return False
     if "\\" in text:
         text = text.replace("\\\\", "").replace('\\"', "")
-    brackets = "".join(text.split('"')[::2]).translate(_BRACKETS)
+    # '""' is an empty string, or the end of a string and the start of the next with no
+    # bracket between: dropping it merges two strings, whose insides are dropped anyway.
+    brackets = text.translate(_SKELETON).replace('""', "")
+    if '"' in brackets:
+        brackets = "".join(brackets.split('"')[::2])
     if "(" * (limit + 1) in brackets:
         return True
     for _ in range(limit):
@@ -102,7 +109,11 @@ def _refuse(offences: Iterator[tuple[str, str]]) -> None:
 
 
 def json_loads(text: str) -> Any:
-    """Decode an API body: depth, NUL and non-finite numbers checked as the module says."""
+    """Decode an API body: depth, NUL and non-finite numbers checked as the module says.
+
+    Every float literal goes through a check (overflow to infinity is only known once
+    converted: ``1e400``, or 400 digits); the decoded data is walked for the offending
+    fields only when the text holds a NUL escape or a non-finite number was decoded."""
     limit = settings.WMS_API_MAX_JSON_DEPTH
     if json_too_deep(text, limit):
         raise ParseError(f"JSON parse error - nested deeper than {limit} levels.")
