@@ -24,6 +24,7 @@ import pytest
 import requests
 from django.test import Client
 
+from pilots.agent.client import RETRY, PilotClient
 from wms.stack import free_port
 
 pytestmark = pytest.mark.django_db
@@ -206,12 +207,12 @@ def live_web(tmp_path):
         stderr=(tmp_path / "gunicorn.log").open("w"),
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while True:
         try:
-            requests.get(url + "/healthz", timeout=5)
+            requests.get(url + "/healthz", timeout=30)
             break
-        except requests.ConnectionError:
+        except requests.RequestException:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError((tmp_path / "gunicorn.log").read_text()) from None
             time.sleep(0.2)
@@ -242,20 +243,24 @@ def _callers(url: str):
     session[HASH_SESSION_KEY] = user.get_session_auth_hash()
     session.create()
     pilot, pilot_token = pilot_register(hostname="wn.outage.example")
-    return pilot, {
-        "token": lambda: requests.get(
-            url + "/api/v1/tasks/", headers={"Authorization": f"Token {token.key}"}, timeout=30
-        ),
-        "session": lambda: requests.get(
-            url + "/api/v1/tasks/", cookies={"sessionid": str(session.session_key)}, timeout=30
-        ),
-        "pilot": lambda: requests.post(
-            url + f"/api/v1/pilots/{pilot.pk}/heartbeat/",
-            json={"state": "idle", "status": "outage test"},
-            headers={"Authorization": f"Pilot {pilot_token}"},
-            timeout=30,
-        ),
-    }
+    return (
+        pilot,
+        pilot_token,
+        {
+            "token": lambda: requests.get(
+                url + "/api/v1/tasks/", headers={"Authorization": f"Token {token.key}"}, timeout=30
+            ),
+            "session": lambda: requests.get(
+                url + "/api/v1/tasks/", cookies={"sessionid": str(session.session_key)}, timeout=30
+            ),
+            "pilot": lambda: requests.post(
+                url + f"/api/v1/pilots/{pilot.pk}/heartbeat/",
+                json={"state": "idle", "status": "outage test"},
+                headers={"Authorization": f"Pilot {pilot_token}"},
+                timeout=30,
+            ),
+        },
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -265,7 +270,7 @@ def test_a_database_outage_answers_503_and_the_next_request_after_it_works(live_
     from pilots.models import Pilot
 
     url, relay = live_web
-    pilot, callers = _callers(url)
+    pilot, pilot_token, callers = _callers(url)
     for name, call in callers.items():
         assert call().status_code == 200, name
     beat = Pilot.objects.get(pk=pilot.pk).last_heartbeat
@@ -276,6 +281,10 @@ def test_a_database_outage_answers_503_and_the_next_request_after_it_works(live_
         assert response.status_code == 503, (name, response.text)
         assert response.json()["error"] == "database_unavailable", name
         assert response.headers["Retry-After"] == "10"
+    # The pilot agent's own client takes it as "retry later", not as a rejected call.
+    agent = PilotClient(url, token=pilot_token, pilot_id=pilot.pk)
+    result = agent.heartbeat({"state": "idle", "status": "outage"})
+    assert (result.outcome, result.status, result.error) == (RETRY, 503, "database_unavailable")
     health = requests.get(url + "/healthz", timeout=30)
     assert health.status_code == 503
     assert health.json()["database"].startswith("unavailable")
