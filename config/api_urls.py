@@ -11,8 +11,7 @@
 | ``switches/`` | the splitter's and the executor's global on/off switches (wms.switches_api) |
 | ``tokens/`` | a user's own API tokens: list, create (key shown once), revoke (wms.tokens_api) |
 
-Anything else under /api/ answers 404 with the API's error body (``handler404`` in
-config.urls).
+Anything else under /api/ answers 404 with the API's error body (config.urls).
 """
 
 from django.urls import include, path

@@ -1,13 +1,11 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from wms.api import JSONErrorsMixin
+from wms.api import JSONErrorsMixin, not_found_view
 from wms.views import healthz
 
 # Under /api/ every error answers {"error", "detail"}; elsewhere (the admin) Django's pages.
-# Unknown paths under /api/ are 404s of handler404: no catch-all pattern, so that APPEND_SLASH
-# still redirects "/api/v1/tasks" to "/api/v1/tasks/" and only there.
 handler400 = "wms.api.bad_request"
 handler403 = "wms.api.permission_denied"
 handler404 = "wms.api.page_not_found"
@@ -28,4 +26,8 @@ urlpatterns = [
     path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", SwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/v1/", include("config.api_urls")),
+    # Last: unknown paths under /api/ answer the error body in every mode (DEBUG's own 404
+    # page would not). Only paths ending in a slash, so that APPEND_SLASH still redirects
+    # "/api/v1/tasks" to "/api/v1/tasks/"; other paths get handler404's body.
+    re_path(r"^api/(?:.*/)?$", not_found_view),
 ]

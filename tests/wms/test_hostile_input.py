@@ -390,10 +390,18 @@ def test_good_cursors_and_the_last_page_still_work(api_client, user):
     ["/api/", "/api/nothing/", "/api/v2/tasks/", "/api/v1/tasks/1/x", "/api/schema/x/", "/api/x"],
 )
 @pytest.mark.parametrize("method", ["get", "post", "delete"])
-def test_unknown_urls_anywhere_under_api_answer_404_json(api_client, path, method):
-    response = getattr(api_client, method)(path)
+def test_unknown_urls_anywhere_under_api_answer_404_json(api_client, path, method, settings):
+    response = getattr(api_client, method)(path, follow=True)  # no slash: APPEND_SLASH first
     assert response.status_code == 404, response.content
     assert response["Content-Type"] == "application/json"
+    assert response.json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize("path", ["/api/nothing/", "/api/v1/tasks/1/x/"])
+def test_unknown_urls_under_api_answer_json_in_debug_too(api_client, settings, path):
+    settings.DEBUG = True
+    response = api_client.get(path)
+    assert response.status_code == 404
     assert response.json()["error"] == "not_found"
 
 
