@@ -14,14 +14,13 @@ import pytest
 from django.http import HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.test import RequestFactory
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from files.models import Dataset, DatasetEntry
 from jobs.models import Job, JobAttempt, JobState, JobTransition
 from pilots.models import Pilot
 from tasks.models import Task
-from tests.factories import DatasetFactory, JobFactory, TaskFactory
+from tests.factories import DatasetFactory, JobFactory, TaskFactory, api_token
 
 pytestmark = pytest.mark.django_db
 
@@ -471,9 +470,9 @@ def test_a_disallowed_host_answers_400_json_under_api_and_html_elsewhere(client,
 
 
 def test_a_token_request_needs_no_csrf_token(user):
-    token = Token.objects.create(user=user)
+    _token, key = api_token(user)
     client = APIClient(enforce_csrf_checks=True)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
     response = client.post("/api/v1/datasets/", {"name": "ds"}, format="json")
     assert response.status_code == 201, response.content
 

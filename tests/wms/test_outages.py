@@ -183,6 +183,7 @@ def live_web(tmp_path):
         "DJANGO_DEBUG": "false",
         "DJANGO_SECRET_KEY": django_settings.SECRET_KEY,  # sessions made here are read there
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
+        "DJANGO_SECURE_SSL_REDIRECT": "false",  # plain HTTP here
         "WMS_KICKS_ENABLED": "false",
         "WMS_VAR_DIR": str(tmp_path),
         "WMS_API_MAX_BODY": "100000",
@@ -230,13 +231,12 @@ def _callers(url: str):
     user with a session cookie (read by a middleware before any view), a pilot."""
     from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
     from django.contrib.sessions.backends.db import SessionStore
-    from rest_framework.authtoken.models import Token
 
     from pilots.services import pilot_register
-    from tests.factories import UserFactory
+    from tests.factories import UserFactory, api_token
 
     user: Any = UserFactory()
-    token = Token.objects.create(user=user)
+    _token, key = api_token(user)
     session = SessionStore()
     session[SESSION_KEY] = str(user.pk)
     session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
@@ -248,7 +248,7 @@ def _callers(url: str):
         pilot_token,
         {
             "token": lambda: requests.get(
-                url + "/api/v1/tasks/", headers={"Authorization": f"Token {token.key}"}, timeout=30
+                url + "/api/v1/tasks/", headers={"Authorization": f"Token {key}"}, timeout=30
             ),
             "session": lambda: requests.get(
                 url + "/api/v1/tasks/", cookies={"sessionid": str(session.session_key)}, timeout=30
