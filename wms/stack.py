@@ -265,6 +265,19 @@ class Stack:
             *self.config.pilot_args,
         ]
 
+    def pilot_child_env(self) -> dict[str, str]:
+        """A pilot's whole environment: the children's, less the server's settings and
+        anything named like a secret (``DATABASE_URL`` and ``CELERY_BROKER_URL`` carry
+        passwords, ``DJANGO_SECRET_KEY``...): a pilot reads none of them, and its environment
+        holds no secret (docs/pilot.md "Secrets")."""
+        env = self.child_env(self.pilot_env())
+        return {
+            k: v
+            for k, v in env.items()
+            if not k.startswith(("DATABASE_", "CELERY_", "DJANGO_"))
+            and not any(word in k.upper() for word in ("SECRET", "PASSWORD", "TOKEN"))
+        }
+
     def pilot_secrets(self) -> str:
         """What a pilot reads on standard input: one line per secret, the registration token
         first, then the broker's password if its URL has one (docs/pilot.md)."""
@@ -312,14 +325,16 @@ class Stack:
         env: Mapping[str, str] | None = None,
         expected_exit: bool = False,
         stdin_text: str | None = None,
+        whole_env: Mapping[str, str] | None = None,
     ) -> Child:
         """Start one child in its own session, its output copied to ``out`` with ``[name]``;
-        ``stdin_text`` is written to its standard input, which is then closed."""
+        ``stdin_text`` is written to its standard input, which is then closed; ``whole_env``
+        replaces :meth:`child_env` (``env`` is added to it)."""
         try:
             proc = subprocess.Popen(
                 list(argv),
                 cwd=self.config.cwd,
-                env=self.child_env(env),
+                env=self.child_env(env) if whole_env is None else dict(whole_env),
                 stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -363,7 +378,7 @@ class Stack:
             self.spawn(
                 self.pilot_name(d, i),
                 self.pilot_argv(d, i),
-                env=self.pilot_env(),
+                whole_env=self.pilot_child_env(),
                 stdin_text=self.pilot_secrets(),
             )
             for d in self.config.devices
