@@ -123,6 +123,8 @@ class Wrapper:
             raise SandboxError(f"payload wrapper {self.kind} needs --payload-wrapper-image")
 
     def command(self, argv: Sequence[str], *, job_dir: Path, inputs: Sequence[str]) -> list[str]:
+        # inputs copied into the job's directory come with it
+        inputs = [p for p in inputs if not Path(p).is_relative_to(job_dir)]
         if self.kind == "bwrap":
             return self._bwrap(argv, job_dir, inputs)
         return self._apptainer(argv, job_dir, inputs)

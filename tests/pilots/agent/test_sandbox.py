@@ -69,7 +69,8 @@ def test_bubblewrap_command(tmp_path):
         empty_file="/w/.empty",
     )
 
-    cmd = wrapper.command(["wms-payload-map", "--n", "5"], job_dir=JOB, inputs=["/data/a", "/d/b"])
+    inputs = ["/data/a", "/d/b", f"{JOB}/inputs/c"]  # the last one copied into the job's dir
+    cmd = wrapper.command(["wms-payload-map", "--n", "5"], job_dir=JOB, inputs=inputs)
 
     assert cmd == [
         "bwrap", "--die-with-parent", "--unshare-all", "--share-net",
