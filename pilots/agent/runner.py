@@ -27,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -190,6 +191,7 @@ class JobRunner:
         self._seen: dict[int, psutil.Process] = {}
         self._started = 0.0
         self._ended = 0.0
+        self._log_ident: tuple[int, int] = (0, 0)
         self._cpu_time = 0.0
         self._rss = 0
         self._max_rss = 0
@@ -234,6 +236,8 @@ class JobRunner:
         self.inputs_dir.mkdir(parents=True)
         self.outputs_dir.mkdir()
         with open(self.log_path, "ab", buffering=0) as logfh:
+            st = os.fstat(logfh.fileno())
+            self._log_ident = (st.st_dev, st.st_ino)
             result = self._run(logfh)
             self._stage_out(result, logfh)
             self._note(
@@ -496,6 +500,11 @@ class JobRunner:
         fails the log stays in the work directory (kept) and the report says where."""
         try:
             dst = self._output_root() / _safe(self.job.job_uuid) / str(self.job.attempt)
+            # the payload may own the work dir: the pilot copies the file it wrote, nothing
+            # the payload put in its place (a symlink to a file of the pilot's)
+            st = os.lstat(self.log_path)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != self._log_ident:
+                raise StageError(f"{self.log_path} was replaced by the job: not copied")
             size, checksum = copy_with_checksum(self.log_path, dst / self.log_name)
         except (StageError, OSError) as exc:
             where = f"{socket.gethostname()}:{self.log_path}"

@@ -6,6 +6,7 @@ Modes:
   sleep SECONDS [--record FILE]   sleep; with --record append "start/end <pid> <time>" lines
   spawn PIDFILE                   start a grandchild that sleeps, write "<child> <grandchild>"
   ignore-term PIDFILE             ignore SIGTERM, write the pid, sleep
+  swap-log TARGET                 replace the job's log by a symlink to TARGET
   spy PATH ...                    a hostile payload: read what it can of its parent (the pilot)
                                   in /proc, its own environment, and each PATH (files, or
                                   directories read file by file); write it all to spy.json
@@ -97,6 +98,11 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         Path(rest[0]).write_text(str(os.getpid()))
         time.sleep(60)
+        return 0
+    if mode == "swap-log":
+        for log in Path(os.environ["WMS_JOB_DIR"]).glob("*.log"):
+            log.unlink()
+            log.symlink_to(rest[0])
         return 0
     if mode == "spy":
         (out / "spy.json").write_text(json.dumps(_spy(rest)))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pilots.agent.runner import JobRunner
 from pilots.agent.sandbox import (
     PayloadSandbox,
     PayloadUser,
@@ -19,6 +20,7 @@ from pilots.agent.sandbox import (
     from_config,
     own_account_name,
 )
+from tests.pilots.agent.conftest import job_message
 
 ROOT = Path(__file__).resolve().parents[3]
 JOB = Path("/scratch/w/jobs/u.0")
@@ -149,6 +151,22 @@ def test_the_payload_user_must_exist_and_needs_root_unless_it_is_the_pilot_s_own
             hidden=(),
         )  # fmt: skip
         assert nobody.popen_kwargs()["user"] == PayloadUser.resolve("nobody").uid
+
+
+def test_a_log_the_payload_replaced_is_not_copied(tmp_path, outdir):
+    """The payload may own its work dir (a payload account): the pilot copies the log it
+    wrote, never what the payload put at its path (here a link to a file of the pilot's)."""
+    secret = tmp_path / "pilot-secret"
+    secret.write_text("tok-of-the-pilot")
+    secret.chmod(0o600)
+    job = job_message(outdir, "swap-log", str(secret))
+
+    result = JobRunner(job, work_root=tmp_path / "work").run()
+
+    assert [o["type"] for o in result.outputs] == []
+    assert "was replaced by the job: not copied" in result.error_message
+    copied = [p.read_text() for p in outdir.rglob("*") if p.is_file()]
+    assert not any("tok-of-the-pilot" in text for text in copied)
 
 
 # --- the real program refuses secrets given the wrong way, before it talks to anyone -----------
