@@ -1,4 +1,6 @@
 # One image for web, worker, beat and pilot; the command chooses the role (see docker-compose.yml).
+# The pilot role runs as root (docker-compose.yml: user: root) with --payload-user wms, so that
+# its payloads run as the unprivileged "wms" account and cannot read its secrets or spool.
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src

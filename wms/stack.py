@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote
 
 import psutil
 
@@ -54,6 +55,18 @@ class TextSink(Protocol):
 
 class StackError(RuntimeError):
     """A child could not start, died, or the web app never became healthy."""
+
+
+def split_password(url: str) -> tuple[str, str]:
+    """``amqp://u:pw@h//`` -> (``amqp://u@h//``, ``pw``): the URL a command line may show, and
+    the password a pilot reads on its standard input (kept as written: the pilot quotes it back
+    into the URL it connects with). As pilots/agent/config.py's, which ``wms`` may not import."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url, ""
+    user, _, password = creds.partition(":")
+    return f"{scheme}://{user}@{host}", unquote(password)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -218,19 +231,29 @@ class Stack:
         return f"pilot-{device_type}{suffix}"
 
     def pilot_argv(self, device_type: str, index: int) -> list[str]:
-        """``python -m pilots.agent`` with this stack's server and broker (the token comes in
-        :meth:`pilot_env`). The flag names are pilots/agent/config.py's (``wms-pilot --help``).
+        """``python -m pilots.agent`` with this stack's server and broker. The secrets (the
+        registration token, the broker's password) are not on it: they go to the pilot's
+        standard input (:meth:`pilot_secrets`). The flag names are pilots/agent/config.py's
+        (``wms-pilot --help``).
         """
         name = self.pilot_name(device_type, index)
         work = self.config.var_dir / "pilots" / name
+        broker_url, password = split_password(self.config.broker_url)
+        secrets = ["--register-token-file", "-"]
+        if password:
+            secrets += ["--broker-password-file", "-"]
+        if os.geteuid() == 0 and "--payload-user" not in self.config.pilot_args:
+            # a development stack run as root: its payloads too (a site names an account)
+            secrets += ["--payload-user", "root"]
         return [
             self.config.python,
             "-m",
             "pilots.agent",
+            *secrets,
             "--server-url",
             self.server_url,
             "--broker-url",
-            self.config.broker_url,
+            broker_url,
             "--device-type",
             device_type,
             "--site",
@@ -242,9 +265,28 @@ class Stack:
             *self.config.pilot_args,
         ]
 
+    def pilot_child_env(self) -> dict[str, str]:
+        """A pilot's whole environment: the children's, less the server's settings and
+        anything named like a secret (``DATABASE_URL`` and ``CELERY_BROKER_URL`` carry
+        passwords, ``DJANGO_SECRET_KEY``...): a pilot reads none of them, and its environment
+        holds no secret (docs/pilot.md "Secrets")."""
+        env = self.child_env(self.pilot_env())
+        return {
+            k: v
+            for k, v in env.items()
+            if not k.startswith(("DATABASE_", "CELERY_", "DJANGO_"))
+            and not any(word in k.upper() for word in ("SECRET", "PASSWORD", "TOKEN"))
+        }
+
+    def pilot_secrets(self) -> str:
+        """What a pilot reads on standard input: one line per secret, the registration token
+        first, then the broker's password if its URL has one (docs/pilot.md)."""
+        _, password = split_password(self.config.broker_url)
+        return "".join(f"{line}\n" for line in (self.config.register_token, password) if line)
+
     def pilot_env(self) -> dict[str, str]:
-        """The registration token (in the environment, not on the command line that ``ps``
-        shows everyone) and the filesystem broker's folders (pilots read no Django settings)."""
+        """The filesystem broker's folders (pilots read no Django settings). No secret: a
+        pilot's environment is not the place for them."""
         options = dict(self.config.broker_options)
         if not options and self.config.broker_url.startswith("filesystem://"):
             # the folders config/settings.py derives from WMS_VAR_DIR, which the children get
@@ -255,9 +297,7 @@ class Stack:
                 "processed_folder": str(broker / "processed"),
                 "control_folder": str(broker / "control"),
             }
-        env = {f"WMS_PILOT_BROKER_{k.upper()}": v for k, v in options.items()}
-        env["WMS_PILOT_REGISTER_TOKEN"] = self.config.register_token
-        return env
+        return {f"WMS_PILOT_BROKER_{k.upper()}": v for k, v in options.items()}
 
     # --- starting ----------------------------------------------------------------------------
 
@@ -284,14 +324,18 @@ class Stack:
         *,
         env: Mapping[str, str] | None = None,
         expected_exit: bool = False,
+        stdin_text: str | None = None,
+        whole_env: Mapping[str, str] | None = None,
     ) -> Child:
-        """Start one child in its own session, its output copied to ``out`` with ``[name]``."""
+        """Start one child in its own session, its output copied to ``out`` with ``[name]``;
+        ``stdin_text`` is written to its standard input, which is then closed; ``whole_env``
+        replaces :meth:`child_env` (``env`` is added to it)."""
         try:
             proc = subprocess.Popen(
                 list(argv),
                 cwd=self.config.cwd,
-                env=self.child_env(env),
-                stdin=subprocess.DEVNULL,
+                env=self.child_env(env) if whole_env is None else dict(whole_env),
+                stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -302,6 +346,13 @@ class Stack:
             )
         except OSError as exc:
             raise StackError(f"cannot start {name}: {exc}") from exc
+        if stdin_text is not None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(stdin_text)
+                proc.stdin.close()
+            except OSError as exc:  # it died at once: check_alive() says so
+                self.say(f"{name}: its standard input is closed ({exc})")
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -324,7 +375,12 @@ class Stack:
 
     def start_pilots(self) -> list[Child]:
         return [
-            self.spawn(self.pilot_name(d, i), self.pilot_argv(d, i), env=self.pilot_env())
+            self.spawn(
+                self.pilot_name(d, i),
+                self.pilot_argv(d, i),
+                whole_env=self.pilot_child_env(),
+                stdin_text=self.pilot_secrets(),
+            )
             for d in self.config.devices
             for i in range(self.config.pilots_per_device)
         ]

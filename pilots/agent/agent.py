@@ -37,6 +37,7 @@ from pilots.agent.commands import CommandConsumer, CommandDispatcher
 from pilots.agent.config import PilotConfig
 from pilots.agent.logs import kv, log
 from pilots.agent.runner import FAILED, JobResult, JobRunner
+from pilots.agent.sandbox import PayloadSandbox, SandboxError, from_config, is_dumpable
 from pilots.agent.spool import ReportSender, Spool
 from wms.contract import JOB, VERSION, Command, ContractError, JobMessage, decode_job
 from wms.topology import Topology
@@ -85,6 +86,7 @@ class Agent:
         self.heartbeat_interval = config.heartbeat_interval
         self.dispatcher: CommandDispatcher | None = None
         self.consumer: CommandConsumer | None = None
+        self.sandbox = PayloadSandbox()
 
         self.jobs: dict[str, RunningJob] = {}
         self.jobs_lock = threading.Lock()
@@ -196,9 +198,59 @@ class Agent:
 
     # --- start-up ------------------------------------------------------------------------------
 
-    def _prepare_dirs(self) -> None:
+    def _prepare_sandbox(self) -> None:
+        cfg = self.cfg
+        hidden = [self.work_dir, cfg.spool_path, *cfg.secret_files()]
         try:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+            self.sandbox = from_config(
+                payload_user=cfg.payload_user,
+                payload_env=cfg.payload_env,
+                wrapper=cfg.payload_wrapper,
+                image=cfg.payload_wrapper_image,
+                options=cfg.payload_wrapper_options,
+                hidden=hidden,
+                empty_file=self.work_dir / ".empty",
+            )
+        except SandboxError as exc:
+            raise StartupError(str(exc)) from exc
+        user = self.sandbox.user
+        log.info(
+            kv(
+                "payload_isolation",
+                user=user.name if user else "pilot's own",
+                wrapper=cfg.payload_wrapper,
+                pilot_dumpable=is_dumpable(),
+            )
+        )
+        if (user.uid if user is not None else os.geteuid()) == 0:
+            log.warning(kv("payloads_run_as_root", hint="--payload-user an unprivileged account"))
+        elif not self.sandbox.switches_user and self.sandbox.wrapper is None:
+            # same account, no container: file permissions cannot keep a payload out of the
+            # spool (the pilot's token) or a secret file; standard input leaves no file
+            secret_files = cfg.secret_files()
+            if secret_files:
+                log.warning(
+                    kv(
+                        "payloads_can_read_pilot_files",
+                        files=",".join(map(str, secret_files)),
+                        hint="run payloads as another account (--payload-user) or in a "
+                        "container (--payload-wrapper), or pass the secrets on standard input",
+                    )
+                )
+
+    def _prepare_dirs(self) -> None:
+        self._prepare_sandbox()
+        try:
+            # the pilot's own: its lock, its spool (the pilot token), the jobs' parent (0711:
+            # a payload account reaches its job's directory, lists nothing)
+            self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+            os.chmod(self.work_dir, 0o711)  # noqa: S103 - traverse only
+            (self.work_dir / "jobs").mkdir(exist_ok=True, mode=0o711)
+            os.chmod(self.work_dir / "jobs", 0o711)  # noqa: S103 - traverse only
+            # what a container wrapper mounts over the pilot's secret files
+            empty = self.work_dir / ".empty"
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(empty, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
             fd = os.open(self.work_dir / ".pilot.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StartupError(f"work dir {self.work_dir}: {exc}") from exc
@@ -234,7 +286,10 @@ class Agent:
             "version": __version__,
         }
         if not self.cfg.register_token:
-            raise StartupError("no register token (--register-token / WMS_PILOT_REGISTER_TOKEN)")
+            raise StartupError(
+                "no register token (--register-token-file FILE, - for standard input, "
+                "or register_token in a config file of mode 0600)"
+            )
         result = self.client.register(
             payload,
             register_token=self.cfg.register_token,
@@ -285,7 +340,7 @@ class Agent:
 
     def _new_connection(self) -> Connection:
         return Connection(
-            self.cfg.broker_url,
+            self.cfg.broker_connect_url,
             transport_options=dict(self.cfg.broker_options),
             connect_timeout=10,
             heartbeat=60,
@@ -328,7 +383,7 @@ class Agent:
     def _start_threads(self) -> None:
         assert self.pilot_id is not None and self.dispatcher is not None
         self.consumer = CommandConsumer(
-            self.cfg.broker_url,
+            self.cfg.broker_connect_url,
             self.topology.command_queue(self.pilot_id),
             self.dispatcher.handle_raw,
             transport_options=dict(self.cfg.broker_options),
@@ -499,6 +554,7 @@ class Agent:
             stage_in=self.cfg.stage_in,
             sample_interval=self.sample_interval,
             extra_env={"PATH": _job_path()},
+            sandbox=self.sandbox,
         )
         running = RunningJob(job, runner, next_report=time.monotonic() + self.cfg.report_interval)
         with self.jobs_lock:

@@ -5,6 +5,14 @@ Every option has one name (``work_dir``) used three ways: the flag ``--work-dir`
 with a ``[pilot]`` section or a TOML file (``.toml``) with a ``[pilot]`` table or top-level keys.
 The file is named by ``--config`` or ``WMS_PILOT_CONFIG``.
 
+Secrets (the registration token, the broker's password) are never taken from the command line
+or the environment, where the pilot's payloads (and, for the command line, every user of the
+node) could read them: they come from a file of their own (``--register-token-file``,
+``--broker-password-file``; ``-`` is standard input), or from the config file when nobody but
+its owner may read it (mode 0600). A secret found in a flag, a ``WMS_PILOT_*`` variable or a
+password inside ``--broker-url`` / ``WMS_PILOT_BROKER_URL`` is refused with a message saying
+what to use instead.
+
 kombu transport options of the broker connection (the folders of the filesystem transport, for
 instance) come the same way: ``--broker-option data_folder_in=/x`` (repeatable),
 ``WMS_PILOT_BROKER_DATA_FOLDER_IN=/x``, or the key ``broker_data_folder_in`` of the file.
@@ -15,16 +23,21 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import stat
+import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+from urllib.parse import quote, unquote
 
 ENV_PREFIX = "WMS_PILOT_"
 BROKER_PREFIX = "broker_"  # broker_<transport option>, except broker_url
 CONFIG_ENV = "WMS_PILOT_CONFIG"
 SECTION = "pilot"
+STDIN = "-"  # a secret file named "-" is standard input
+WRAPPERS = ("none", "bwrap", "apptainer", "singularity")
 
 
 class ConfigError(ValueError):
@@ -36,6 +49,9 @@ class PilotConfig:
     server_url: str = "http://127.0.0.1:8000"
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     register_token: str = ""
+    register_token_file: str = ""
+    broker_password: str = ""
+    broker_password_file: str = ""
     device_type: str = "cpu"
     site: str = ""
     hostname: str = ""
@@ -55,6 +71,12 @@ class PilotConfig:
     http_timeout: float = 30.0
     register_retries: int = 10
     log_level: str = "INFO"
+    payload_user: str = ""
+    payload_env: tuple[str, ...] = ()
+    payload_wrapper: str = "none"
+    payload_wrapper_image: str = ""
+    payload_wrapper_options: str = ""
+    config_file: str = ""
     broker_options: dict[str, str] = field(default_factory=dict, hash=False)
 
     @property
@@ -67,13 +89,30 @@ class PilotConfig:
             return Path(self.spool_dir).expanduser().absolute()
         return self.work_path / "spool"
 
+    @property
+    def broker_connect_url(self) -> str:
+        """The broker URL with the password of ``broker_password`` in it (for kombu only:
+        never logged, never on a command line)."""
+        if not self.broker_password:
+            return self.broker_url
+        scheme, sep, rest = self.broker_url.partition("://")
+        user, _, host = rest.rpartition("@")
+        return f"{scheme}{sep}{user}:{quote(self.broker_password, safe='')}@{host}"
+
+    def secret_files(self) -> list[Path]:
+        """The files the secrets were read from (payloads must not see them)."""
+        names = (self.register_token_file, self.broker_password_file, self.config_file)
+        return [Path(n).expanduser().absolute() for n in names if n and n != STDIN]
+
     def redacted(self) -> dict[str, Any]:
-        """The values, with the register token masked (for ``--print-config`` and logs)."""
+        """The values, with the secrets masked (for ``--print-config`` and logs)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["register_token"]:
-            out["register_token"] = "***"  # noqa: S105 - a mask, not a password
+        for name in SECRETS:
+            if out[name]:
+                out[name] = "***"
         out["broker_url"] = _hide_password(out["broker_url"])
         out["broker_options"] = dict(out["broker_options"])
+        out["payload_env"] = list(out["payload_env"])
         return out
 
 
@@ -83,6 +122,26 @@ def _hide_password(url: str) -> str:
     if not sep or not at or ":" not in creds:
         return url
     return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def url_password(url: str) -> str:
+    """The password inside a URL (``amqp://user:PASSWORD@host/``), or ""."""
+    _, sep, rest = url.partition("://")
+    creds, at, _ = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return ""
+    return unquote(creds.split(":", 1)[1])
+
+
+def split_password(url: str) -> tuple[str, str]:
+    """``amqp://u:pw@h//`` -> (``amqp://u@h//``, ``pw``): the URL a command line may show and
+    the password to hand over in a file or on standard input."""
+    password = url_password(url)
+    if not password:
+        return url, ""
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    return f"{scheme}://{creds.split(':', 1)[0]}@{host}", password
 
 
 # --- parsing of one value ---------------------------------------------------------------------
@@ -131,6 +190,17 @@ def _url(value: Any) -> str:
     return str(value).strip().rstrip("/")
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+    names = tuple(str(v).strip() for v in items if str(v).strip())
+    for name in names:
+        if not name.replace("_", "").isalnum() or name[0].isdigit():
+            raise ValueError(f"{name!r} is not an environment variable name")
+        if name.startswith(ENV_PREFIX):
+            raise ValueError(f"{name}: the pilot's own settings are never passed to payloads")
+    return names
+
+
 def _level(value: Any) -> str:
     text = str(value).strip().upper()
     if text not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -144,6 +214,7 @@ class Option:
     parse: Callable[[Any], Any]
     help: str
     metavar: str = ""
+    secret: bool = False  # a config-file key only: refused as a flag or a variable
 
     @property
     def flag(self) -> str:
@@ -157,7 +228,32 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("server_url", _url, "base URL of the WMS (the /api/v1/ calls go under it)", "URL"),
     Option("broker_url", _text, "RabbitMQ URL (kombu syntax: amqp://user:pass@host:5672/vhost)"),
-    Option("register_token", _text, "user API token allowed to register pilots", "TOKEN"),
+    Option(
+        "register_token",
+        _text,
+        "user API token allowed to register pilots: config file key only (mode 0600)",
+        "TOKEN",
+        secret=True,
+    ),
+    Option(
+        "register_token_file",
+        _text,
+        "file holding the registration token (- : standard input)",
+        "FILE",
+    ),
+    Option(
+        "broker_password",
+        _text,
+        "the broker account's password: config file key only (mode 0600)",
+        "PASSWORD",
+        secret=True,
+    ),
+    Option(
+        "broker_password_file",
+        _text,
+        "file holding the broker account's password (- : standard input)",
+        "FILE",
+    ),
     Option("device_type", _choice("cpu", "gpu"), "the job queue to take jobs from: cpu or gpu"),
     Option("site", _text, "site name reported at registration"),
     Option("hostname", _text, "host name reported at registration (default: the FQDN)"),
@@ -179,7 +275,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("http_timeout", _number(float, positive=True), "seconds to wait for the WMS"),
     Option("register_retries", _number(int, minimum=0), "registration attempts after the first"),
     Option("log_level", _level, "DEBUG, INFO, WARNING or ERROR"),
+    Option(
+        "payload_user",
+        _text,
+        "account the payloads run as (name or uid); required when the pilot runs as root",
+        "USER",
+    ),
+    Option(
+        "payload_env",
+        _names,
+        "names of the pilot's environment variables passed on to payloads (comma-separated)",
+        "NAMES",
+    ),
+    Option(
+        "payload_wrapper",
+        _choice(*WRAPPERS),
+        "container runtime each payload runs in: none, bwrap, apptainer or singularity",
+    ),
+    Option("payload_wrapper_image", _text, "the apptainer/singularity image", "IMAGE"),
+    Option(
+        "payload_wrapper_options",
+        _text,
+        "extra options of the wrapper (shell-split), before the image/command",
+        "OPTIONS",
+    ),
 )
+SECRETS = tuple(o.name for o in OPTIONS if o.secret)
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS = PilotConfig()
 
@@ -223,20 +344,57 @@ def read_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path}: unknown option {key!r}")
     if broker:
         out["broker_options"] = broker
+    secrets = [n for n in SECRETS if out.get(n)]
+    if url_password(str(out.get("broker_url", ""))):
+        secrets.append("a password in broker_url")
+    if secrets:
+        _check_private(path, f"config file {path} holds {', '.join(secrets)}")
     return out
 
 
+def _check_private(path: Path, what: str) -> None:
+    """A file holding a secret: readable by its owner only (no group or other bits)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError(f"{what}: {exc.strerror or exc}") from exc
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what} but its mode is {mode:04o}: others may read it "
+            f"(chmod 600 {path}, owned by the pilot's account)"
+        )
+
+
 def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    for o in OPTIONS:
+        if o.secret and environ.get(o.env):
+            raise ConfigError(
+                f"{o.env} is set: secrets are not taken from the environment (payloads and "
+                f"other processes could read it there): put it in a file and give "
+                f"{o.flag}-file FILE (or {o.flag}-file - to pass it on standard input)"
+            )
     out: dict[str, Any] = {o.name: environ[o.env] for o in OPTIONS if o.env in environ}
+    if url_password(out.get("broker_url", "")):
+        raise ConfigError(_url_password_refused(OPTION_BY_NAME["broker_url"].env))
     env_prefix = ENV_PREFIX + BROKER_PREFIX.upper()
+    option_envs = {o.env for o in OPTIONS}
     broker = {
         key[len(env_prefix) :].lower(): value
         for key, value in environ.items()
-        if key.startswith(env_prefix) and key != OPTION_BY_NAME["broker_url"].env
+        if key.startswith(env_prefix) and key not in option_envs
     }
     if broker:
         out["broker_options"] = broker
     return out
+
+
+def _url_password_refused(where: str) -> str:
+    return (
+        f"{where} holds a password: secrets are not taken from the command line or the "
+        "environment (every process of the node can read a command line): give the URL "
+        "without it (amqp://user@host:5672/vhost) and the password with "
+        "--broker-password-file FILE (or - for standard input)"
+    )
 
 
 def _broker_flags(items: Sequence[str]) -> dict[str, str]:
@@ -266,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for o in OPTIONS:
         default = getattr(DEFAULTS, o.name)
+        if o.secret:  # known, so that its refusal says what to use instead
+            parser.add_argument(o.flag, dest=o.name, default=None, help=argparse.SUPPRESS)
+            continue
         parser.add_argument(
             o.flag,
             dest=o.name,
@@ -290,21 +451,89 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    stdin: TextIO | None = None,
 ) -> tuple[PilotConfig, argparse.Namespace]:
-    """Parse flags, read the environment and the config file; return the merged configuration."""
+    """Parse flags, read the environment, the config file and the secret files (or standard
+    input); return the merged configuration."""
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
+    for o in OPTIONS:
+        if o.secret and getattr(args, o.name) is not None:
+            raise ConfigError(
+                f"{o.flag} on the command line: every process of the node can read a command "
+                f"line (/proc/PID/cmdline, ps): give {o.flag}-file FILE (mode 0600), or "
+                f"{o.flag}-file - and the secret on standard input"
+            )
+    if args.broker_url and url_password(args.broker_url):
+        raise ConfigError(_url_password_refused("--broker-url"))
     flags: dict[str, Any] = {
         o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name) is not None
     }
     if args.broker_options:
         flags["broker_options"] = _broker_flags(args.broker_options)
-    return merge(
+    config = merge(
         flags=flags,
         environ=environ,
         config_file=args.config or environ.get(CONFIG_ENV) or None,
-    ), args
+    )
+    config = read_secrets(config, sys.stdin if stdin is None else stdin)
+    return config, args
+
+
+def read_secrets(config: PilotConfig, stdin: TextIO) -> PilotConfig:
+    """The secrets of the ``*_file`` options, read now. Standard input (``-``) holds one line
+    per secret given as ``-``, in this order: the registration token, the broker password."""
+    wanted = [
+        name for name in ("register_token", "broker_password") if getattr(config, f"{name}_file")
+    ]
+    from_stdin = [n for n in wanted if getattr(config, f"{n}_file") == STDIN]
+    lines: list[str] = []
+    if from_stdin:
+        lines = [line.strip() for line in stdin.read().splitlines() if line.strip()]
+        if len(lines) < len(from_stdin):
+            raise ConfigError(
+                f"standard input: {len(from_stdin)} secret line(s) wanted "
+                f"({', '.join(from_stdin)}), {len(lines)} given"
+            )
+    values: dict[str, Any] = {}
+    for name in wanted:
+        option = OPTION_BY_NAME[f"{name}_file"]
+        source = getattr(config, option.name)
+        if source == STDIN:
+            values[name] = lines.pop(0)
+            continue
+        path = Path(source).expanduser()
+        _check_private(path, f"{option.flag} {path}")
+        try:
+            value = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{option.flag} {path}: {exc}") from exc
+        if not value:
+            raise ConfigError(f"{option.flag} {path} is empty")
+        values[name] = value
+    config = replace(config, **values)
+    if config.broker_password:
+        if url_password(config.broker_url):
+            raise ConfigError("broker_url holds a password and broker_password gives one too")
+        if "@" not in config.broker_url.partition("://")[2]:
+            raise ConfigError(
+                "a broker password is given but broker_url names no user "
+                "(amqp://USER@host:5672/vhost)"
+            )
+    return config
+
+
+def check_payload_user(config: PilotConfig, euid: int) -> None:
+    """A pilot running as root never runs its payloads as root by accident (``wms-pilot``
+    checks it after :func:`load`)."""
+    if euid == 0 and not config.payload_user:
+        raise ConfigError(
+            "the pilot runs as root: give --payload-user ACCOUNT, an unprivileged account the "
+            "payloads run as (they must not run as root, nor read the pilot's files); "
+            "--payload-user root runs them as root anyway"
+        )
 
 
 def merge(
@@ -324,6 +553,8 @@ def merge(
         broker.update(found.pop("broker_options", {}))
         values.update({k: (v, where(k)) for k, v in found.items()})
     parsed: dict[str, Any] = {"broker_options": broker}
+    if config_file:
+        parsed["config_file"] = str(Path(config_file).expanduser().absolute())
     for name, (value, source) in values.items():
         try:
             parsed[name] = OPTION_BY_NAME[name].parse(value)

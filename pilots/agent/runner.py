@@ -7,10 +7,13 @@ The job's conventions (docs/pilot.md):
 - the executable with its shlex-split args, in its own session and process group
   (``start_new_session=True``), so a kill reaches every process it started;
 - stdout and stderr into the log ``<job_uuid>.<attempt>.log`` in the work directory;
-- the environment: the pilot's own (less its ``WMS_PILOT_*`` settings) plus ``WMS_JOB_UUID``,
+- a clean environment, never the pilot's (:class:`~pilots.agent.sandbox.PayloadSandbox`):
+  ``PATH``, ``HOME`` and ``TMPDIR`` (the work directory), ``LANG``, ``USER``, the GPU and
+  locale variables the pilot has, the names the site lists, plus ``WMS_JOB_UUID``,
   ``WMS_ATTEMPT``, ``WMS_TASK_ID``, ``WMS_INPUT_FILES`` (JSON list of local paths),
   ``WMS_OUTPUT_DIR`` (``<workdir>/outputs``: every file written there is an output),
   ``WMS_JOB_DIR``, ``WMS_JOB_MODE``, ``WMS_DEVICE_TYPE``;
+- under the payload account and inside the container runtime the site configured, if any;
 - at the end every file under ``outputs/`` gets its size and adler32 checksum and is copied to
   ``<output_url>/<job_uuid>/<name>``; the log to ``<output_url>/<job_uuid>/<attempt>/<log>``.
 """
@@ -24,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -38,6 +42,7 @@ import psutil
 
 from pilots.agent import __version__
 from pilots.agent.logs import kv, log
+from pilots.agent.sandbox import PayloadSandbox
 from wms.checksums import bytes_checksum_stream, is_valid
 from wms.contract import JobMessage
 
@@ -165,8 +170,10 @@ class JobRunner:
         stage_in: str = "inplace",
         sample_interval: float = 1.0,
         extra_env: dict[str, str] | None = None,
+        sandbox: PayloadSandbox | None = None,
     ) -> None:
         self.job = job
+        self.sandbox = sandbox or PayloadSandbox()
         self.grace_period = grace_period
         self.stage_in_mode = stage_in
         self.sample_interval = sample_interval
@@ -184,6 +191,7 @@ class JobRunner:
         self._seen: dict[int, psutil.Process] = {}
         self._started = 0.0
         self._ended = 0.0
+        self._log_ident: tuple[int, int] = (0, 0)
         self._cpu_time = 0.0
         self._rss = 0
         self._max_rss = 0
@@ -228,6 +236,8 @@ class JobRunner:
         self.inputs_dir.mkdir(parents=True)
         self.outputs_dir.mkdir()
         with open(self.log_path, "ab", buffering=0) as logfh:
+            st = os.fstat(logfh.fileno())
+            self._log_ident = (st.st_dev, st.st_ino)
             result = self._run(logfh)
             self._stage_out(result, logfh)
             self._note(
@@ -258,18 +268,23 @@ class JobRunner:
             argv = [job.executable, *shlex.split(job.args)]
         except ValueError as exc:
             return self._failed(EXEC_FAILED, f"cannot split args {job.args!r}: {exc}", logfh)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WMS_PILOT_")}
-        env.update(self.extra_env)
-        env.update(
-            WMS_JOB_UUID=job.job_uuid,
-            WMS_ATTEMPT=str(job.attempt),
-            WMS_TASK_ID=str(job.task_id),
-            WMS_JOB_MODE=job.mode,
-            WMS_DEVICE_TYPE=job.device_type,
-            WMS_INPUT_FILES=json.dumps(inputs),
-            WMS_OUTPUT_DIR=str(self.outputs_dir),
-            WMS_JOB_DIR=str(self.dir),
-        )
+        job_vars = {
+            "WMS_JOB_UUID": job.job_uuid,
+            "WMS_ATTEMPT": str(job.attempt),
+            "WMS_TASK_ID": str(job.task_id),
+            "WMS_JOB_MODE": job.mode,
+            "WMS_DEVICE_TYPE": job.device_type,
+            "WMS_INPUT_FILES": json.dumps(inputs),
+            "WMS_OUTPUT_DIR": str(self.outputs_dir),
+            "WMS_JOB_DIR": str(self.dir),
+        }
+        sandbox = self.sandbox
+        env = sandbox.process_environment(sandbox.environment(self.dir, job_vars, self.extra_env))
+        argv = sandbox.command(argv, job_dir=self.dir, inputs=inputs)
+        try:
+            sandbox.hand_over(self.dir)
+        except OSError as exc:
+            return self._failed(EXEC_FAILED, f"cannot hand the work dir over: {exc}", logfh)
         self._note(logfh, f"command: {shlex.join(argv)}")
         self._note(logfh, f"inputs: {json.dumps(inputs)}")
         self._note(logfh, "--- job output below ---")
@@ -286,6 +301,7 @@ class JobRunner:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    **sandbox.popen_kwargs(),
                 )
             except OSError as exc:
                 return self._failed(
@@ -484,6 +500,11 @@ class JobRunner:
         fails the log stays in the work directory (kept) and the report says where."""
         try:
             dst = self._output_root() / _safe(self.job.job_uuid) / str(self.job.attempt)
+            # the payload may own the work dir: the pilot copies the file it wrote, nothing
+            # the payload put in its place (a symlink to a file of the pilot's)
+            st = os.lstat(self.log_path)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != self._log_ident:
+                raise StageError(f"{self.log_path} was replaced by the job: not copied")
             size, checksum = copy_with_checksum(self.log_path, dst / self.log_name)
         except (StageError, OSError) as exc:
             where = f"{socket.gethostname()}:{self.log_path}"

@@ -48,6 +48,7 @@ class Spool:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)  # it holds pilot tokens, whoever made it before
 
     def _name(self, job_uuid: str, attempt: int) -> str:
         return f"{_SAFE.sub('_', job_uuid)}.{int(attempt)}{SUFFIX}"

@@ -213,3 +213,26 @@ def test_up_runs_the_whole_demo_and_exits_0_on_the_embedded_default(embedded):
     merged = sorted((embedded / "demo").glob("*/merged-cpu.json"))
     assert len(merged) == 1
     assert histo.load(merged[0]).entries == 24 * 50_000
+
+
+def test_pilots_get_their_secrets_on_standard_input_only(tmp_path):
+    """The registration token and the broker's password are neither on a pilot's command line
+    nor in its environment (docs/pilot.md "Secrets"); they are written to its stdin."""
+    config = StackConfig(
+        var_dir=tmp_path,
+        broker_url="amqp://pilot:s3cr%40t@mq.example:5672/wms",
+        register_token="tok-123",
+    )
+    stack = Stack(config, env={"DATABASE_URL": "postgres://u:dbpw@db/wms", "OTHER": "kept"})
+
+    argv = stack.pilot_argv("cpu", 0)
+    env = stack.pilot_child_env()
+
+    shown = " ".join(argv) + " " + " ".join(f"{k}={v}" for k, v in env.items())
+    assert "tok-123" not in shown and "s3cr" not in shown and "dbpw" not in shown
+    assert env["OTHER"] == "kept" and env["WMS_SERVER_URL"] == stack.server_url
+    assert argv[argv.index("--broker-url") + 1] == "amqp://pilot@mq.example:5672/wms"
+    assert argv[argv.index("--register-token-file") + 1] == "-"
+    assert argv[argv.index("--broker-password-file") + 1] == "-"
+    assert stack.pilot_secrets() == "tok-123\ns3cr@t\n"  # the pilot quotes it back
+    assert ("--payload-user" in argv) == (os.geteuid() == 0)  # as root: said explicitly

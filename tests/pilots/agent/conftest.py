@@ -30,6 +30,25 @@ BROKER_URL = os.environ.get("WMS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5
 PAYLOAD = str(Path(__file__).with_name("payload.py"))
 
 
+def secret_args(
+    register_token: str = REGISTER_TOKEN, broker_url: str = BROKER_URL
+) -> tuple[list[str], str]:
+    """The flags of a real pilot process and what to write on its standard input: the secrets
+    go there, never on its command line or in its environment; as root, payloads run as root
+    (said explicitly, as the pilot wants)."""
+    from wms.stack import split_password
+
+    url, password = split_password(broker_url)
+    argv = ["--broker-url", url, "--register-token-file", "-"]
+    lines = [register_token]
+    if password:
+        argv += ["--broker-password-file", "-"]
+        lines.append(password)
+    if os.geteuid() == 0:
+        argv += ["--payload-user", "root"]
+    return argv, "".join(f"{line}\n" for line in lines)
+
+
 def job_message(
     output_dir: Path,
     *args: str,

@@ -6,6 +6,10 @@ Modes:
   sleep SECONDS [--record FILE]   sleep; with --record append "start/end <pid> <time>" lines
   spawn PIDFILE                   start a grandchild that sleeps, write "<child> <grandchild>"
   ignore-term PIDFILE             ignore SIGTERM, write the pid, sleep
+  swap-log TARGET                 replace the job's log by a symlink to TARGET
+  spy PATH ...                    a hostile payload: read what it can of its parent (the pilot)
+                                  in /proc, its own environment, and each PATH (files, or
+                                  directories read file by file); write it all to spy.json
 """
 
 from __future__ import annotations
@@ -23,6 +27,37 @@ def _record(path: str | None, what: str) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(f"{what} {os.getpid()} {time.time():.6f}\n")
+
+
+def _read(path: Path) -> str:
+    try:
+        if path.is_dir():
+            return json.dumps({p.name: _read(p) for p in sorted(path.iterdir())})
+        return path.read_bytes().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"ERROR {type(exc).__name__}"
+
+
+def _spy(paths: list[str]) -> dict[str, object]:
+    parent = Path("/proc") / str(os.getppid())
+    found: dict[str, object] = {"ppid": os.getppid(), "uid": os.getuid()}
+    for name in ("environ", "cmdline", "status", "maps", "fd"):
+        found[f"parent_{name}"] = _read(parent / name)
+    try:  # the pilot's memory, from where its heap starts
+        start = next(
+            int(line.split("-")[0], 16)
+            for line in (parent / "maps").read_text().splitlines()
+            if "[heap]" in line
+        )
+        with open(parent / "mem", "rb") as mem:
+            mem.seek(start)
+            found["parent_mem"] = mem.read(1 << 20).decode("latin-1")
+    except (OSError, StopIteration, ValueError) as exc:
+        found["parent_mem"] = f"ERROR {type(exc).__name__}"
+    found["environ"] = dict(os.environ)
+    for path in paths:
+        found[path] = _read(Path(path))
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -63,6 +98,14 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         Path(rest[0]).write_text(str(os.getpid()))
         time.sleep(60)
+        return 0
+    if mode == "swap-log":
+        for log in Path(os.environ["WMS_JOB_DIR"]).glob("*.log"):
+            log.unlink()
+            log.symlink_to(rest[0])
+        return 0
+    if mode == "spy":
+        (out / "spy.json").write_text(json.dumps(_spy(rest)))
         return 0
     print(f"unknown mode {mode}", file=sys.stderr)
     return 64

@@ -3,7 +3,6 @@ shape, and a spool left by a crashed run sent by the next one."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pilots.agent.conftest import BROKER_URL, job_message
-from tests.pilots.agent.fakewms import REGISTER_TOKEN, wait_until
+from tests.pilots.agent.conftest import job_message, secret_args
+from tests.pilots.agent.fakewms import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 LINE = re.compile(
@@ -29,16 +28,15 @@ def pilot_process(tmp_path, fake_wms, bus) -> Iterator:
 
     def _start(*extra: str, name: str = "pilot") -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.{len(procs)}.log"
-        env = {**os.environ, "WMS_PILOT_REGISTER_TOKEN": REGISTER_TOKEN}
+        secrets, stdin = secret_args()
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "pilots.agent",
+                *secrets,
                 "--server-url",
                 fake_wms.url,
-                "--broker-url",
-                BROKER_URL,
                 "--work-dir",
                 str(tmp_path / "work"),
                 "--poll-interval",
@@ -50,11 +48,14 @@ def pilot_process(tmp_path, fake_wms, bus) -> Iterator:
                 *extra,
             ],
             cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=open(log, "wb"),  # noqa: SIM115 - the child holds it
+            text=True,
         )
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
         procs.append(proc)
         return proc, log
 
@@ -139,21 +140,22 @@ def test_a_configuration_error_exits_2_with_a_clear_message(tmp_path):
 
 
 def test_registration_refused_exits_1(tmp_path, fake_wms):
+    secrets, stdin = secret_args(register_token="wrong")
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             "pilots.agent",
+            *secrets,
             "--server-url",
             fake_wms.url,
-            "--register-token",
-            "wrong",
             "--register-retries",
             "0",
             "--work-dir",
             str(tmp_path / "w"),
         ],
         cwd=ROOT,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=30,

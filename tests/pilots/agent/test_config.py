@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
-from pilots.agent.config import DEFAULTS, OPTIONS, ConfigError, load
+from pilots.agent.config import DEFAULTS, OPTIONS, ConfigError, check_payload_user, load
 
 
 @pytest.fixture
@@ -105,10 +107,165 @@ def test_every_option_has_a_flag_a_variable_and_a_default():
         assert hasattr(DEFAULTS, option.name)
 
 
-def test_print_config_hides_secrets():
-    config, _ = load(["--register-token", "s3cret", "--broker-url", "amqp://u:pw@mq:5672//"], {})
+def _secret_file(path, text, mode=0o600):
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_print_config_hides_secrets(tmp_path):
+    token = _secret_file(tmp_path / "token", "s3cret\n")
+    password = _secret_file(tmp_path / "password", "pw\n")
+    config, _ = load(
+        [
+            "--register-token-file",
+            token,
+            "--broker-password-file",
+            password,
+            "--broker-url",
+            "amqp://u@mq:5672//",
+        ],
+        {},
+    )
 
     shown = config.redacted()
 
-    assert shown["register_token"] == "***"
-    assert shown["broker_url"] == "amqp://u:***@mq:5672//"
+    assert (config.register_token, config.broker_password) == ("s3cret", "pw")
+    assert shown["register_token"] == shown["broker_password"] == "***"
+    assert "s3cret" not in repr(shown) and "pw@" not in repr(shown)
+    assert config.broker_connect_url == "amqp://u:pw@mq:5672//"
+
+
+# --- secrets: files or standard input, never flags or variables ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--register-token", "s3cret"], {}, "--register-token on the command line"),
+        (["--broker-password", "s3cret"], {}, "--broker-password on the command line"),
+        (["--broker-url", "amqp://u:s3cret@mq//"], {}, "--broker-url holds a password"),
+        ([], {"WMS_PILOT_REGISTER_TOKEN": "s3cret"}, "WMS_PILOT_REGISTER_TOKEN is set"),
+        ([], {"WMS_PILOT_BROKER_PASSWORD": "s3cret"}, "WMS_PILOT_BROKER_PASSWORD is set"),
+        ([], {"WMS_PILOT_BROKER_URL": "amqp://u:s3cret@mq//"}, "WMS_PILOT_BROKER_URL holds"),
+    ],
+)
+def test_secrets_on_the_command_line_or_in_the_environment_are_refused(argv, env, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        load(argv, env)
+
+    text = str(refused.value)
+    assert "-file" in text  # it says what to use instead
+    assert "s3cret" not in text  # and does not repeat the secret
+
+
+def test_secrets_come_from_files_of_mode_0600(tmp_path):
+    token = _secret_file(tmp_path / "token", "  tok-1  \n")
+
+    config, _ = load(["--register-token-file", token], {})
+
+    assert config.register_token == "tok-1"
+    assert config.secret_files() == [tmp_path / "token"]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_secret_file_others_may_read_is_refused(tmp_path, mode):
+    token = _secret_file(tmp_path / "token", "tok", mode)
+
+    with pytest.raises(ConfigError, match=f"mode is {mode:04o}: others may read it"):
+        load(["--register-token-file", token], {})
+
+
+def test_an_empty_or_missing_secret_file_is_refused(tmp_path):
+    empty = _secret_file(tmp_path / "empty", "\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load(["--register-token-file", empty], {})
+    with pytest.raises(ConfigError, match="No such file"):
+        load(["--broker-password-file", str(tmp_path / "none")], {})
+
+
+def test_secrets_on_standard_input_one_line_each_token_first():
+    config, _ = load(
+        [
+            "--register-token-file",
+            "-",
+            "--broker-password-file",
+            "-",
+            "--broker-url",
+            "amqp://pilot@mq:5672/wms",
+        ],
+        {},
+        stdin=io.StringIO("tok-2\np@ss/word:\n"),
+    )
+
+    assert (config.register_token, config.broker_password) == ("tok-2", "p@ss/word:")
+    assert config.secret_files() == []  # nothing on disk for a payload to find
+    # quoted into the URL kombu gets, read back unquoted by kombu
+    assert config.broker_connect_url == "amqp://pilot:p%40ss%2Fword%3A@mq:5672/wms"
+    from kombu import Connection
+
+    assert Connection(config.broker_connect_url).password == "p@ss/word:"
+
+
+def test_too_few_lines_on_standard_input_are_refused():
+    with pytest.raises(ConfigError, match="2 secret line"):
+        load(
+            [
+                "--register-token-file",
+                "-",
+                "--broker-password-file",
+                "-",
+                "--broker-url",
+                "a://u@h",
+            ],
+            {},
+            stdin=io.StringIO("only-one\n"),
+        )
+
+
+def test_a_broker_password_needs_a_user_and_no_second_password(tmp_path):
+    password = _secret_file(tmp_path / "pw", "pw")
+    with pytest.raises(ConfigError, match="names no user"):
+        load(["--broker-password-file", password, "--broker-url", "amqp://mq//"], {})
+    conf = tmp_path / "p.ini"
+    conf.write_text("[pilot]\nbroker_url = amqp://u:one@mq//\n")
+    conf.chmod(0o600)
+    with pytest.raises(ConfigError, match="gives one too"):
+        load(["--config", str(conf), "--broker-password-file", password], {})
+
+
+def test_a_config_file_with_secrets_must_be_private(tmp_path):
+    conf = tmp_path / "p.toml"
+    conf.write_text('register_token = "tok-3"\nbroker_url = "amqp://u:pw@mq//"\n')
+    conf.chmod(0o644)
+
+    with pytest.raises(ConfigError, match="holds register_token, a password in broker_url"):
+        load(["--config", str(conf)], {})
+
+    conf.chmod(0o600)
+    config, _ = load(["--config", str(conf)], {})
+    assert (config.register_token, config.broker_connect_url) == ("tok-3", "amqp://u:pw@mq//")
+    assert config.secret_files() == [conf]
+
+
+def test_a_config_file_without_secrets_may_be_readable(ini):
+    ini.chmod(0o644)
+    config, _ = load(["--config", str(ini)], {})
+    assert config.site == "FILE-SITE"
+
+
+def test_the_payload_environment_never_takes_the_pilot_s_settings():
+    config, _ = load(["--payload-env", "X509_CERT_DIR, SITE_NAME"], {})
+    assert config.payload_env == ("X509_CERT_DIR", "SITE_NAME")
+    with pytest.raises(ConfigError, match="never passed to payloads"):
+        load(["--payload-env", "WMS_PILOT_REGISTER_TOKEN_FILE"], {})
+    with pytest.raises(ConfigError, match="not an environment variable name"):
+        load(["--payload-env", "A=B"], {})
+
+
+def test_a_root_pilot_needs_a_payload_user():
+    config, _ = load([], {})
+    with pytest.raises(ConfigError, match="give --payload-user ACCOUNT"):
+        check_payload_user(config, 0)
+    check_payload_user(config, 1000)  # not root: its own account
+    check_payload_user(load(["--payload-user", "nobody"], {})[0], 0)

@@ -1,9 +1,10 @@
 """``manage.py pilot_registrar [--username NAME] [--name NAME]``: a token pilots register with.
 
 Creates (once) a non-staff account allowed to add pilots, gives it a new API token and prints
-the token's key, this once (only its hash is kept): give it to sites as
-``WMS_PILOT_REGISTER_TOKEN`` (docs/pilot.md). Each run makes another token (one per site, say);
-revoke one with ``manage.py api_token revoke`` or in the admin.
+the token's key, this once (only its hash is kept): give it to sites, whose pilots read it from
+a file of mode 0600 or their standard input (``--register-token-file``, docs/pilot.md). Each
+run makes another token (one per site, say); revoke one with ``manage.py api_token revoke`` or
+in the admin.
 """
 
 from django.core.management.base import BaseCommand
