@@ -300,9 +300,22 @@ WMS_FINALIZE_EVERY = env.float("WMS_FINALIZE_EVERY", default=10.0)
 WMS_KICKS_ENABLED = env.bool("WMS_KICKS_ENABLED", default=True)  # on-commit kicks of beat work
 WMS_BULK_COPY = env.bool("WMS_BULK_COPY", default=True)  # PostgreSQL COPY for bulk inserts
 
-# --- Pilots (docs/pilot-api.md) ---
-# Where a task's outputs go when it names no data_out_url: <root>/task-<id>.
+# --- Where data may live (docs/dsm.md, "Storage roots") ---
+# Every task's outputs go inside the output root, in its owner's folder <root>/<username>/,
+# in a place of its own (by default <root>/<username>/task-<id>).
 WMS_OUTPUT_ROOT = env.str("WMS_OUTPUT_ROOT", default="") or (VAR_DIR / "outputs").as_uri()
+# The URL prefixes input files may live under (comma-separated). The default holds the demo's
+# inputs (<WMS_VAR_DIR>/demo); a site names its storage.
+WMS_STORAGE_ROOTS = env.list("WMS_STORAGE_ROOTS", default=[(VAR_DIR / "demo").resolve().as_uri()])
+
+from wms.locations import LocationError, canonical_roots  # noqa: E402
+
+try:
+    canonical_roots([WMS_OUTPUT_ROOT, *WMS_STORAGE_ROOTS])
+except LocationError as _exc:
+    raise ImproperlyConfigured(f"WMS_OUTPUT_ROOT / WMS_STORAGE_ROOTS: {_exc}") from _exc
+
+# --- Pilots (docs/pilot-api.md) ---
 WMS_REAP_EVERY = env.float("WMS_REAP_EVERY", default=30.0)  # the reaper of silent pilots, s
 # The consumer of pilots' status events on the bus (<prefix>.events): a batch is applied when
 # it holds WMS_EVENTS_BATCH events or its first event waited WMS_EVENTS_MAX_WAIT seconds.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -21,12 +22,24 @@ from files.models import (
     FileStatus,
     FileType,
 )
+from files.storage import check_url_under, storage_roots
 from wms import checksums, db
 from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed
 from wms.kicks import kick
 from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
+
+
+# The WMS names each task's output dataset "<task name>.<task id>.out" (".out.r<n>" when a
+# retried task needs a new one): users may not register such names (docs/dsm.md, "Reserved
+# names"), so nobody can claim the output dataset of a task to come.
+_RESERVED_NAME = re.compile(r"\.out(\.r\d+)?\Z", re.IGNORECASE)
+
+
+def is_reserved_name(name: str) -> bool:
+    """Whether a dataset name is in the WMS's own namespace (its output datasets')."""
+    return bool(_RESERVED_NAME.search(name))
 
 
 @transaction.atomic
@@ -47,6 +60,15 @@ def dataset_register(
         raise ValidationFailed({"name": ["This field may not be blank."]})
     if role not in DatasetRole.values:
         raise ValidationFailed({"role": [f"Must be one of {DatasetRole.values}."]})
+    if (owner is not None or role != DatasetRole.OUTPUT) and is_reserved_name(name.strip()):
+        raise ValidationFailed(
+            {
+                "name": [
+                    "Names ending in '.out' (or '.out.r<n>') are reserved for the output "
+                    "datasets the WMS makes for tasks: choose another name."
+                ]
+            }
+        )
     fields: dict[str, Any] = {
         "name": name.strip(),
         "role": role,
@@ -138,8 +160,8 @@ def _kick_splitter(dataset_uid: uuid.UUID) -> None:
         kick("wms.split", task_id=task_id)
 
 
-def _clean_entry(raw: Mapping[str, Any], index: int) -> dict[str, Any]:
-    errors: dict[str, list[str]] = {}
+def _clean_entry(raw: Mapping[str, Any], index: int, roots: Sequence[str]) -> dict[str, Any]:
+    errors: dict[str, Any] = {}
     name = str(raw.get("name") or "").strip()
     if not name:
         errors["name"] = ["This field is required."]
@@ -149,18 +171,30 @@ def _clean_entry(raw: Mapping[str, Any], index: int) -> dict[str, Any]:
     check_sum = str(raw.get("check_sum") or "")
     if check_sum and not checksums.is_valid(check_sum):
         errors["check_sum"] = ["Must be '<adler32|sha256|md5>:<hex>' in lower case."]
+    url = raw.get("url") or ""
+    if url:
+        try:
+            check_url_under(url, roots, field="url", what="an allowed storage root")
+        except ValidationFailed as exc:
+            errors.update(exc.detail)
     if errors:
         raise ValidationFailed({f"files[{index}]": errors})
-    return {"name": name, "size": size, "check_sum": check_sum, "url": str(raw.get("url") or "")}
+    return {"name": name, "size": size, "check_sum": check_sum, "url": str(url)}
 
 
 @transaction.atomic
 def dataset_add_files(
-    *, dataset: Dataset, files: Iterable[Mapping[str, Any]]
+    *,
+    dataset: Dataset,
+    files: Iterable[Mapping[str, Any]],
+    url_roots: Sequence[str] | None = None,
 ) -> list[DatasetEntry]:
     """Register files in an open dataset's catalogue, all or none.
 
     A closed dataset refuses (409 ``dataset_closed``); a name already in the dataset is a 409.
+    A file's ``url`` (when given) must lie under one of ``url_roots`` (canonical URLs; by
+    default the storage roots, ``WMS_STORAGE_ROOTS``): else 400 naming ``files[i].url``, and
+    nothing is registered. A pilot's report passes the output URL of its task.
 
     Only ``dataset.pk`` and ``dataset.uid`` are used: a caller that knows them (a pilot's
     report, through ``jobs.services``) may pass an unsaved ``Dataset(pk=..., uid=...)``.
@@ -169,7 +203,8 @@ def dataset_add_files(
     entries (a name that comes back missing was already there: 409, and the savepoint undoes
     the counters); plus the read of the tasks to kick.
     """
-    cleaned = [_clean_entry(f, i) for i, f in enumerate(files)]
+    roots = storage_roots() if url_roots is None else tuple(url_roots)
+    cleaned = [_clean_entry(f, i, roots) for i, f in enumerate(files)]
     if not cleaned:
         raise ValidationFailed({"files": ["At least one file is required."]})
     names = [c["name"] for c in cleaned]

@@ -21,6 +21,7 @@ from typing import Any, TypeGuard, cast
 from wms import checksums
 from wms.contract import EVENT, FINAL_STATES, VERSION, StatusEvent
 from wms.exceptions import ValidationFailed, WMSError
+from wms.locations import LocationError, canonical_url, is_under, name_problem
 
 EVENT_STATES = ("running", *FINAL_STATES)
 OUTPUT_TYPES = ("output", "log")
@@ -124,6 +125,8 @@ def _clean_outputs(value: Any, errors: dict[str, Any]) -> list[dict[str, Any]]:
             problems["name"] = ["A non-empty string is required."]
         elif len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
             problems["name"] = [f"At most {MAX_NAME} printable characters."]
+        elif (problem := name_problem(name.strip())) is not None:
+            problems["name"] = [problem]
         ftype = item.get("type", "output")
         if ftype not in OUTPUT_TYPES:
             problems["type"] = [f"Must be one of {OUTPUT_TYPES}."]
@@ -134,8 +137,8 @@ def _clean_outputs(value: Any, errors: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(check_sum, str) or (check_sum and not checksums.is_valid(check_sum)):
             problems["check_sum"] = [CHECKSUM_MESSAGE]
         url = item.get("url", "") or ""
-        if not isinstance(url, str) or len(url) > MAX_URL:
-            problems["url"] = [f"Must be a string of at most {MAX_URL} characters."]
+        if not isinstance(url, str) or not url or len(url) > MAX_URL:
+            problems["url"] = [f"A URL of at most {MAX_URL} characters is required."]
         if not problems:
             key = (ftype, str(name).strip())
             if key in seen:
@@ -235,6 +238,24 @@ def clean_event(data: Any, *, pilot_id: int | None = None, job_uuid: Any = None)
         outputs=outputs,
         sent_at=sent_at,
     )
+
+
+def outputs_outside(ev: StatusEvent, place: str) -> ValidationFailed | None:
+    """The refusal of a final report some of whose files' URLs do not lie under its job's
+    output URL ``place`` (canonical; ``""`` when it has none), or None when all do.
+    Names were checked by :func:`clean_event` (plain relative names)."""
+    errors: list[dict[str, list[str]]] = []
+    for out in ev.outputs:
+        url = out["url"]
+        try:
+            inside = bool(place) and is_under(canonical_url(url), place)
+            problem = f"{url} is not under the job's output URL ({place or 'none'})."
+        except LocationError as exc:
+            inside, problem = False, f"Not a usable URL: {exc}"
+        errors.append({} if inside else {"url": [problem]})
+    if any(errors):
+        return ValidationFailed({"outputs": errors})
+    return None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from files.dsm import get_dsm
 from files.dsm.local import LocalDSMClient
 from files.models import Dataset, File, FileStatus, FileType
 from files.services import dataset_add_files
-from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event
+from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event, outputs_outside
 from jobs.executor import MESSAGE_COLUMNS, build_messages
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from pilots.models import CommandKind, Pilot, PilotState
@@ -48,6 +48,7 @@ from wms.exceptions import (
     WrongDevice,
 )
 from wms.kicks import kick
+from wms.locations import LocationError, canonical_url
 from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
 log = structlog.get_logger(__name__)
@@ -459,7 +460,7 @@ class _FileRow:
     dataset_uid: uuid.UUID | None = None
 
 
-_JOB_COLUMNS = ("id", "uuid", "state", "cur_retry", "retries", "task_id")
+_JOB_COLUMNS = ("id", "uuid", "state", "cur_retry", "retries", "task_id", "task__data_out_url")
 
 
 def _event_files(
@@ -506,7 +507,10 @@ def _end_attempt(att: _Attempt, ev: StatusEvent, now: Any, *, state: str | None 
 
 
 def _register_outputs(
-    files: list[_FileRow], now: Any, dataset_ids: Mapping[uuid.UUID, int | None]
+    files: list[_FileRow],
+    now: Any,
+    dataset_ids: Mapping[uuid.UUID, int | None],
+    places: Mapping[uuid.UUID, str],
 ) -> dict[tuple[uuid.UUID, str], int | None]:
     """Register the files in their tasks' output datasets through the DSM; one call per
     dataset. Returns (dataset uid, name) → local catalogue entry id (None with an external
@@ -533,7 +537,11 @@ def _register_outputs(
             dataset_id = dataset_ids.get(uid)
             if dataset_id is None:
                 raise NotFound(f"Dataset {uid} does not exist.")
-            added = dataset_add_files(dataset=Dataset(pk=dataset_id, uid=uid), files=specs)
+            added = dataset_add_files(
+                dataset=Dataset(pk=dataset_id, uid=uid),
+                files=specs,
+                url_roots=(places.get(uid) or "",),  # checked by the report already
+            )
             return [(e.pk, e.name) for e in added]
 
         for uid, group in by_dataset.items():
@@ -543,7 +551,7 @@ def _register_outputs(
             ]
             try:
                 infos = register(uid, specs)
-            except DatasetClosed as exc:
+            except (DatasetClosed, ValidationFailed) as exc:
                 log.error("outputs_not_registered", dataset_uid=str(uid), detail=str(exc.detail))
                 for f in group:
                     f.status = FileStatus.FAILED
@@ -644,6 +652,7 @@ def _apply_events(
         ).values_list(*columns):
             attempts[(row[1], row[2])] = _Attempt(*row)
 
+    places: dict[int, str] = {}  # task id → its canonical output URL
     # (target, source, reason) → job ids: one UPDATE and one log insert per group
     transitions: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     files: list[_FileRow] = []
@@ -664,6 +673,18 @@ def _apply_events(
                 Forbidden(f"Attempt {ev.attempt} of job {ev.job_uuid} is not this pilot's."),
             )
             continue
+        if ev.outputs:  # every file under the job's output URL, or the whole report refused
+            refusal = outputs_outside(ev, _place(places, job))
+            if refusal is not None:
+                log.warning(
+                    "report_outputs_refused",
+                    job_uuid=ev.job_uuid,
+                    attempt=ev.attempt,
+                    pilot_id=ev.pilot_id,
+                    detail=refusal.detail,
+                )
+                results[i] = EventOutcome.refused(ev, refusal)
+                continue
         outcome = IGNORED
         if ev.state == "running":
             if att.state == AttemptState.RUNNING and not att.ended:
@@ -773,6 +794,17 @@ def _apply_events(
         kick_finalize(_nearly_done(ended_tasks))
 
 
+def _place(places: dict[int, str], job: dict[str, Any]) -> str:
+    """The canonical output URL of a job's task ("" when it has none or it is unreadable)."""
+    task_id = job["task_id"]
+    if task_id not in places:
+        try:
+            places[task_id] = canonical_url(job["task__data_out_url"] or "")
+        except LocationError:
+            places[task_id] = ""
+    return places[task_id]
+
+
 def _store_files(files: list[_FileRow], now: Any) -> None:
     """FILE_DAT rows of reported files (one INSERT), registered in the tasks' output datasets
     (one DSM call per dataset), and the jobs' ``file_out`` / ``file_log`` (one UPDATE, two
@@ -781,18 +813,20 @@ def _store_files(files: list[_FileRow], now: Any) -> None:
     # ``http`` DSM's datasets may have none), in one query.
     local_dataset = Dataset.objects.filter(uid=OuterRef("data_out_uid")).values("id")[:1]
     dataset_ids: dict[uuid.UUID, int | None] = {}
+    places: dict[uuid.UUID, str] = {}
     out_uids: dict[int, uuid.UUID | None] = {}
-    for task_id, uid, dataset_id in (
+    for task_id, uid, dataset_id, out_url in (
         Task.objects.filter(pk__in={f.task_id for f in files})
         .annotate(out_dataset_id=Subquery(local_dataset))
-        .values_list("id", "data_out_uid", "out_dataset_id")
+        .values_list("id", "data_out_uid", "out_dataset_id", "data_out_url")
     ):
         out_uids[task_id] = uid
         if uid is not None:
             dataset_ids[uid] = dataset_id
+            places[uid] = _place({}, {"task_id": task_id, "task__data_out_url": out_url})
     for f in files:
         f.dataset_uid = out_uids.get(f.task_id)
-    entries = _register_outputs(files, now, dataset_ids)
+    entries = _register_outputs(files, now, dataset_ids, places)
     rows = File.objects.bulk_create(
         [
             File(

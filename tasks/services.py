@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
@@ -18,12 +19,14 @@ from django.utils import timezone
 
 from files.dsm import MAX_FIND, get_dsm
 from files.models import File, FileStatus, FileType
+from files.storage import check_output_place, owner_place
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from pilots.models import PilotState
 from tasks.models import ENDED_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
 from wms.choices import DeviceType, Mode, TransitionSource
-from wms.exceptions import InvalidTransition, NotFound, ValidationFailed, WMSError
+from wms.exceptions import Conflict, InvalidTransition, NotFound, ValidationFailed, WMSError
 from wms.kicks import kick
+from wms.locations import ancestors
 from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
 log = structlog.get_logger(__name__)
@@ -72,9 +75,23 @@ def task_create(
 
     The task's output dataset is registered in the DSM at once (role ``output``, named
     ``<name or "task">.<id>.out``, located at ``data_out_url``), and its uid kept in
-    ``data_out_uid``: every output and log of the task's jobs is registered there. An empty
-    ``data_out_url`` defaults to ``<WMS_OUTPUT_ROOT>/task-<id>``.
+    ``data_out_uid``: every output and log of the task's jobs is registered there. Users may
+    not register names ending in ``.out`` (``files.services.is_reserved_name``); should the
+    name be taken anyway (an external DSM has other clients), another one is picked
+    (``<name>.<id>.<random>.out``).
+
+    ``data_out_url`` must lie inside the owner's folder of the output root
+    (``<WMS_OUTPUT_ROOT>/<username>/...``, ``files.storage``) and share no file with any
+    other task's place (neither equal to, inside, nor around one): else 400 naming
+    ``data_out_url`` and nothing is written. It is stored in its canonical form. Empty, it
+    defaults to ``<WMS_OUTPUT_ROOT>/<username>/task-<id>``.
     """
+    # Task creations of one owner are serialised (the owner's row locked until commit): two
+    # of them cannot both take overlapping places. Another owner's tasks are in another folder.
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).values_list("pk").first()
+    if data_out_url:
+        data_out_url = check_output_place(data_out_url, owner=owner)
+        _check_place_free(data_out_url)
     with get_dsm() as dsm:  # the configured DSM, local or external
         datasets = resolve_inputs(
             dsm,
@@ -116,14 +133,12 @@ def task_create(
         [TaskInput(task=task, position=i, dataset_uid=ds.uid) for i, ds in enumerate(datasets)]
     )
     # The output dataset, in the DSM, named after the task (its id makes the name unique);
-    # the outputs go under data_out_url, by default a folder of the task under WMS_OUTPUT_ROOT.
+    # the outputs go under data_out_url, by default a folder of the task in its owner's.
     if not task.data_out_url:
-        task.data_out_url = f"{settings.WMS_OUTPUT_ROOT.rstrip('/')}/task-{task.pk}"
+        task.data_out_url = _default_place(owner, task.pk)
     with get_dsm() as dsm:
-        output = dsm.register_dataset(
-            f"{(task.name or 'task')[:200]}.{task.pk}.out",
-            role="output",
-            location=task.data_out_url,
+        output = _register_output_dataset(
+            dsm, f"{(task.name or 'task')[:200]}.{task.pk}", location=task.data_out_url
         )
     task.data_out_uid = output.uid
     task.save(update_fields=["data_out_url", "data_out_uid", "updated_at"])
@@ -137,6 +152,62 @@ def task_create(
     )
     kick("wms.split", task_id=task.pk)
     return task
+
+
+def _overlapping_place(place: str) -> str | None:
+    """A task's ``data_out_url`` sharing files with the canonical ``place``, or None: one
+    equal to it or to a folder around it, or inside it. One indexed-prefix query."""
+    around = ancestors(place)
+    found = (
+        Task.objects.filter(
+            Q(data_out_url__in=[*around, *(a + "/" for a in around)])
+            | Q(data_out_url__startswith=place + "/")
+        )
+        .values_list("data_out_url", flat=True)
+        .first()
+    )
+    return found
+
+
+def _check_place_free(place: str) -> None:
+    other = _overlapping_place(place)
+    if other is not None:
+        raise ValidationFailed(
+            {
+                "data_out_url": [
+                    f"{place} overlaps the output place of another task ({other}): a task's "
+                    "outputs go to a place of its own, neither inside nor around another's."
+                ]
+            }
+        )
+
+
+def _default_place(owner: User, task_id: int) -> str:
+    """``<output root>/<owner>/task-<id>``; if the owner gave that place to another task
+    already, ``task-<id>-<random>``."""
+    place = f"{owner_place(owner)}/task-{task_id}"
+    while _overlapping_place(place) is not None:
+        place = f"{owner_place(owner)}/task-{task_id}-{uuid.uuid4().hex[:8]}"
+    return place
+
+
+OUTPUT_NAME_ATTEMPTS = 5
+
+
+def _register_output_dataset(dsm: Any, base: str, *, location: str) -> Any:
+    """Register a task's output dataset ``<base>.out`` in the DSM. The name is reserved for
+    the WMS in its own catalogue, but an external DSM may hold it already (other clients):
+    then ``<base>.<random>.out``, a few times, rather than refusing the task."""
+    name = f"{base}.out"
+    for attempt in range(OUTPUT_NAME_ATTEMPTS + 1):
+        try:
+            return dsm.register_dataset(name, role="output", location=location)
+        except Conflict:
+            if attempt == OUTPUT_NAME_ATTEMPTS:
+                raise
+            log.warning("output_dataset_name_taken", name=name)
+            name = f"{base}.{uuid.uuid4().hex[:8]}.out"
+    raise AssertionError("unreachable")
 
 
 INPUT_FIELDS = ("data_in_uid", "data_in_uids", "data_in_selection")
@@ -803,9 +874,9 @@ def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
                     n = TaskTransition.objects.filter(
                         subject_id=task_id, to_state=TaskState.RUNNING
                     ).count()
-                    output = dsm.register_dataset(
+                    output = _register_output_dataset(
+                        dsm,
                         f"{(task.name or 'task')[:180]}.{task.pk}.out.r{n}",
-                        role="output",
                         location=task.data_out_url,
                     )
                     Task.objects.filter(pk=task_id).update(

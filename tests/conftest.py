@@ -1,5 +1,8 @@
 """Shared fixtures. The suite runs on the real Postgres named by DATABASE_URL (see README)."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 from rest_framework.test import APIClient
 
@@ -33,6 +36,27 @@ def _no_kicks(settings):
     pile up there: no worker of the test consumes them). End-to-end tests run real workers
     with their own control queue and turn kicks back on in the processes they start."""
     settings.WMS_KICKS_ENABLED = False
+
+
+# The storage the suite's catalogue entries name (WMS_STORAGE_ROOTS): example locations, and
+# the temporary directory where tests write real input files.
+TEST_STORAGE_ROOTS = [
+    "file:///data",
+    "file:///x",
+    "root://eos.example.org/data",
+    Path(tempfile.gettempdir()).resolve().as_uri(),
+]
+
+
+# The output root of the in-process tests (nothing is written there: no pilot runs).
+TEST_OUTPUT_ROOT = "file:///out"
+
+
+@pytest.fixture(autouse=True)
+def _storage_roots(settings):
+    """Where the suite's inputs live is a deployment's choice: these tests name theirs."""
+    settings.WMS_STORAGE_ROOTS = TEST_STORAGE_ROOTS
+    settings.WMS_OUTPUT_ROOT = TEST_OUTPUT_ROOT
 
 
 @pytest.fixture
@@ -159,13 +183,19 @@ def output_task(db, user):
     from tasks.services import task_create
     from tests.factories import DatasetFactory
 
-    return task_create(
+    from tasks.models import Task
+
+    task = task_create(
         owner=user,
         executable="wms-payload-map",
         data_in_uid=DatasetFactory().uid,
         name="reco",
         max_retries=2,
     )
+    # the tests' reports name files under file:///out (as TaskFactory's tasks have it)
+    Task.objects.filter(pk=task.pk).update(data_out_url=TEST_OUTPUT_ROOT)
+    task.data_out_url = TEST_OUTPUT_ROOT
+    return task
 
 
 @pytest.fixture

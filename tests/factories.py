@@ -65,6 +65,7 @@ class TaskFactory(factory.django.DjangoModelFactory):
     rank = 0
     data_in_uid = factory.LazyFunction(lambda: DatasetFactory.create().uid)
     name = factory.Sequence(lambda n: f"task-{n}")
+    data_out_url = "file:///out"  # where the reports of the tests' pilots put their files
 
     @factory.post_generation
     def inputs(obj, create, extracted, **kwargs):

@@ -191,7 +191,7 @@ def demo_start(
         specs.append(("gpu", DeviceType.GPU, gpu_files_per_job, gpu_args))
     tasks = []
     for label, device, per_job, args in specs:
-        out_url = (directory / "outputs" / label).resolve().as_uri() + "/"
+        # the outputs go to the task's own place in its owner's folder of WMS_OUTPUT_ROOT
         task = task_create(
             owner=owner,
             name=f"{name} {label}",
@@ -201,8 +201,6 @@ def demo_start(
             device_type=device,
             files_per_job=per_job,
             max_retries=max_retries,
-            storage_url=out_url,
-            data_out_url=out_url,
         )
         tasks.append(
             DemoTask(
@@ -210,7 +208,7 @@ def demo_start(
                 task_id=task.pk,
                 device_type=device,
                 expected_jobs=math.ceil(files / per_job),
-                output_url=out_url,
+                output_url=task.data_out_url,
             )
         )
     log.info("demo_started", run=name, task_ids=[t.task_id for t in tasks])

@@ -105,6 +105,9 @@ class StackConfig:
     devices: tuple[str, ...] = DEVICE_TYPES
     pilot_slots: int = 1
     pilot_args: tuple[str, ...] = ()  # extra flags for every pilot
+    # where the pilots may stage inputs in from (--storage-roots); empty: the children's
+    # WMS_STORAGE_ROOTS if the stack's environment sets it, else their default (<var>/demo)
+    storage_roots: tuple[str, ...] = ()
     site: str = "local"
     python: str = sys.executable
     cwd: Path = BASE_DIR
@@ -120,6 +123,7 @@ class StackConfig:
             "var_dir": Path(settings.VAR_DIR),
             "broker_url": settings.CELERY_BROKER_URL,
             "control_queue": settings.CELERY_TASK_DEFAULT_QUEUE,
+            "storage_roots": tuple(settings.WMS_STORAGE_ROOTS),
             "broker_options": {
                 k: str(v)
                 for k, v in options.items()
@@ -262,6 +266,8 @@ class Stack:
             str(work),
             "--slots",
             str(self.config.pilot_slots),
+            "--storage-roots",
+            ",".join(self.storage_roots()),
             *self.config.pilot_args,
         ]
 
@@ -283,6 +289,15 @@ class Stack:
         first, then the broker's password if its URL has one (docs/pilot.md)."""
         _, password = split_password(self.config.broker_url)
         return "".join(f"{line}\n" for line in (self.config.register_token, password) if line)
+
+    def storage_roots(self) -> tuple[str, ...]:
+        """The storage roots of the stack's pilots: the server's (what its children read)."""
+        if self.config.storage_roots:
+            return tuple(self.config.storage_roots)
+        configured = self._env_overrides.get("WMS_STORAGE_ROOTS", "")
+        if configured.strip():
+            return tuple(r.strip() for r in configured.split(",") if r.strip())
+        return ((self.config.var_dir / "demo").resolve().as_uri(),)
 
     def pilot_env(self) -> dict[str, str]:
         """The filesystem broker's folders (pilots read no Django settings). No secret: a

@@ -41,6 +41,7 @@ __all__ = [
     "FileInfo",
     "FilePage",
     "UIDLike",
+    "check_file_urls",
     "check_find_args",
     "get_dsm",
     "glob_prefix",
@@ -298,6 +299,30 @@ def check_file_specs(files: Any) -> list[Mapping[str, Any]]:
     return out
 
 
+def check_file_urls(files: Sequence[Mapping[str, Any]], roots: Sequence[str]) -> None:
+    """Every file's ``url`` (when given) lies under one of ``roots`` (canonical URLs), else
+    ``ValidationFailed`` naming ``files[i].url``: nothing is sent to the DSM."""
+    from wms.locations import LocationError, under_any
+
+    errors: dict[str, Any] = {}
+    for i, f in enumerate(files):
+        url = f.get("url") or ""
+        if not url:
+            continue
+        if not isinstance(url, str):
+            errors[f"files[{i}]"] = {"url": ["Must be a string."]}
+            continue
+        try:
+            ok = under_any(url, roots) is not None
+            problem = f"{url} is not under an allowed storage root ({', '.join(roots)})."
+        except LocationError as exc:
+            ok, problem = False, f"Not a usable URL: {exc}"
+        if not ok:
+            errors[f"files[{i}]"] = {"url": [problem]}
+    if errors:
+        raise ValidationFailed(errors)
+
+
 def iter_files(
     client: DSMClient,
     dataset_uid: UIDLike,
@@ -336,6 +361,7 @@ def get_dsm(backend: str | None = None) -> DSMClient:
         return LocalDSMClient()
     if name == "http":
         from files.dsm.http import HTTPDSMClient
+        from files.storage import output_root, storage_roots
 
         url = getattr(settings, "WMS_DSM_URL", "")
         if not url:
@@ -348,5 +374,8 @@ def get_dsm(backend: str | None = None) -> DSMClient:
             timeout=getattr(settings, "WMS_DSM_TIMEOUT", (3.05, 30.0)),
             retries=getattr(settings, "WMS_DSM_RETRIES", 3),
             backoff=getattr(settings, "WMS_DSM_BACKOFF", 0.5),
+            # inputs under the storage roots, outputs inside the output root (the client
+            # does not know a dataset's role; the report path checked the task's place)
+            url_roots=(*storage_roots(), output_root()),
         )
     raise ImproperlyConfigured(f"WMS_DSM_BACKEND must be one of {BACKENDS}, not {name!r}.")

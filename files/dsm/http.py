@@ -41,6 +41,7 @@ from files.dsm import (
     FilePage,
     UIDLike,
     check_file_specs,
+    check_file_urls,
     check_find_args,
     check_page_args,
     glob_regex,
@@ -166,12 +167,15 @@ class HTTPDSMClient(ClientBase):
         backoff_max: float = BACKOFF_MAX,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        url_roots: Sequence[str] | None = None,
     ) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"The DSM base URL must be http(s)://..., not {base_url!r}.")
         if retries < 0 or backoff < 0:
             raise ValueError("retries and backoff must not be negative.")
         self.base_url = base_url.rstrip("/")
+        # canonical URL prefixes every registered file's URL must lie under (None: no check)
+        self.url_roots = tuple(url_roots) if url_roots is not None else None
         self.timeout = _normalise_timeout(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
@@ -313,6 +317,8 @@ class HTTPDSMClient(ClientBase):
     ) -> list[FileInfo]:
         path = f"/datasets/{_uid_path(dataset_uid)}/files"
         plain = [dict(f) for f in check_file_specs(files)]
+        if self.url_roots is not None:
+            check_file_urls(plain, self.url_roots)
         body = self._request("POST", path, body={"files": plain})
         reader = _Reader(f"POST {path}")
         out = [reader.file(f) for f in reader.items(body, "files")]

@@ -39,7 +39,8 @@ from files.dsm import (
     glob_prefix,
     glob_regex,
 )
-from files.models import Dataset, DatasetEntry
+from files.models import Dataset, DatasetEntry, DatasetRole
+from files.storage import output_root, storage_roots
 from wms.exceptions import NotFound, ValidationFailed
 
 
@@ -135,8 +136,12 @@ class LocalDSMClient(ClientBase):
     def register_files(
         self, dataset_uid: UIDLike, files: Sequence[Mapping[str, Any]]
     ) -> list[FileInfo]:
+        ds = _get(dataset_uid)
+        # an input dataset's files live under the storage roots, an output dataset's inside
+        # the output root (its task's place: what a pilot's report checked already)
+        roots = storage_roots() if ds.role == DatasetRole.INPUT else (output_root(),)
         entries = services.dataset_add_files(
-            dataset=_get(dataset_uid), files=check_file_specs(files)
+            dataset=ds, files=check_file_specs(files), url_roots=roots
         )
         return [file_info(e) for e in entries]
 

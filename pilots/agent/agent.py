@@ -552,6 +552,7 @@ class Agent:
             work_root=self.work_dir,
             grace_period=self.cfg.grace_period,
             stage_in=self.cfg.stage_in,
+            storage_roots=self.cfg.storage_roots,
             sample_interval=self.sample_interval,
             extra_env={"PATH": _job_path()},
             sandbox=self.sandbox,

@@ -67,6 +67,7 @@ class PilotConfig:
     queue_type: str = "classic"
     poll_interval: float = 2.0
     stage_in: str = "inplace"
+    storage_roots: tuple[str, ...] = ()
     keep_job_dirs: bool = False
     http_timeout: float = 30.0
     register_retries: int = 10
@@ -200,6 +201,13 @@ def _names(value: Any) -> tuple[str, ...]:
             raise ValueError(f"{name}: the pilot's own settings are never passed to payloads")
     return names
 
+def _roots(value: Any) -> tuple[str, ...]:
+    """URL prefixes, comma- or space-separated (or a list), each made canonical."""
+    from wms.locations import canonical_roots
+
+    items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+    return canonical_roots(str(v) for v in items)
+
 
 def _level(value: Any) -> str:
     text = str(value).strip().upper()
@@ -271,6 +279,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue_type", _choice("classic", "quorum"), "RabbitMQ queue type, as the server's"),
     Option("poll_interval", _number(float, positive=True), "longest wait between empty polls"),
     Option("stage_in", _choice("inplace", "copy"), "file inputs: used in place or copied"),
+    Option(
+        "storage_roots",
+        _roots,
+        "URL prefixes inputs may come from, comma-separated (besides the job's own output "
+        "URL); an input elsewhere fails its job (stage_in_refused)",
+        "URLS",
+    ),
     Option("keep_job_dirs", _bool, "keep each job's work directory after its report (true/false)"),
     Option("http_timeout", _number(float, positive=True), "seconds to wait for the WMS"),
     Option("register_retries", _number(int, minimum=0), "registration attempts after the first"),

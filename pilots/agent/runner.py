@@ -45,6 +45,7 @@ from pilots.agent.logs import kv, log
 from pilots.agent.sandbox import PayloadSandbox
 from wms.checksums import bytes_checksum_stream, is_valid
 from wms.contract import JobMessage
+from wms.locations import LocationError, canonical_url, is_under, name_problem
 
 FINISHED = "finished"
 FAILED = "failed"
@@ -55,6 +56,9 @@ EXEC_FAILED = "exec_failed"
 KILLED = "killed"
 STAGE_IN_FAILED = "stage_in_failed"
 STAGE_OUT_FAILED = "stage_out_failed"
+# the pilot's own rules on where data may live (docs/pilot.md, "Where data may live")
+STAGE_IN_REFUSED = "stage_in_refused"  # an input outside the storage roots
+STAGE_OUT_REFUSED = "stage_out_refused"  # an output escaping the job's directory or output URL
 
 CHUNK = 1 << 20
 MB = 1024 * 1024
@@ -62,6 +66,12 @@ MB = 1024 * 1024
 
 class StageError(Exception):
     """A file could not be brought in or out; the message says which and why."""
+
+
+class StageRefused(StageError):
+    """A file the pilot refuses to bring in or out: it lies where data may not come from or
+    go to (outside the storage roots, a symlink out of the job's directory, a place outside
+    the job's output URL)."""
 
 
 @dataclass
@@ -105,6 +115,11 @@ def local_path(url: str, what: str) -> Path:
         f"{what}: URL scheme {parsed.scheme!r} is not supported by this pilot "
         f"(only file:// URLs and local paths): {url}"
     )
+
+
+def _real_root(root: str) -> str:
+    """A canonical ``file://`` root with its symlinks resolved (canonical again)."""
+    return canonical_url(Path(unquote(urlparse(root).path)).resolve().as_uri())
 
 
 def copy_with_checksum(src: Path, dst: Path, algorithm: str = "adler32") -> tuple[int, str]:
@@ -171,9 +186,12 @@ class JobRunner:
         sample_interval: float = 1.0,
         extra_env: dict[str, str] | None = None,
         sandbox: PayloadSandbox | None = None,
+        storage_roots: tuple[str, ...] = (),
     ) -> None:
         self.job = job
         self.sandbox = sandbox or PayloadSandbox()
+        # canonical URL prefixes inputs may come from (besides the job's own output URL)
+        self.storage_roots = tuple(storage_roots)
         self.grace_period = grace_period
         self.stage_in_mode = stage_in
         self.sample_interval = sample_interval
@@ -183,6 +201,7 @@ class JobRunner:
         self.outputs_dir = self.dir / "outputs"
         self.log_name = f"{_safe(job.job_uuid)}.{job.attempt}.log"
         self.log_path = self.dir / self.log_name
+        self._real_dir: Path | None = None
 
         self._lock = threading.RLock()
         self._kill = threading.Event()
@@ -235,6 +254,7 @@ class JobRunner:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.inputs_dir.mkdir(parents=True)
         self.outputs_dir.mkdir()
+        self._real_dir = self.dir.resolve()  # before the payload runs (it may move things)
         with open(self.log_path, "ab", buffering=0) as logfh:
             st = os.fstat(logfh.fileno())
             self._log_ident = (st.st_dev, st.st_ino)
@@ -262,6 +282,9 @@ class JobRunner:
             return self._failed(KILLED, f"killed before it started: {self._kill_reason}", logfh)
         try:
             inputs = self._stage_in(logfh)
+        except StageRefused as exc:
+            log.warning(kv("stage_in_refused", job_uuid=job.job_uuid, error=exc))
+            return self._failed(STAGE_IN_REFUSED, f"stage-in refused: {exc}", logfh)
         except (StageError, OSError) as exc:
             return self._failed(STAGE_IN_FAILED, f"stage-in failed: {exc}", logfh)
         try:
@@ -444,12 +467,45 @@ class JobRunner:
 
     # --- files in and out ----------------------------------------------------------------------
 
+    def _place(self) -> str:
+        """The job's output URL, canonical; one that cannot be read is refused."""
+        try:
+            return canonical_url(self.job.output_url)
+        except LocationError as exc:
+            raise StageRefused(f"output_url {self.job.output_url!r}: {exc}") from exc
+
+    def _input_source(self, url: str, what: str) -> Path:
+        """The local path of an input, once the pilot's rules allow it: its URL, and the file
+        it really is (symlinks followed), under a storage root or the job's own output URL
+        (a merge job reads its task's outputs); else ``StageRefused``."""
+        if not url:
+            raise StageError(f"{what}: no URL")
+        try:
+            canonical = canonical_url(url)
+            place = self._place()
+        except LocationError as exc:
+            raise StageRefused(f"{what}: {url}: {exc}") from exc
+        roots = (*self.storage_roots, place)
+        if not any(is_under(canonical, r) for r in roots):
+            raise StageRefused(
+                f"{what}: {url} is not under the pilot's storage roots "
+                f"({', '.join(self.storage_roots) or 'none configured'}) nor the job's "
+                f"output URL"
+            )
+        src = local_path(url, what)
+        real = src.resolve()
+        # the roots as they really are too (a root may itself be reached through a link)
+        real_roots = [*roots, *(_real_root(r) for r in roots if r.startswith("file:///"))]
+        if not any(is_under(canonical_url(real.as_uri()), r) for r in real_roots):
+            raise StageRefused(f"{what}: {src} is a link to {real}, outside the storage roots")
+        return real
+
     def _stage_in(self, logfh: IO[bytes]) -> list[str]:
         paths: list[str] = []
         used: set[str] = set()
         for i, f in enumerate(self.job.inputs):
             what = f"input {f.name!r}"
-            src = local_path(f.url, what)
+            src = self._input_source(f.url, what)
             if not src.is_file() or not os.access(src, os.R_OK):
                 raise StageError(f"{what}: {src} is not a readable file")
             if self.stage_in_mode != "copy":
@@ -471,23 +527,75 @@ class JobRunner:
         return paths
 
     def _output_root(self) -> Path:
+        self._place()  # an output URL that cannot be normalised is refused
         return local_path(self.job.output_url, "output_url")
+
+    def _destination(self, root: Path, name: str) -> Path:
+        """Where an output (or the log) goes: ``root/name``, which must lie under the job's
+        output URL, as written and as it really is (no link in the way); else refused."""
+        problem = name_problem(name)
+        if problem is not None:
+            raise StageRefused(f"output {name!r}: {problem}")
+        dst = root / name
+        place = self._place()
+        if not is_under(canonical_url(dst.as_uri()), place):
+            raise StageRefused(f"output {name!r}: {dst} is not under the job's output URL")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        top = self._output_root().resolve()
+        real = dst.parent.resolve() / dst.name
+        if not (real == top or top in real.parents) or dst.is_symlink():
+            raise StageRefused(f"output {name!r}: {dst} leads out of the job's output URL")
+        return dst
+
+    def _output_files(self) -> list[tuple[str, Path]]:
+        """(name, the file to copy) for every file under ``outputs/``, symlinks never
+        followed out of the job's directory: a link to a file inside it is copied as that
+        file, a link to a directory inside it is not entered, a link leading out of it (or
+        dangling) is refused (``StageRefused``)."""
+        top = self._real_dir or self.dir.resolve()
+        if self.outputs_dir.is_symlink() or self.outputs_dir.resolve().parent != top:
+            raise StageRefused(f"{self.outputs_dir} was replaced by a link out of the job's dir")
+        found: list[tuple[str, Path]] = []
+        for dirpath, dirnames, filenames in os.walk(self.outputs_dir, followlinks=False):
+            base = Path(dirpath)
+            for entry in [*dirnames, *filenames]:
+                path = base / entry
+                if not path.is_symlink():
+                    if entry in filenames and path.is_file():
+                        found.append((path.relative_to(self.outputs_dir).as_posix(), path))
+                    continue
+                real = path.resolve()
+                name = path.relative_to(self.outputs_dir).as_posix()
+                if top not in real.parents or not real.exists():
+                    raise StageRefused(
+                        f"output {name!r} is a symlink to {real}, outside the job's directory"
+                    )
+                if real.is_file():
+                    found.append((name, real))
+        return sorted(found)
 
     def _stage_out(self, result: JobResult, logfh: IO[bytes]) -> None:
         """Outputs of a finished attempt to ``<output_url>/<job_uuid>/<name>``. A failed
         attempt's outputs are left in its work directory: they are not results."""
         if result.state != FINISHED:
             return
-        files = sorted(p for p in self.outputs_dir.rglob("*") if p.is_file())
         try:
+            files = self._output_files()
             root = self._output_root() / _safe(self.job.job_uuid)
-            for path in files:
-                name = path.relative_to(self.outputs_dir).as_posix()
-                size, checksum = copy_with_checksum(path, root / name)
-                url = (root / name).as_uri()
+            for name, path in files:
+                dst = self._destination(root, name)
+                size, checksum = copy_with_checksum(path, dst)
+                url = dst.as_uri()
                 entry = {"name": name, "type": "output", "size": size, "check_sum": checksum}
                 result.outputs.append({**entry, "url": url})
                 self._note(logfh, f"stage-out: {name} -> {url} ({size} bytes, {checksum})")
+        except StageRefused as exc:
+            log.warning(kv("stage_out_refused", job_uuid=self.job.job_uuid, error=exc))
+            result.state = FAILED
+            result.error_code = STAGE_OUT_REFUSED
+            result.error_message = f"stage-out refused: {exc}"
+            result.outputs = []
+            self._note(logfh, f"FAILED {STAGE_OUT_REFUSED}: {exc}")
         except (StageError, OSError) as exc:
             result.state = FAILED
             result.error_code = STAGE_OUT_FAILED
@@ -499,13 +607,22 @@ class JobRunner:
         """The log to ``<output_url>/<job_uuid>/<attempt>/<log>``, whatever the state; if that
         fails the log stays in the work directory (kept) and the report says where."""
         try:
-            dst = self._output_root() / _safe(self.job.job_uuid) / str(self.job.attempt)
             # the payload may own the work dir: the pilot copies the file it wrote, nothing
             # the payload put in its place (a symlink to a file of the pilot's)
             st = os.lstat(self.log_path)
             if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != self._log_ident:
-                raise StageError(f"{self.log_path} was replaced by the job: not copied")
-            size, checksum = copy_with_checksum(self.log_path, dst / self.log_name)
+                raise StageRefused(f"{self.log_path} was replaced by the job: not copied")
+            root = self._output_root() / _safe(self.job.job_uuid)
+            target = self._destination(root, f"{self.job.attempt}/{self.log_name}")
+            dst = target.parent
+            size, checksum = copy_with_checksum(self.log_path, target)
+        except StageRefused as exc:
+            log.warning(kv("stage_out_refused", job_uuid=self.job.job_uuid, error=exc))
+            result.state = FAILED
+            result.error_code = STAGE_OUT_REFUSED
+            result.error_message = f"stage-out refused: {exc}"
+            result.outputs = []
+            return
         except (StageError, OSError) as exc:
             where = f"{socket.gethostname()}:{self.log_path}"
             log.warning(

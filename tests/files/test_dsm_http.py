@@ -548,7 +548,8 @@ def test_a_cursor_that_does_not_advance_stops_iter_files(dsm, server, dataset):
 
 
 @pytest.mark.django_db
-def test_local_and_http_backends_answer_alike(dsm):
+def test_local_and_http_backends_answer_alike(dsm, settings):
+    settings.WMS_OUTPUT_ROOT = "root://eos.example.org//data"  # where the output's files are
     local = LocalDSMClient()
     results = {}
     for name, client in (("local", local), ("http", dsm)):

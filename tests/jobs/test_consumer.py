@@ -74,7 +74,7 @@ def test_events_from_the_bus_are_applied_in_a_batch_and_acked(bus_prefix, output
         "type": "output",
         "size": 10,
         "check_sum": checksums.bytes_checksum(b"h"),
-        "url": "file:///x/hist.json",
+        "url": "file:///out/hist.json",
     }
     publish(
         *(
@@ -146,7 +146,9 @@ def test_a_transient_failure_requeues_the_batch(bus_prefix, output_task, setting
             "finished",
             pilot.pk,
             exit_code=0,
-            outputs=[{"name": "o", "type": "output", "size": 1, "check_sum": "", "url": ""}],
+            outputs=[
+                {"name": "o", "type": "output", "size": 1, "check_sum": "", "url": "file:///out/o"}
+            ],
         ).encode()
     )
     settings.WMS_DSM_BACKEND = "http"  # a DSM that does not answer

@@ -47,7 +47,7 @@ def _end(jobs, state=FIN) -> None:
             with get_dsm() as dsm:
                 [info] = dsm.register_files(
                     task.data_out_uid,
-                    [{"name": f"{job.uuid}/hist.json", "size": 7, "url": f"file:///o/{job.pk}"}],
+                    [{"name": f"{job.uuid}/hist.json", "size": 7, "url": f"file:///out/{job.pk}"}],
                 )
             out = File.objects.create(
                 file_name=info.name,

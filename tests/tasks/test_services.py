@@ -42,7 +42,7 @@ def test_task_create_writes_every_field(user, dataset):
         device_type="gpu",
         mode="merge",
         storage_url="file:///storage",
-        data_out_url="file:///out",
+        data_out_url=f"file:///out/{user.username}/reco-2024",
         name="reco-2024",
         files_per_job=3,
         max_retries=5,
@@ -56,7 +56,10 @@ def test_task_create_writes_every_field(user, dataset):
     assert stored.data_in_uid == dataset.uid
     assert (stored.executable, stored.args, stored.rank) == ("wms-payload-map", "--events 500", 7)
     assert (stored.device_type, stored.mode) == ("gpu", "merge")
-    assert (stored.storage_url, stored.data_out_url) == ("file:///storage", "file:///out")
+    assert (stored.storage_url, stored.data_out_url) == (
+        "file:///storage",
+        f"file:///out/{user.username}/reco-2024",
+    )
     assert (stored.name, stored.files_per_job, stored.max_retries) == ("reco-2024", 3, 5)
     assert stored.splitter_enabled is False and stored.executor_enabled is False
     assert not stored.transitions.exists()  # created in its initial state, no transition
@@ -388,7 +391,7 @@ def test_task_create_registers_its_output_dataset_in_the_dsm(user, dataset, sett
     twin = task_create(owner=user, executable="run.sh", data_in_uid=dataset.uid, name="reco")
 
     task.refresh_from_db()
-    assert task.data_out_url == f"file:///data/wms/task-{task.pk}"
+    assert task.data_out_url == f"file:///data/wms/{user.username}/task-{task.pk}"
     with get_dsm() as dsm:
         info = dsm.get_dataset(task.data_out_uid)
     assert (info.name, info.role, info.state, info.location) == (
@@ -400,15 +403,16 @@ def test_task_create_registers_its_output_dataset_in_the_dsm(user, dataset, sett
     assert twin.data_out_uid != task.data_out_uid  # same task name, distinct datasets
 
 
-def test_task_create_keeps_a_given_output_url_and_names_a_nameless_task(user, dataset):
+def test_task_create_keeps_a_given_output_url_and_names_a_nameless_task(user, dataset, settings):
     from files.models import Dataset
 
-    task = task_create(
-        owner=user, executable="run.sh", data_in_uid=dataset.uid, data_out_url="root://eos//out"
-    )
+    settings.WMS_OUTPUT_ROOT = "root://EOS.example.org//wms"
+    given = f"root://eos.example.org//wms/{user.username}//reco/./v1/"
+    task = task_create(owner=user, executable="run.sh", data_in_uid=dataset.uid, data_out_url=given)
+    place = f"root://eos.example.org/wms/{user.username}/reco/v1"  # canonical
     out = Dataset.objects.get(uid=task.data_out_uid)
-    assert (out.name, out.location) == (f"task.{task.pk}.out", "root://eos//out")
-    assert Task.objects.get(pk=task.pk).data_out_url == "root://eos//out"
+    assert (out.name, out.location) == (f"task.{task.pk}.out", place)
+    assert Task.objects.get(pk=task.pk).data_out_url == place
 
 
 def test_an_invalid_task_registers_no_output_dataset(user, dataset):

@@ -60,7 +60,8 @@ def test_demo_operator_is_one_plain_account():
 
 
 @pytest.fixture
-def run(tmp_path):
+def run(tmp_path, settings):
+    settings.WMS_OUTPUT_ROOT = tmp_path.as_uri()  # the outputs written below are under it
     return demo.demo_start(
         owner=demo_operator_ensure(), files=6, events=200, gpu_files_per_job=4, var_dir=tmp_path
     )

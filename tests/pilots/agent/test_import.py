@@ -24,7 +24,8 @@ assert main(["--print-config", "--slots", "2"]) == 0
 project = ("config", "tasks", "jobs", "files", "payloads", "wms.models", "wms.bus", "pilots.models")
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {p.split(".")[0] for p in project}
                 and not m.startswith(("pilots.agent", "wms.contract", "wms.topology",
-                                      "wms.checksums")) and m not in ("wms", "pilots"))
+                                      "wms.checksums", "wms.locations"))
+                and m not in ("wms", "pilots"))
 assert not loaded, loaded
 print("AGENT-IMPORT-OK")
 """

@@ -16,9 +16,24 @@ from tests.pilots.agent.conftest import job_message, read_json
 from tests.pilots.agent.fakewms import wait_until
 from wms.checksums import file_checksum
 from wms.contract import InputFile
+from wms.locations import canonical_roots
+
+
+# Where these tests' inputs may come from: the test's temporary directory, and the places
+# the refusals below name (so that they fail for their own reason, not for their root).
+def roots(tmp_path: Path) -> tuple[str, ...]:
+    return canonical_roots(
+        [
+            tmp_path.resolve().as_uri(),
+            "root://eos.example.org/",
+            "https://example.org/",
+            "file:///nonexistent",
+        ]
+    )
 
 
 def run(job, tmp_path: Path, **kw):
+    kw.setdefault("storage_roots", roots(tmp_path))
     runner = JobRunner(job, work_root=tmp_path / "work", sample_interval=0.05, **kw)
     return runner, runner.run()
 
