@@ -21,6 +21,7 @@ from files.models import (
     DatasetTransition,
     File,
 )
+from files.storage import check_url_under, output_root, storage_roots
 from jobs.models import Job
 from tasks.models import ACTIVE_TASK_STATES, Task
 from wms import checksums
@@ -39,7 +40,7 @@ from wms.admin import (
     run_service_action,
     state_badge,
 )
-from wms.exceptions import Conflict
+from wms.exceptions import Conflict, WMSError
 
 
 class DatasetTransitionInline(TransitionInline):
@@ -188,6 +189,17 @@ class DatasetEntryAdminForm(forms.ModelForm):
         if ds is not None and ds.state != DatasetState.OPEN:
             raise forms.ValidationError(f"Dataset {ds.name} is closed and takes no more files.")
         return ds
+
+    def clean(self):
+        cleaned = super().clean()
+        ds, url = cleaned.get("dataset"), cleaned.get("url")
+        if ds is not None and url:
+            roots = storage_roots() if ds.role == DatasetRole.INPUT else (output_root(),)
+            try:
+                check_url_under(url, roots, field="url", what="an allowed storage root")
+            except WMSError as exc:
+                self.add_error("url", exc.detail["url"])
+        return cleaned
 
 
 @admin.register(DatasetEntry)

@@ -540,10 +540,20 @@ class JobRunner:
         place = self._place()
         if not is_under(canonical_url(dst.as_uri()), place):
             raise StageRefused(f"output {name!r}: {dst} is not under the job's output URL")
-        dst.parent.mkdir(parents=True, exist_ok=True)
         top = self._output_root().resolve()
-        real = dst.parent.resolve() / dst.name
-        if not (real == top or top in real.parents) or dst.is_symlink():
+
+        def inside(path: Path) -> bool:
+            return path == top or top in path.parents
+
+        # before making any folder: the deepest one that exists must not lead elsewhere
+        existing = dst.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        real = existing.resolve()
+        if not (inside(real) or real in top.parents):
+            raise StageRefused(f"output {name!r}: {existing} leads out of the job's output URL")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not inside(dst.parent.resolve() / dst.name) or dst.is_symlink():
             raise StageRefused(f"output {name!r}: {dst} leads out of the job's output URL")
         return dst
 

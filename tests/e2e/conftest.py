@@ -64,6 +64,9 @@ def make_stack(tmp_path, bus_prefix, settings, request):
         pytest.skip("end-to-end tests run on RabbitMQ (CELERY_BROKER_URL=amqp://...)")
     stacks: list[tuple[Stack, Lines]] = []
     control = f"{bus_prefix}.control"
+    # The tests' data: inputs written under tmp_path, outputs in tmp_path/outputs/<owner>/...
+    settings.WMS_OUTPUT_ROOT = (tmp_path / "outputs").resolve().as_uri()
+    settings.WMS_STORAGE_ROOTS = [tmp_path.resolve().as_uri()]
 
     def make(*, cpu: int = 1, gpu: int = 1, slots: int = 1, env: dict | None = None, **cfg):
         token = pilot_registrar_ensure()
@@ -79,6 +82,8 @@ def make_stack(tmp_path, bus_prefix, settings, request):
             "WMS_HEARTBEAT_INTERVAL": "2",
             "WMS_LOG_FORMAT": "console",
             "DJANGO_DEBUG": "true",
+            "WMS_OUTPUT_ROOT": settings.WMS_OUTPUT_ROOT,
+            "WMS_STORAGE_ROOTS": ",".join(settings.WMS_STORAGE_ROOTS),
             **(env or {}),
         }
         config = StackConfig(

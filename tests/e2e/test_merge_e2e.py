@@ -44,7 +44,7 @@ def test_a_map_task_merged_in_groups_of_three_ends_with_one_merged_output(make_s
         dsm.register_files(info.uid, entries)
         dsm.close_dataset(info.uid, source="command")
     _stack, out = make_stack(cpu=1, gpu=0, slots=2, env={"WMS_FINALIZE_EVERY": "2"})
-    out_url = (tmp_path / "outputs").resolve().as_uri() + "/"
+    out_url = (tmp_path / "outputs" / owner.username / "run").resolve().as_uri() + "/"
     task = task_create(
         owner=owner,
         name="merge",

@@ -43,7 +43,7 @@ def _dataset(tmp_path: Path, name: str, n: int, *, seed: int = 1000):
 
 
 def _task(owner, uid, tmp_path, label, **kw):
-    out = (tmp_path / "outputs" / label).resolve().as_uri() + "/"
+    out = (tmp_path / "outputs" / owner.username / label).resolve().as_uri() + "/"
     return task_create(
         owner=owner,
         name=label,

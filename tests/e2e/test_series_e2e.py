@@ -68,7 +68,7 @@ def test_a_task_over_three_datasets_follows_the_open_one_and_ends_after_its_clos
         # B: pre-registered, empty, open. Its first files come before the task starts.
         dsm.register_files(b.uid, b_files[:2])
     _stack, out = make_stack(cpu=1, gpu=0, slots=2, env={"WMS_FINALIZE_EVERY": "1"})
-    out_url = (tmp_path / "outputs").resolve().as_uri() + "/"
+    out_url = (tmp_path / "outputs" / owner.username / "run").resolve().as_uri() + "/"
     task = task_create(
         owner=owner,
         name="series",
