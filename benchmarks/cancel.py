@@ -129,6 +129,9 @@ def main(k: int, n_pilots: int) -> None:
     with bench_database(), tempfile.TemporaryDirectory(prefix="wms-cancel-") as tmp:
         owner = get_user_model().objects.create_user("bench")
         _token, key = api_token_create(user=owner, name="bench")
+        # where this run's inputs and outputs live (the stack's children get the same below)
+        settings.WMS_STORAGE_ROOTS = [Path(tmp).resolve().as_uri()]
+        settings.WMS_OUTPUT_ROOT = (Path(tmp) / "out").resolve().as_uri()
         entries, _ = demo_inputs_write(directory=Path(tmp) / "in", files=k, events=100, base_seed=1)
         with get_dsm() as dsm:
             info = dsm.register_dataset("bench.cancel", role="input")
@@ -144,6 +147,7 @@ def main(k: int, n_pilots: int) -> None:
             pilots_per_device=n_pilots,
             pilot_slots=1,
             pilot_args=("--bus-prefix", prefix, "--heartbeat-interval", str(HEARTBEAT)),
+            storage_roots=(Path(tmp).resolve().as_uri(),),
             stop_timeout=15,
             cwd=ROOT,
         )
@@ -157,19 +161,18 @@ def main(k: int, n_pilots: int) -> None:
             "WMS_LOG_LEVEL": "INFO",
             "WMS_LOG_FORMAT": "console",
             "DJANGO_DEBUG": "true",
+            "WMS_STORAGE_ROOTS": Path(tmp).resolve().as_uri(),
+            "WMS_OUTPUT_ROOT": (Path(tmp) / "out").resolve().as_uri(),
         }
         stack = Stack(config, env=env, out=out)
         try:
             stack.start()
-            out_url = (Path(tmp) / "out").resolve().as_uri() + "/"
             task = task_create(
                 owner=owner,
                 name="bench-cancel",
                 executable="wms-payload-map",
                 args="--events 100 --sleep 600",
-                data_in_uid=info.uid,
-                data_out_url=out_url,
-                storage_url=out_url,
+                data_in_uid=info.uid,  # the outputs go to its place in <tmp>/out/bench/
                 max_retries=0,
             )
             api = requests.Session()

@@ -173,6 +173,7 @@ def run_wms(n: int, pilots: int, slots: int, work: Path, prefix: str, timeout: f
         pilots_per_device=pilots,
         pilot_slots=slots,
         pilot_args=("--bus-prefix", prefix, "--log-level", "WARNING"),
+        storage_roots=(work.resolve().as_uri(),),  # the inputs are written under work/
         python=sys.executable,
         cwd=ROOT,
         stop_timeout=30,
@@ -187,7 +188,12 @@ def run_wms(n: int, pilots: int, slots: int, work: Path, prefix: str, timeout: f
         "DJANGO_SECURE_SSL_REDIRECT": "false",  # plain HTTP on the loopback, no TLS proxy
         "DJANGO_STATIC_ROOT": str(static),
         "WMS_LOG_LEVEL": "WARNING",
+        "WMS_STORAGE_ROOTS": work.resolve().as_uri(),
+        "WMS_OUTPUT_ROOT": (work / "outputs").resolve().as_uri(),
     }
+    # this process registers the inputs and creates the task: the same roots as the stack's
+    settings.WMS_STORAGE_ROOTS = [env["WMS_STORAGE_ROOTS"]]
+    settings.WMS_OUTPUT_ROOT = env["WMS_OUTPUT_ROOT"]
     log = open(work / "stack.log", "w")  # noqa: SIM115 - closed below
     stack = Stack(config, env=env, out=log)
     pilot_ids: list[int] = []
@@ -234,8 +240,7 @@ def run_wms(n: int, pilots: int, slots: int, work: Path, prefix: str, timeout: f
             owner=owner,
             name="e2e",
             executable="wms-payload-noop",
-            data_in_uid=ds.uid,
-            data_out_url=(work / "outputs").as_uri(),
+            data_in_uid=ds.uid,  # the outputs go to its place in <work>/outputs/bench/
         )
         jobs = Job.objects.filter(task=task)
         wait_until(

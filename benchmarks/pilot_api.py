@@ -39,9 +39,10 @@ from _pilots import (
 )
 
 
-def report_body(job_uuid: str, attempt: int) -> dict:
-    """A finished attempt with one output and its log, as the agent sends it."""
-    root = f"file:///tmp/wms-bench/outputs/{job_uuid}"
+def report_body(job_uuid: str, attempt: int, output_url: str) -> dict:
+    """A finished attempt with one output and its log, as the agent sends it (under the job's
+    output URL, which the start answered)."""
+    root = f"{output_url.rstrip('/')}/{job_uuid}"
     log_name = f"{job_uuid}.{attempt}.log"
     return {
         "attempt": attempt,
@@ -80,7 +81,8 @@ def client_pairs(barrier, url: str, pilot_id: int, token: str, jobs: list[tuple[
         t, body = client.post(f"/jobs/{job_uuid}/start/", {"attempt": attempt})
         starts.append(t)
         assert body["job_uuid"] == job_uuid
-        t, body = client.post(f"/jobs/{job_uuid}/report/", report_body(job_uuid, attempt))
+        report = report_body(job_uuid, attempt, body["output_url"])
+        t, body = client.post(f"/jobs/{job_uuid}/report/", report)
         reports.append(t)
         assert body == {"job_state": "finished", "outcome": "applied"}, body
     client.close()
