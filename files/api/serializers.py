@@ -106,7 +106,11 @@ class DatasetCreateSerializer(StrictFieldsMixin, serializers.Serializer):
     """A dataset to register: a unique name, its role, where its files live, and optionally
     the uid it already has in the DSM (one is made up otherwise)."""
 
-    name = serializers.CharField(max_length=_max_length(Dataset, "name"))
+    name = serializers.CharField(
+        max_length=_max_length(Dataset, "name"),
+        help_text="Unique. Names ending in `.out` (or `.out.r<n>`) are reserved for the "
+        "output datasets the WMS makes (400).",
+    )
     role = serializers.ChoiceField(
         choices=DatasetRole.choices,
         default=DatasetRole.INPUT,
@@ -155,7 +159,11 @@ class DatasetEntryCreateSerializer(StrictFieldsMixin, serializers.Serializer):
         help_text="`adler32:<8 hex>`, `sha256:<64 hex>` or `md5:<32 hex>`, lower case.",
     )
     url = serializers.CharField(
-        max_length=_max_length(DatasetEntry, "url"), allow_blank=True, default=""
+        max_length=_max_length(DatasetEntry, "url"),
+        allow_blank=True,
+        default="",
+        help_text="Where the file lives: under one of the deployment's storage roots "
+        "(`WMS_STORAGE_ROOTS`), compared in canonical form; else 400 naming `files[i].url`.",
     )
 
     def validate_check_sum(self, value: str) -> str:

@@ -197,6 +197,14 @@ class TaskCreateSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "merge_max_level",
             "merge_on_child_failure",
         ]
+        extra_kwargs = {
+            "data_out_url": {
+                "help_text": "Where the task's outputs go: a place of the task's own inside the "
+                "owner's folder of the output root, `<WMS_OUTPUT_ROOT>/<username>/...`, "
+                "overlapping no other task's (else 400 naming data_out_url). Empty: "
+                "`<WMS_OUTPUT_ROOT>/<username>/task-<id>`. Stored in canonical form."
+            }
+        }
 
     def to_internal_value(self, data: Any) -> Any:
         return _with_input_errors(
