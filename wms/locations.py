@@ -37,8 +37,22 @@ def _bad_chars(text: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
+# A file:// URL already in canonical form but for a trailing slash (what pilots report and
+# the WMS stores): taken as it is, without the full parse (a report's hot path).
+_PLAIN_FILE = re.compile(r"file:///[A-Za-z0-9._~!$&'()*+,;=:@/-]*\Z")
+
+
 def canonical_url(url: str) -> str:
     """The canonical form of ``url`` (see the module's docstring), or ``LocationError``."""
+    if (
+        isinstance(url, str)
+        and _PLAIN_FILE.match(url)
+        and "//" not in url[7:]
+        and "/./" not in url
+        and "/../" not in url
+        and not url.endswith(("/.", "/.."))
+    ):
+        return url.rstrip("/") if len(url) > 8 else url
     if not isinstance(url, str) or not url.strip():
         raise LocationError("Must be a URL (file:///..., root://host//..., ...).")
     if len(url) > MAX_URL:
