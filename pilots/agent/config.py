@@ -201,6 +201,7 @@ def _names(value: Any) -> tuple[str, ...]:
             raise ValueError(f"{name}: the pilot's own settings are never passed to payloads")
     return names
 
+
 def _roots(value: Any) -> tuple[str, ...]:
     """URL prefixes, comma- or space-separated (or a list), each made canonical."""
     from wms.locations import canonical_roots
