@@ -122,14 +122,17 @@ def _real_root(root: str) -> str:
     return canonical_url(Path(unquote(urlparse(root).path)).resolve().as_uri())
 
 
-def copy_with_checksum(src: Path, dst: Path, algorithm: str = "adler32") -> tuple[int, str]:
+def copy_with_checksum(
+    src: Path, dst: Path, algorithm: str = "adler32", *, fin: IO[bytes] | None = None
+) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` (through a temporary file and a rename), reading it once;
-    returns (size, checksum of the content)."""
+    returns (size, checksum of the content). ``fin``: ``src`` already opened (by
+    :func:`open_inside`), read instead of opening ``src`` by its name."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     size = 0
     try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with fin or open(src, "rb") as fin, open(tmp, "wb") as fout:
 
             def chunks() -> Iterator[bytes]:
                 nonlocal size
@@ -141,7 +144,7 @@ def copy_with_checksum(src: Path, dst: Path, algorithm: str = "adler32") -> tupl
             checksum = bytes_checksum_stream(chunks(), algorithm)
             fout.flush()
             os.fsync(fout.fileno())
-        shutil.copymode(src, tmp)
+            os.chmod(tmp, stat.S_IMODE(os.fstat(fin.fileno()).st_mode))
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -150,6 +153,42 @@ def copy_with_checksum(src: Path, dst: Path, algorithm: str = "adler32") -> tupl
     if dst.stat().st_size != size:
         raise OSError(f"{dst}: {dst.stat().st_size} bytes written, {size} read")
     return size, checksum
+
+
+def open_inside(top: Path, path: Path) -> IO[bytes]:
+    """Open the regular file ``path``, which lies under the directory ``top``, following no
+    symlink on the way: each folder is opened relative to the one before with ``O_NOFOLLOW``
+    and the file itself too. A payload still running (or a process it left) that swaps a
+    folder or the file for a link after the pilot looked cannot make the pilot read
+    elsewhere (``StageRefused``)."""
+    try:
+        parts = path.relative_to(top).parts
+    except ValueError as exc:
+        raise StageRefused(f"{path} is not under {top}") from exc
+    if not parts:
+        raise StageRefused(f"{path} is the job's directory, not a file")
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    dirfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                nextfd = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=dirfd)
+            except OSError as exc:
+                raise StageRefused(f"{path}: {part} is not a folder of the job: {exc}") from exc
+            os.close(dirfd)
+            dirfd = nextfd
+        try:
+            # O_NONBLOCK: a FIFO put in the file's place must not hang the pilot
+            fd = os.open(parts[-1], nofollow | os.O_NONBLOCK, dir_fd=dirfd)
+        except OSError as exc:
+            raise StageRefused(f"{path} cannot be opened without following a link: {exc}") from exc
+    finally:
+        os.close(dirfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StageRefused(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _exit_code(returncode: int) -> int:
@@ -557,6 +596,17 @@ class JobRunner:
             raise StageRefused(f"output {name!r}: {dst} leads out of the job's output URL")
         return dst
 
+    def _open_in_job(self, path: Path) -> IO[bytes]:
+        """``path`` (under the job's directory, as named or as resolved) opened for reading
+        without following any link (:func:`open_inside`)."""
+        top = self._real_dir or self.dir.resolve()
+        if top not in path.parents:
+            try:  # named through the directory as configured, which may itself be a link
+                path = top / path.relative_to(self.dir)
+            except ValueError as exc:
+                raise StageRefused(f"{path} is not in the job's directory") from exc
+        return open_inside(top, path)
+
     def _output_files(self) -> list[tuple[str, Path]]:
         """(name, the file to copy) for every file under ``outputs/``, symlinks never
         followed out of the job's directory: a link to a file inside it is copied as that
@@ -594,7 +644,8 @@ class JobRunner:
             root = self._output_root() / _safe(self.job.job_uuid)
             for name, path in files:
                 dst = self._destination(root, name)
-                size, checksum = copy_with_checksum(path, dst)
+                fin = self._open_in_job(path)
+                size, checksum = copy_with_checksum(path, dst, fin=fin)
                 url = dst.as_uri()
                 entry = {"name": name, "type": "output", "size": size, "check_sum": checksum}
                 result.outputs.append({**entry, "url": url})
@@ -619,13 +670,22 @@ class JobRunner:
         try:
             # the payload may own the work dir: the pilot copies the file it wrote, nothing
             # the payload put in its place (a symlink to a file of the pilot's)
-            st = os.lstat(self.log_path)
-            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != self._log_ident:
+            try:
+                fin = self._open_in_job(self.log_path)
+            except StageRefused as exc:
+                raise StageRefused(f"{self.log_path} was replaced by the job: not copied") from exc
+            st = os.fstat(fin.fileno())
+            if (st.st_dev, st.st_ino) != self._log_ident:
+                fin.close()
                 raise StageRefused(f"{self.log_path} was replaced by the job: not copied")
             root = self._output_root() / _safe(self.job.job_uuid)
-            target = self._destination(root, f"{self.job.attempt}/{self.log_name}")
+            try:
+                target = self._destination(root, f"{self.job.attempt}/{self.log_name}")
+            except BaseException:
+                fin.close()
+                raise
             dst = target.parent
-            size, checksum = copy_with_checksum(self.log_path, target)
+            size, checksum = copy_with_checksum(self.log_path, target, fin=fin)
         except StageRefused as exc:
             log.warning(kv("stage_out_refused", job_uuid=self.job.job_uuid, error=exc))
             result.state = FAILED

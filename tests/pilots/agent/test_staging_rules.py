@@ -223,3 +223,42 @@ def test_storage_roots_option_from_flag_and_environment(tmp_path):
     assert cfg.storage_roots == ("file:///data/a", "file:///data/b")
     with pytest.raises(ConfigError):
         merge(flags={"storage_roots": "relative/path"})
+
+
+# --- the stage-out's open follows no link, even one planted after the pilot looked -----------
+
+
+def test_open_inside_reads_a_regular_file_of_the_job(tmp_path: Path) -> None:
+    from pilots.agent.runner import open_inside
+
+    (tmp_path / "outputs" / "sub").mkdir(parents=True)
+    (tmp_path / "outputs" / "sub" / "h.json").write_text("histogram")
+    with open_inside(tmp_path, tmp_path / "outputs" / "sub" / "h.json") as fh:
+        assert fh.read() == b"histogram"
+
+
+@pytest.mark.parametrize("swap", ["file_is_link", "folder_is_link", "fifo", "outside"])
+def test_open_inside_refuses_what_a_payload_swapped_in(
+    tmp_path: Path, secret: Path, swap: str
+) -> None:
+    """What a payload's leftover process can do between the pilot's look and its copy:
+    replace the output or one of its folders by a link to a file of the pilot's (or root's),
+    or by a FIFO that would hang the pilot. Each is refused and nothing is read."""
+    from pilots.agent.runner import StageRefused, open_inside
+
+    job = tmp_path / "job"
+    (job / "outputs").mkdir(parents=True)
+    target = job / "outputs" / "sub" / "shadow"
+    if swap == "file_is_link":
+        target.parent.mkdir()
+        target.symlink_to(secret)
+    elif swap == "folder_is_link":
+        (job / "outputs" / "sub").symlink_to(secret.parent, target_is_directory=True)
+    elif swap == "fifo":
+        target.parent.mkdir()
+        os.mkfifo(target)
+    else:
+        target = secret
+    with pytest.raises(StageRefused):
+        open_inside(job, target)
+    assert secret.read_text().startswith("root:SECRET-HASH")  # untouched, and never read
