@@ -8,7 +8,7 @@ from django.contrib.auth.models import Permission
 from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState
-from pilots.auth import pilot_by_token_hash
+from pilots.auth import pilot_bus_key, pilot_by_token_hash
 from pilots.models import Pilot, PilotState
 from pilots.services import hash_token, pilot_revoke_token
 from tests.factories import JobFactory, UserFactory, api_token
@@ -54,6 +54,7 @@ def test_a_user_allowed_to_add_pilots_registers_one(settings, bus_prefix):
     assert body == {
         "pilot_id": pilot.pk,
         "token": body["token"],
+        "bus_key": pilot_bus_key(pilot_id=pilot.pk, token_hash=hash_token(body["token"])),
         "device_type": "gpu",
         "job_queue": f"{bus_prefix}.jobs.gpu",
         "command_queue": f"{bus_prefix}.pilot.{pilot.pk}",
