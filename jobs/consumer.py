@@ -14,8 +14,9 @@ in one transaction. Messages are acknowledged only after that transaction commit
   is an HMAC-SHA256 of the exact body bytes with the signer's bus key
   (``wms.contract.event_signature_valid``); the keys of a batch's pilots are read with one
   query (``pilots.auth.pilot_bus_keys``);
-- applied, duplicate, ignored, or refused (invalid, unknown job, another pilot's attempt):
-  acked; a refused event is logged and dropped (sending it again would not help);
+- applied, duplicate, ignored, or refused (invalid, unknown job, another pilot's attempt, a
+  final report that contradicts the one applied): acked; a refused event is logged and dropped
+  (sending it again would not help);
 - a body that is not a JSON object: logged, acked (dropped), never a crash;
 - a transient failure (the database or the DSM is down): the batch is requeued and the
   consumer waits a little; the events come back and are applied later;
@@ -49,7 +50,7 @@ from jobs.services import job_events_apply
 from pilots.auth import pilot_bus_keys
 from wms import bus
 from wms.contract import EVENT_PILOT_HEADER, EVENT_SIGNATURE_HEADER, event_signature_valid
-from wms.exceptions import BrokerError, DSMError
+from wms.exceptions import BrokerError, DSMError, ReportConflict
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +71,7 @@ class BatchResult:
     received: int = 0
     applied: int = 0  # applied, duplicate or ignored
     refused: int = 0  # invalid, unknown job, another pilot's attempt: logged and dropped
+    conflicts: int = 0  # a final report unlike the one applied: logged and dropped
     unauthenticated: int = 0  # not signed by the pilot it names: logged and dropped
     malformed: int = 0  # not a JSON object: logged and dropped
     requeued: int = 0  # a transient failure: back to the queue
@@ -82,6 +84,7 @@ class BatchResult:
             self.received,
             self.applied,
             self.refused,
+            self.conflicts,
             self.unauthenticated,
             self.malformed,
             self.requeued,
@@ -96,6 +99,7 @@ _RESULT_FIELDS = (
     "received",
     "applied",
     "refused",
+    "conflicts",
     "unauthenticated",
     "malformed",
     "requeued",
@@ -197,7 +201,10 @@ def _settle(messages: list[Message], outcomes: list[Any], result: BatchResult) -
         if outcome.ok:
             result.applied += 1
         else:
-            result.refused += 1
+            if outcome.error == ReportConflict.code:
+                result.conflicts += 1
+            else:
+                result.refused += 1
             log.warning(
                 "event_refused",
                 job_uuid=outcome.job_uuid,

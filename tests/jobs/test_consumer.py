@@ -87,7 +87,7 @@ def test_events_from_the_bus_are_applied_in_a_batch_and_acked(bus_prefix, output
         2,
         0,
     )
-    assert total.unauthenticated == 0
+    assert (total.unauthenticated, total.conflicts) == (0, 0)
     assert waiting() == 0  # everything acked
     for i, a in enumerate(metrics):
         a.refresh_from_db()
@@ -150,7 +150,7 @@ def test_the_management_command_consumes_what_is_queued(bus_prefix, capsys):
     )
     call_command("consume_events", "--once")
     assert capsys.readouterr().out.strip() == (
-        "received=1 applied=1 refused=0 unauthenticated=0 malformed=0 requeued=0"
+        "received=1 applied=1 refused=0 conflicts=0 unauthenticated=0 malformed=0 requeued=0"
     )
     attempt.refresh_from_db()
     assert attempt.metrics == {"a": 1}
