@@ -169,7 +169,10 @@ def _authenticated(
     if not connection.in_atomic_block:
         close_old_connections()  # a connection the database dropped is replaced, not reused
     try:
-        keys = pilot_bus_keys({signer for _, _, signer, _ in signed})
+        keys = {  # as bytes, once per batch
+            pilot: tuple(key.encode() for key in pilot_keys)
+            for pilot, pilot_keys in pilot_bus_keys({s for _, _, s, _ in signed}).items()
+        }
     except TRANSIENT as exc:
         _requeue([m for m, _, _, _ in signed], result, exc)
         return None

@@ -58,13 +58,14 @@ def event_headers(body: bytes, *, pilot_id: int, key: str | bytes) -> dict[str, 
 
 def event_signature_valid(body: bytes, signature: object, key: str | bytes) -> bool:
     """Whether ``signature`` (a header's value) signs ``body`` with ``key``; constant time."""
-    if not isinstance(signature, str | bytes) or len(signature) != 64:
-        return False
-    if isinstance(signature, str):
-        if not signature.isascii():  # compare_digest takes ASCII strings only
+    if isinstance(signature, bytes):
+        try:
+            signature = signature.decode("ascii")
+        except UnicodeDecodeError:
             return False
-        signature = signature.encode()
-    return hmac.compare_digest(sign_event_body(body, key).encode(), signature)
+    if not isinstance(signature, str) or len(signature) != 64 or not signature.isascii():
+        return False  # compare_digest takes ASCII strings only
+    return hmac.compare_digest(sign_event_body(body, key), signature)
 
 
 class ContractError(ValueError):
