@@ -8,12 +8,14 @@ claims) and changes nothing: no job state, attempt, FILE_DAT row or catalogue en
 from __future__ import annotations
 
 import pytest
+from rest_framework.test import APIClient
 from structlog.testing import capture_logs
 
 from files.models import DatasetEntry, File, FileType
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.auth import pilot_bus_key, pilot_bus_keys
 from pilots.services import pilot_revoke_token
+from tests.factories import api_token
 from tests.jobs.pilot_reports import (
     consume_now,
     output,
@@ -231,11 +233,8 @@ def test_a_signed_but_malformed_body_is_counted_as_malformed(bus_prefix, make_pi
 def test_the_registration_returns_the_key_that_the_consumer_accepts(
     bus_prefix, admin_user, output_task
 ):
-    from rest_framework.authtoken.models import Token
-    from rest_framework.test import APIClient
-
     registrar = APIClient()
-    registrar.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    registrar.credentials(HTTP_AUTHORIZATION=f"Token {api_token(admin_user)[1]}")
     body = registrar.post(
         "/api/v1/pilots/register/", {"hostname": "wn", "device_type": "cpu"}, format="json"
     ).json()
