@@ -172,6 +172,14 @@ def make_pilots(k: int, *, slots: int = 1) -> list[tuple[int, str]]:
     return out
 
 
+def bus_key(pilot_id: int, token: str) -> str:
+    """The bus key a pilot got with its token at registration (to sign its bus events)."""
+    from pilots.auth import pilot_bus_key
+    from pilots.services import hash_token
+
+    return pilot_bus_key(pilot_id=pilot_id, token_hash=hash_token(token))
+
+
 def delete_topology(pilot_ids: Sequence[int] = ()) -> None:
     """Delete every queue and exchange of the run's prefix (server queues, command queues)."""
     from wms import bus

@@ -12,7 +12,8 @@ not timed). Each attempt then gets E ``running`` events (its metrics), E x N in 
   attempts' events to ``POST /api/v1/pilots/{id}/events/`` in batches of 1,000 (the
   endpoint's limit), against the web app under gunicorn (2 sync workers); timed until the
   last answer, every outcome checked ``applied``.
-- **bus**: the same number of ``StatusEvent`` bodies (each naming its pilot) are published to
+- **bus**: the same number of ``StatusEvent`` bodies (each naming its pilot, signed with its
+  bus key) are published to
   ``<prefix>.events`` (routing key ``event``; the run's own prefix), then K consumers (the
   workers' code, ``jobs.consumer.consume``, batches of ``WMS_EVENTS_BATCH``; each a process
   of its own, as K workers would run them) drain the queue; timed from their start to the
@@ -35,6 +36,7 @@ from _pilots import (
     PilotSession,
     WebApp,
     bench_prefix,
+    bus_key,
     delete_topology,
     make_pilots,
     make_running,
@@ -161,7 +163,7 @@ def main() -> None:
 
     from jobs.models import AttemptState, JobAttempt
     from wms import bus
-    from wms.contract import StatusEvent
+    from wms.contract import StatusEvent, event_headers
 
     if not settings.CELERY_BROKER_URL.startswith("amqp"):
         raise SystemExit("set CELERY_BROKER_URL=amqp://... (RabbitMQ)")
@@ -197,24 +199,30 @@ def main() -> None:
             topology = bus.topology()
             queue = topology.events_queue()
             topology.declare(conn, queues=[queue])
-            bodies = [
-                StatusEvent(
-                    job_uuid=job_uuid,
-                    attempt=attempt,
-                    state="running",
-                    pilot_id=pid,
-                    metrics=metrics("bus", r),
-                ).encode()
+            keys = {pid: bus_key(pid, token) for pid, token in pilots}
+            # each pilot signs its own events, as an agent publishing them would
+            signed = [
+                (body, event_headers(body, pilot_id=pid, key=keys[pid]))
                 for r in range(rounds)
                 for pid, mine in running.items()
                 for job_uuid, attempt in mine
+                for body in [
+                    StatusEvent(
+                        job_uuid=job_uuid,
+                        attempt=attempt,
+                        state="running",
+                        pilot_id=pid,
+                        metrics=metrics("bus", r),
+                    ).encode()
+                ]
             ]
             producer = Producer(conn.default_channel)
 
             def publish() -> None:
-                for body in bodies:
+                for body, headers in signed:
                     producer.publish(
                         body,
+                        headers=headers,
                         exchange=topology.events_exchange,
                         routing_key="event",
                         delivery_mode=2,

@@ -6,8 +6,17 @@ whatever came within ``WMS_EVENTS_MAX_WAIT`` seconds of a batch's first event) a
 each batch with ``jobs.services.job_events_apply``, the same function as the REST endpoints,
 in one transaction. Messages are acknowledged only after that transaction committed:
 
-- applied, duplicate, ignored, or refused (invalid, unknown job, another pilot's attempt):
-  acked; a refused event is logged and dropped (sending it again would not help);
+- a message that does not prove it comes from the pilot it names: unsigned (no
+  ``wms-pilot-id`` / ``wms-signature`` header), signed by an unknown pilot or one whose token
+  was revoked, badly signed (another key, a changed body), or naming another pilot than its
+  signer: logged with the pilot it claims, counted (``unauthenticated``), acked and dropped;
+  it changes nothing. The broker's credentials alone never speak for a pilot. The signature
+  is an HMAC-SHA256 of the exact body bytes with the signer's bus key
+  (``wms.contract.event_signature_valid``); the keys of a batch's pilots are read with one
+  query (``pilots.auth.pilot_bus_keys``);
+- applied, duplicate, ignored, or refused (invalid, unknown job, another pilot's attempt, a
+  final report that contradicts the one applied): acked; a refused event is logged and dropped
+  (sending it again would not help);
 - a body that is not a JSON object: logged, acked (dropped), never a crash;
 - a transient failure (the database or the DSM is down): the batch is requeued and the
   consumer waits a little; the events come back and are applied later;
@@ -38,8 +47,10 @@ from kombu.message import Message
 from kombu.transport.virtual import Channel as VirtualChannel
 
 from jobs.services import job_events_apply
+from pilots.auth import pilot_bus_keys
 from wms import bus
-from wms.exceptions import BrokerError, DSMError
+from wms.contract import EVENT_PILOT_HEADER, EVENT_SIGNATURE_HEADER, event_signature_valid
+from wms.exceptions import BrokerError, DSMError, ReportConflict
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +71,8 @@ class BatchResult:
     received: int = 0
     applied: int = 0  # applied, duplicate or ignored
     refused: int = 0  # invalid, unknown job, another pilot's attempt: logged and dropped
+    conflicts: int = 0  # a final report unlike the one applied: logged and dropped
+    unauthenticated: int = 0  # not signed by the pilot it names: logged and dropped
     malformed: int = 0  # not a JSON object: logged and dropped
     requeued: int = 0  # a transient failure: back to the queue
 
@@ -67,15 +80,123 @@ class BatchResult:
         return BatchResult(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
 
     def astuple(self) -> tuple[int, ...]:
-        return (self.received, self.applied, self.refused, self.malformed, self.requeued)
+        return (
+            self.received,
+            self.applied,
+            self.refused,
+            self.conflicts,
+            self.unauthenticated,
+            self.malformed,
+            self.requeued,
+        )
+
+    def describe(self) -> str:
+        """The counts as one log line's ``key=value`` words."""
+        return " ".join(f"{k}={v}" for k, v in zip(_RESULT_FIELDS, self.astuple(), strict=True))
 
 
-def _decode(message: Message) -> dict[str, Any] | None:
+_RESULT_FIELDS = (
+    "received",
+    "applied",
+    "refused",
+    "conflicts",
+    "unauthenticated",
+    "malformed",
+    "requeued",
+)
+
+
+def _body(message: Message) -> bytes:
+    body = message.body
+    return body if isinstance(body, bytes) else str(body).encode()
+
+
+def _decode(body: bytes) -> dict[str, Any] | None:
     try:
-        data = json.loads(message.body)
+        data = json.loads(body)
     except (TypeError, ValueError, UnicodeDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _header_pilot(headers: Any) -> int | None:
+    """The signer's pilot id from the message's headers (an integer, or its digits)."""
+    value = headers.get(EVENT_PILOT_HEADER) if isinstance(headers, dict) else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def _refuse_unauthenticated(
+    message: Message, body: bytes, signer: int | None, reason: str, result: BatchResult
+) -> None:
+    """Log (with the pilot the message claims to come from), count, ack and drop."""
+    data = _decode(body)
+    named = data.get("pilot_id") if data is not None else None
+    log.warning(
+        "event_unauthenticated",
+        reason=reason,
+        claimed_pilot_id=signer if signer is not None else named,
+        event_pilot_id=named,
+        job_uuid=str(data.get("job_uuid", ""))[:64] if data is not None else "",
+        state=str(data.get("state", ""))[:20] if data is not None else "",
+    )
+    result.unauthenticated += 1
+    message.ack()
+
+
+def _authenticated(
+    messages: list[Message], result: BatchResult
+) -> list[tuple[Message, dict[str, Any]]] | None:
+    """The messages that prove they come from the pilot they name, decoded; the others are
+    refused (acked, dropped) or malformed. None when the pilots' keys could not be read (the
+    batch was requeued)."""
+    signed: list[tuple[Message, bytes, int, Any]] = []
+    for message in messages:
+        headers = message.headers
+        signer = _header_pilot(headers)
+        signature = headers.get(EVENT_SIGNATURE_HEADER) if isinstance(headers, dict) else None
+        if signer is None or signature is None:
+            _refuse_unauthenticated(message, _body(message), signer, "unsigned", result)
+            continue
+        signed.append((message, _body(message), signer, signature))
+    if not signed:
+        return []
+    if not connection.in_atomic_block:
+        close_old_connections()  # a connection the database dropped is replaced, not reused
+    try:
+        keys = {  # as bytes, once per batch
+            pilot: tuple(key.encode() for key in pilot_keys)
+            for pilot, pilot_keys in pilot_bus_keys({s for _, _, s, _ in signed}).items()
+        }
+    except TRANSIENT as exc:
+        _requeue([m for m, _, _, _ in signed], result, exc)
+        return None
+    out: list[tuple[Message, dict[str, Any]]] = []
+    for message, body, signer, signature in signed:
+        pilot_keys = keys.get(signer)
+        if not pilot_keys:
+            _refuse_unauthenticated(message, body, signer, "unknown_or_revoked_pilot", result)
+            continue
+        if not any(event_signature_valid(body, signature, key) for key in pilot_keys):
+            _refuse_unauthenticated(message, body, signer, "bad_signature", result)
+            continue
+        data = _decode(body)
+        if data is None:
+            result.malformed += 1
+            log.warning("event_malformed", pilot_id=signer, body=repr(body[:200]))
+            message.ack()
+            continue
+        named = data.get("pilot_id")
+        if named != signer or isinstance(named, bool):
+            _refuse_unauthenticated(message, body, signer, "pilot_mismatch", result)
+            continue
+        out.append((message, data))
+    return out
 
 
 def _settle(messages: list[Message], outcomes: list[Any], result: BatchResult) -> None:
@@ -83,7 +204,10 @@ def _settle(messages: list[Message], outcomes: list[Any], result: BatchResult) -
         if outcome.ok:
             result.applied += 1
         else:
-            result.refused += 1
+            if outcome.error == ReportConflict.code:
+                result.conflicts += 1
+            else:
+                result.refused += 1
             log.warning(
                 "event_refused",
                 job_uuid=outcome.job_uuid,
@@ -111,21 +235,11 @@ def _ack(messages: list[Message]) -> None:
 def apply_messages(messages: list[Message]) -> BatchResult:
     """Apply one batch of event messages (the consumer's batch function); ack after commit."""
     result = BatchResult(received=len(messages))
-    events: list[dict[str, Any]] = []
-    carriers: list[Message] = []
-    for message in messages:
-        data = _decode(message)
-        if data is None:
-            result.malformed += 1
-            log.warning("event_malformed", body=repr(message.body[:200]))
-            message.ack()
-            continue
-        events.append(data)
-        carriers.append(message)
-    if not events:
+    accepted = _authenticated(messages, result)
+    if not accepted:
         return result
-    if not connection.in_atomic_block:
-        close_old_connections()  # a connection the database dropped is replaced, not reused
+    carriers = [message for message, _ in accepted]
+    events = [data for _, data in accepted]
     try:
         outcomes = job_events_apply(events=events)
     except TRANSIENT as exc:

@@ -187,6 +187,13 @@ class JobAttempt(models.Model):
     )
     kill_requested_at = models.DateTimeField(null=True, blank=True)
     kill_acked_at = models.DateTimeField(null=True, blank=True)
+    report_digest = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        help_text="sha256 of the final report that ended the attempt (state, exit and error "
+        "codes, files): a later report is a duplicate if it matches, else a conflict.",
+    )
 
     class Meta:
         ordering = ["job_id", "number"]

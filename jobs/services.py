@@ -12,6 +12,8 @@ The pilot-facing writes (docs/pilot-api.md) are:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +44,7 @@ from wms.exceptions import (
     JobNotQueued,
     NotFound,
     PilotNotLive,
+    ReportConflict,
     StaleAttempt,
     ValidationFailed,
     WMSError,
@@ -406,7 +409,7 @@ _MESSAGE_TASK_COLUMNS = ("task__data_out_url", "task__data_out_uid")
 
 
 def _raise_refused(outcome: EventOutcome) -> None:
-    for exc_class in (ValidationFailed, NotFound, Forbidden, Conflict):
+    for exc_class in (ValidationFailed, NotFound, Forbidden, ReportConflict, Conflict):
         if outcome.error == exc_class.code:
             raise exc_class(outcome.detail)
     raise WMSError(outcome.detail, code=outcome.error)
@@ -416,7 +419,8 @@ def job_report(
     *, pilot: Pilot, job_uuid: uuid.UUID | str, event: Mapping[str, Any]
 ) -> EventOutcome:
     """One status event of one job from its pilot (REST ``report``): the single-event form of
-    :func:`job_events_apply`. A refused event raises (400, 403, 404); nothing is written."""
+    :func:`job_events_apply`. A refused event raises (400, 403, 404, 409 ``report_conflict``);
+    nothing is written."""
     cleaned = clean_event(event, pilot_id=pilot.pk, job_uuid=job_uuid)  # the URL's job
     (outcome,) = job_events_apply(events=[cleaned], pilot_id=pilot.pk)
     if not outcome.ok:
@@ -433,9 +437,10 @@ class _Attempt:
     number: int
     pilot_id: int | None
     state: str
-    started_at: Any = None  # these three are read only for final reports
+    started_at: Any = None  # these four are read only for final reports
     kill_acked_at: Any = None
     metrics_updated_at: Any = None
+    report_digest: str = ""  # of the final report that ended it ("" if none did)
     metrics: dict[str, Any] = field(default_factory=dict)  # new keys, merged into the stored
     exit_code: int | None = None
     error_code: str = ""
@@ -494,7 +499,69 @@ def _event_files(
     return rows
 
 
+def _report_files(ev: StatusEvent) -> list[tuple[Any, ...]]:
+    """A final report's files as (type, name, size, checksum, URL), sorted."""
+    return sorted((o["type"], o["name"], o["size"], o["check_sum"], o["url"]) for o in ev.outputs)
+
+
+def report_digest(ev: StatusEvent) -> str:
+    """What makes a final report the same report: its state, exit code, error code and files
+    (type, name, size, checksum, URL; in any order), hashed. The metrics, the error message
+    and ``sent_at`` may differ between two sendings of one report; these may not."""
+    canonical = json.dumps(
+        [ev.state, ev.exit_code, ev.error_code, _report_files(ev)], separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _report_summary(
+    state: Any, exit_code: Any, error_code: Any, files: list[tuple[Any, ...]]
+) -> dict[str, Any]:
+    """A report as a log line shows it: at most 20 of its files."""
+    return {
+        "state": state,
+        "exit_code": exit_code,
+        "error_code": error_code,
+        "files": len(files),
+        "first_files": [list(f) for f in sorted(files)[:20]],
+    }
+
+
+def _log_conflicts(conflicts: list[tuple[StatusEvent, _Attempt]]) -> None:
+    """Log each refused report with the one applied before, read back: the attempt's end and
+    the FILE_DAT rows written with it (same ``time_end``). Two queries, only on a conflict."""
+    ended: dict[int, tuple[Any, ...]] = {
+        pk: tuple(row)
+        for pk, *row in JobAttempt.objects.filter(pk__in={a.pk for _, a in conflicts}).values_list(
+            "pk", "state", "exit_code", "error_code", "ended_at"
+        )
+    }
+    files: dict[tuple[int, Any], list[tuple[Any, ...]]] = defaultdict(list)
+    for job_id, time_end, *row in (
+        File.objects.filter(
+            job_id__in={a.job_id for _, a in conflicts},
+            time_end__in={row[3] for row in ended.values() if row[3] is not None},
+        )
+        .exclude(type=FileType.INPUT)
+        .values_list("job_id", "time_end", "type", "file_name", "size", "check_sum", "url")
+    ):
+        files[(job_id, time_end)].append(tuple(row))
+    for ev, att in conflicts:
+        state, exit_code, error_code, ended_at = ended.get(att.pk, ("", None, "", None))
+        log.warning(
+            "report_conflict",
+            job_uuid=ev.job_uuid,
+            attempt=ev.attempt,
+            pilot_id=ev.pilot_id,
+            applied=_report_summary(
+                state, exit_code, error_code, files.get((att.job_id, ended_at), [])
+            ),
+            refused=_report_summary(ev.state, ev.exit_code, ev.error_code, _report_files(ev)),
+        )
+
+
 def _end_attempt(att: _Attempt, ev: StatusEvent, now: Any, *, state: str | None = None) -> None:
+    att.report_digest = report_digest(ev)
     att.state = state or ev.state
     att.exit_code = ev.exit_code
     att.error_code = ev.error_code
@@ -586,7 +653,8 @@ def job_events_apply(
     bus consumer and the heartbeat's running metrics all come here.
 
     ``pilot_id`` is the authenticated pilot (REST): every event is its own. Without it (the
-    bus) each event names its pilot. Per event:
+    bus) each event names its pilot, whose signature the consumer checked
+    (``jobs.consumer``). Per event:
 
     - invalid → ``validation_failed``; unknown job → ``not_found``; an attempt of another
       pilot → ``permission_denied``. Nothing of a refused event is written; the others go on.
@@ -597,9 +665,11 @@ def job_events_apply(
       ``defined`` with ``cur_retry + 1`` while retries are left, else ``failed`` (``applied``).
     - a final report of an attempt cancelled with its job: its end, files (the log; outputs as
       ``partial``) and ``kill_acked_at`` are recorded, the job stays cancelled (``applied``).
-    - the same final report again → ``duplicate``; a report of an attempt that is no longer
-      running (lost, superseded) or was never started → ``ignored``. A late report never
-      moves a job backwards.
+    - the same final report again → ``duplicate``; another final report of an attempt that a
+      report already ended (other files, sizes, checksums, URLs, state, exit or error code:
+      :func:`report_digest`) → ``report_conflict``, refused and logged with both versions; a
+      report of an attempt that is no longer running (lost, superseded) or was never started
+      → ``ignored``. A late report never moves a job backwards.
 
     A batch is one transaction with a bounded number of queries, whatever its size: the jobs
     with a final event are locked (``FOR UPDATE``, in id order), attempts are read in one
@@ -645,7 +715,7 @@ def _apply_events(
         # The stored metrics are not read: new keys are merged into them by the UPDATE.
         columns = ["pk", "job_id", "number", "pilot_id", "state"]
         if final_uuids:
-            columns += ["started_at", "kill_acked_at", "metrics_updated_at"]
+            columns += ["started_at", "kill_acked_at", "metrics_updated_at", "report_digest"]
         for row in JobAttempt.objects.filter(
             **db.in_values("job_id", [j["id"] for j in jobs.values()]),
             number__in={ev.attempt for _, ev in cleaned},
@@ -658,6 +728,7 @@ def _apply_events(
     files: list[_FileRow] = []
     retried = False
     ended_tasks: set[int] = set()  # tasks of jobs that became final, or whose kill was acked
+    conflicts: list[tuple[StatusEvent, _Attempt]] = []
     for i, ev in cleaned:
         job = jobs.get(ev.job_uuid)
         if job is None:
@@ -719,7 +790,19 @@ def _apply_events(
             files.extend(_event_files(ev, job, att, finished=False))
             ended_tasks.add(job["task_id"])
             outcome = APPLIED
-        elif att.state == ev.state or (
+        elif att.report_digest:  # a final report ended it: the same one again, or another?
+            if att.report_digest != report_digest(ev):
+                conflicts.append((ev, att))
+                results[i] = EventOutcome.refused(
+                    ev,
+                    ReportConflict(
+                        f"Attempt {ev.attempt} of job {ev.job_uuid} already ended with another "
+                        "final report (files, state, exit or error code differ)."
+                    ),
+                )
+                continue
+            outcome = DUPLICATE
+        elif att.state == ev.state or (  # ended before reports were kept (report_digest)
             att.state == AttemptState.CANCELLED and att.kill_acked_at is not None
         ):
             outcome = DUPLICATE
@@ -745,6 +828,7 @@ def _apply_events(
             "metrics_updated_at",
             "ended_at",
             "kill_acked_at",
+            "report_digest",
         ),
         [
             (
@@ -757,6 +841,7 @@ def _apply_events(
                 now if a.metrics_dirty else a.metrics_updated_at,
                 a.ended_at,
                 a.kill_acked_at,
+                a.report_digest,
             )
             for a in attempts.values()
             if a.ended
@@ -786,6 +871,8 @@ def _apply_events(
         for (target, _, _), ids in transitions.items():
             counts[target] += len(ids)
         log.info("job_attempts_ended", **counts)
+    if conflicts:
+        _log_conflicts(conflicts)
     if retried:
         from jobs.tasks import kick_dispatch
 

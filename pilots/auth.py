@@ -6,21 +6,32 @@ hash cleared) or an unknown one answers 401. The authenticated request carries t
 ``request.auth`` and a :class:`PilotPrincipal` in ``request.user``: an anonymous-like user, so
 every user endpoint (``IsAuthenticated``) refuses a pilot, and a user's token never passes
 :class:`IsPilot`.
+
+On the bus a pilot signs its status events with its **bus key** (``wms.contract.event_headers``),
+returned with its token by the registration. The key is not stored: it is derived from the
+server's ``SECRET_KEY``, the pilot's id and its token's hash (:func:`pilot_bus_key`), so it
+dies with the token (revoked, or replaced by a new registration) and only the pilot and the
+server know it. The events consumer reads the keys of a batch's pilots with one query
+(:func:`pilot_bus_keys`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.db import connection
+from django.utils.crypto import salted_hmac
 from rest_framework import authentication, exceptions, permissions
 
 from pilots.models import Pilot
 
 KEYWORD = "Pilot"
+BUS_KEY_SALT = "wms.pilots.auth.bus-events"
 
 
 class PilotPrincipal(AnonymousUser):
@@ -87,6 +98,39 @@ def pilot_by_token_hash(digest: str) -> Pilot | None:
     if converters:
         (row,) = compiler.apply_converters([row], converters)
     return Pilot.from_db(connection.alias, [f.attname for f in fields], row)
+
+
+def pilot_bus_key(*, pilot_id: int, token_hash: str, secret: str | None = None) -> str:
+    """The key a pilot signs its bus events with: HMAC-SHA256 keyed by the server's secret
+    (``SECRET_KEY``, or ``secret``) of the pilot's id and token hash, in hex."""
+    return salted_hmac(
+        BUS_KEY_SALT, f"{pilot_id}|{token_hash}", secret=secret, algorithm="sha256"
+    ).hexdigest()
+
+
+def pilot_bus_keys(pilot_ids: Iterable[int]) -> dict[int, tuple[str, ...]]:
+    """The bus keys of these pilots, with one query: a pilot whose token was revoked, or that
+    does not exist, has none (its events are refused). Keys derived from the
+    ``SECRET_KEY_FALLBACKS`` follow the current one, so that rotating the secret leaves
+    running pilots a grace period."""
+    ids = set(pilot_ids)
+    if not ids:
+        return {}
+    secrets = (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
+    return {
+        pk: tuple(_bus_key(pk, digest, s) for s in secrets)
+        for pk, digest in Pilot.objects.filter(pk__in=ids, token_hash__isnull=False).values_list(
+            "pk", "token_hash"
+        )
+    }
+
+
+@functools.lru_cache(maxsize=4096)
+def _bus_key(pilot_id: int, token_hash: str, secret: str) -> str:
+    """:func:`pilot_bus_key`, remembered: a consumer sees the same pilots batch after batch.
+    The token hash is part of the cache key: a revoked or new token is never served an old
+    key (and the lookup that yields the hash runs for every batch)."""
+    return pilot_bus_key(pilot_id=pilot_id, token_hash=token_hash, secret=secret)
 
 
 def request_pilot(request: Any) -> Pilot:

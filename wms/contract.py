@@ -3,10 +3,17 @@
 Django-free on purpose: the pilot agent (``pilots/agent/``) imports this module, and so does the
 server. Every message is a JSON object with a ``v`` (contract version) and a ``kind``; ``decode_*``
 functions validate what arrives and raise ``ContractError`` with a clear reason.
+
+A status event published to the bus is signed by its pilot (:func:`event_headers`): an
+HMAC-SHA256 of the exact body bytes with the pilot's bus key (returned by its registration),
+and the pilot's id, in two message headers. The server's consumer checks them with
+:func:`event_signature_valid` before it applies anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +34,38 @@ _encoder = json.JSONEncoder(separators=(",", ":"))
 
 def _dumps(data: dict[str, Any]) -> bytes:
     return _encoder.encode(data).encode()
+
+
+# --- signed status events on the bus ----------------------------------------------------------
+
+EVENT_PILOT_HEADER = "wms-pilot-id"
+EVENT_SIGNATURE_HEADER = "wms-signature"
+
+
+def _key_bytes(key: str | bytes) -> bytes:
+    return key if isinstance(key, bytes) else key.encode()
+
+
+def sign_event_body(body: bytes, key: str | bytes) -> str:
+    """The signature of an event message: HMAC-SHA256 of the exact body bytes, in hex."""
+    return hmac.digest(_key_bytes(key), body, hashlib.sha256).hex()
+
+
+def event_headers(body: bytes, *, pilot_id: int, key: str | bytes) -> dict[str, str | int]:
+    """The headers a pilot publishes ``body`` (one encoded :class:`StatusEvent`) with."""
+    return {EVENT_PILOT_HEADER: pilot_id, EVENT_SIGNATURE_HEADER: sign_event_body(body, key)}
+
+
+def event_signature_valid(body: bytes, signature: object, key: str | bytes) -> bool:
+    """Whether ``signature`` (a header's value) signs ``body`` with ``key``; constant time."""
+    if isinstance(signature, bytes):
+        try:
+            signature = signature.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+    if not isinstance(signature, str) or len(signature) != 64 or not signature.isascii():
+        return False  # compare_digest takes ASCII strings only
+    return hmac.compare_digest(sign_event_body(body, key), signature)
 
 
 class ContractError(ValueError):

@@ -105,6 +105,14 @@ class PilotNotLive(Conflict):
     default_detail = "This pilot is terminated or lost; register again."
 
 
+class ReportConflict(Conflict):
+    """A pilot's final report of an attempt that already ended with another report (other
+    files, sizes, checksums or URLs, another state, exit code or error code)."""
+
+    code = "report_conflict"
+    default_detail = "The attempt already ended with another final report."
+
+
 class DSMError(WMSError):
     code = "dsm_error"
     status = 502

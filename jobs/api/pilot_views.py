@@ -49,10 +49,12 @@ class JobReportView(PilotProtocolView):
         description="`running`: the attempt's metrics are stored. `finished` / `failed`: the "
         "attempt ends, its files are registered (FILE_DAT and the task's output dataset), the "
         "job finishes, goes back to `defined` for a retry, or fails. The same final report "
-        "twice is a `duplicate`; a report of an attempt no longer running is `ignored`. "
+        "twice is a `duplicate`; another final report of an attempt a report already ended "
+        "(other files, sizes, checksums, URLs, state, exit or error code) is a 409 "
+        "`report_conflict`; a report of an attempt no longer running is `ignored`. "
         "403: the attempt is another pilot's.",
         request=JobReportSerializer,
-        responses={200: JobReportReplySerializer, **error_responses(400, 404)},
+        responses={200: JobReportReplySerializer, **error_responses(400, 404, 409)},
     )
     def post(self, request: Request, job_uuid: uuid.UUID) -> Response:
         serializer = JobReportSerializer(data=request.data)

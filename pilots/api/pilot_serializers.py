@@ -35,11 +35,17 @@ class PilotRegisterSerializer(StrictFieldsMixin, serializers.Serializer):
 
 
 class PilotRegistrationSerializer(serializers.Serializer):
-    """The answer to a registration. ``token`` is shown this once: only its hash is kept."""
+    """The answer to a registration. ``token`` and ``bus_key`` are shown this once: only the
+    token's hash is kept, and the key is derived from it."""
 
     pilot_id = serializers.IntegerField()
     token = serializers.CharField(
         help_text="The pilot's own token: `Authorization: Pilot <token>`."
+    )
+    bus_key = serializers.CharField(
+        help_text="The key the pilot signs the status events it publishes to the bus with "
+        "(HMAC-SHA256 of the body, header `wms-signature`, its id in `wms-pilot-id`). It "
+        "lasts as long as the token."
     )
     device_type = serializers.ChoiceField(choices=DeviceType.choices)
     job_queue = serializers.CharField(help_text="The queue of the pilot's device type.")

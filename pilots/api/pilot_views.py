@@ -25,7 +25,13 @@ from pilots.api.pilot_serializers import (
     PilotTerminatedSerializer,
     PilotTerminateSerializer,
 )
-from pilots.auth import CanRegisterPilots, IsPilot, PilotTokenAuthentication, request_pilot
+from pilots.auth import (
+    CanRegisterPilots,
+    IsPilot,
+    PilotTokenAuthentication,
+    pilot_bus_key,
+    request_pilot,
+)
 from pilots.services import pilot_heartbeat, pilot_register, pilot_source, pilot_terminate
 from wms import bus
 from wms.api import error_responses
@@ -47,8 +53,9 @@ class PilotRegisterView(APIView):
         tags=TAGS,
         summary="Register a pilot",
         description="A user with the permission `pilots.add_pilot` (staff and superusers have "
-        "it) registers a pilot. The answer carries the pilot's own token, shown this once, and "
-        "where it finds its work on the bus.",
+        "it) registers a pilot. The answer carries the pilot's own token and its bus key (to "
+        "sign the status events it publishes), shown this once, and where it finds its work "
+        "on the bus.",
         request=PilotRegisterSerializer,
         responses={201: PilotRegistrationSerializer, **error_responses(400)},
     )
@@ -62,6 +69,7 @@ class PilotRegisterView(APIView):
         body = {
             "pilot_id": pilot.pk,
             "token": token,
+            "bus_key": pilot_bus_key(pilot_id=pilot.pk, token_hash=str(pilot.token_hash)),
             "device_type": pilot.device_type,
             "job_queue": topology.job_queue_name(pilot.device_type),
             "command_queue": topology.command_queue(pilot.pk).name,

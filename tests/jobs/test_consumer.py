@@ -1,5 +1,7 @@
 """The consumer of pilots' status events on the real RabbitMQ (a namespace of the test's own):
-batches applied by the same service as the REST report, acked after commit."""
+batches applied by the same service as the REST report, acked after commit. Every event here
+is signed by its pilot; what the consumer does with unsigned and forged ones is in
+``test_bus_auth.py``."""
 
 from __future__ import annotations
 
@@ -9,53 +11,15 @@ import pytest
 from django.core.management import call_command
 
 from jobs.bootsteps import EventsConsumerStep
-from jobs.consumer import ConsumerThread, consume
+from jobs.consumer import ConsumerThread
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.services import pilot_register
 from tests.factories import JobAttemptFactory, JobFactory
-from wms import bus, checksums
+from tests.jobs.pilot_reports import consume_now, publish, signed, waiting
+from wms import checksums
 from wms.contract import StatusEvent
 
 pytestmark = pytest.mark.django_db
-
-
-def publish(*bodies: bytes | str) -> None:
-    conn = bus.new_connection()
-    try:
-        topo = bus.topology()
-        topo.declare(conn, queues=[topo.events_queue()])
-        producer = conn.Producer()
-        for body in bodies:
-            producer.publish(
-                body,
-                exchange=topo.events_exchange,
-                routing_key="event",
-                content_type="application/json",
-                content_encoding="utf-8",
-                delivery_mode=2,
-            )
-    finally:
-        conn.release()
-
-
-def waiting() -> int:
-    """Messages left in the events queue (ready or unacked)."""
-    conn = bus.new_connection()
-    try:
-        queue = bus.topology().events_queue()(conn.default_channel)
-        _name, ready, _consumers = queue.queue_declare(passive=True)
-        return ready
-    finally:
-        conn.release()
-
-
-def consume_now(**kw):
-    conn = bus.new_connection()
-    try:
-        kw.setdefault("idle_timeout", 1.0)
-        return consume(conn, **kw)
-    finally:
-        conn.release()
 
 
 def running_attempt(pilot, task=None):
@@ -78,30 +42,40 @@ def test_events_from_the_bus_are_applied_in_a_batch_and_acked(bus_prefix, output
     }
     publish(
         *(
-            StatusEvent(
-                job_uuid=str(a.job.uuid),
-                attempt=0,
-                state="running",
-                pilot_id=pilot.pk,
-                metrics={"cpu_time": float(i)},
-            ).encode()
+            signed(
+                pilot,
+                StatusEvent(
+                    job_uuid=str(a.job.uuid),
+                    attempt=0,
+                    state="running",
+                    pilot_id=pilot.pk,
+                    metrics={"cpu_time": float(i)},
+                ),
+            )
             for i, a in enumerate(metrics)
         ),
-        StatusEvent(
-            job_uuid=str(finishing.job.uuid),
-            attempt=0,
-            state="finished",
-            pilot_id=pilot.pk,
-            exit_code=0,
-            outputs=[out],
-        ).encode(),
+        signed(
+            pilot,
+            StatusEvent(
+                job_uuid=str(finishing.job.uuid),
+                attempt=0,
+                state="finished",
+                pilot_id=pilot.pk,
+                exit_code=0,
+                outputs=[out],
+            ),
+        ),
         # another pilot's attempt: refused, dropped
-        StatusEvent(
-            job_uuid=str(foreign.job.uuid), attempt=0, state="finished", pilot_id=pilot.pk
-        ).encode(),
-        b"this is not json",  # malformed: dropped, never a crash
-        b"[1, 2, 3]",
-        b'{"v": 1, "kind": "event", "job_uuid": "x"}',  # invalid event: refused
+        signed(
+            pilot,
+            StatusEvent(
+                job_uuid=str(foreign.job.uuid), attempt=0, state="finished", pilot_id=pilot.pk
+            ),
+        ),
+        signed(pilot, b"this is not json"),  # malformed: dropped, never a crash
+        signed(pilot, b"[1, 2, 3]"),
+        # invalid event: refused
+        signed(pilot, b'{"v": 1, "kind": "event", "job_uuid": "x", "pilot_id": %d}' % pilot.pk),
     )
 
     total = consume_now(batch_size=500)
@@ -113,6 +87,7 @@ def test_events_from_the_bus_are_applied_in_a_batch_and_acked(bus_prefix, output
         2,
         0,
     )
+    assert (total.unauthenticated, total.conflicts) == (0, 0)
     assert waiting() == 0  # everything acked
     for i, a in enumerate(metrics):
         a.refresh_from_db()
@@ -127,7 +102,7 @@ def test_a_full_batch_is_applied_at_once(bus_prefix):
     attempts = [running_attempt(pilot) for _ in range(7)]
     publish(
         *(
-            StatusEvent(str(a.job.uuid), 0, "running", pilot.pk, metrics={"n": 1}).encode()
+            signed(pilot, StatusEvent(str(a.job.uuid), 0, "running", pilot.pk, metrics={"n": 1}))
             for a in attempts
         )
     )
@@ -140,16 +115,25 @@ def test_a_transient_failure_requeues_the_batch(bus_prefix, output_task, setting
     pilot, _ = pilot_register(hostname="wn-dsm")
     attempt = running_attempt(pilot, output_task)
     publish(
-        StatusEvent(
-            str(attempt.job.uuid),
-            0,
-            "finished",
-            pilot.pk,
-            exit_code=0,
-            outputs=[
-                {"name": "o", "type": "output", "size": 1, "check_sum": "", "url": "file:///out/o"}
-            ],
-        ).encode()
+        signed(
+            pilot,
+            StatusEvent(
+                str(attempt.job.uuid),
+                0,
+                "finished",
+                pilot.pk,
+                exit_code=0,
+                outputs=[
+                    {
+                        "name": "o",
+                        "type": "output",
+                        "size": 1,
+                        "check_sum": "",
+                        "url": "file:///out/o",
+                    }
+                ],
+            ),
+        )
     )
     settings.WMS_DSM_BACKEND = "http"  # a DSM that does not answer
     settings.WMS_DSM_URL = "http://127.0.0.1:1"
@@ -169,9 +153,13 @@ def test_a_transient_failure_requeues_the_batch(bus_prefix, output_task, setting
 def test_the_management_command_consumes_what_is_queued(bus_prefix, capsys):
     pilot, _ = pilot_register(hostname="wn-cmd")
     attempt = running_attempt(pilot)
-    publish(StatusEvent(str(attempt.job.uuid), 0, "running", pilot.pk, metrics={"a": 1}).encode())
+    publish(
+        signed(pilot, StatusEvent(str(attempt.job.uuid), 0, "running", pilot.pk, metrics={"a": 1}))
+    )
     call_command("consume_events", "--once")
-    assert "received=1 applied=1" in capsys.readouterr().out
+    assert capsys.readouterr().out.strip() == (
+        "received=1 applied=1 refused=0 conflicts=0 unauthenticated=0 malformed=0 requeued=0"
+    )
     attempt.refresh_from_db()
     assert attempt.metrics == {"a": 1}
 
@@ -186,7 +174,9 @@ def test_the_worker_bootstep_runs_the_consumer_in_a_thread(bus_prefix, settings)
     try:
         assert isinstance(step.thread, ConsumerThread) and step.thread.is_alive()
         publish(
-            StatusEvent(str(attempt.job.uuid), 0, "running", pilot.pk, metrics={"b": 2}).encode()
+            signed(
+                pilot, StatusEvent(str(attempt.job.uuid), 0, "running", pilot.pk, metrics={"b": 2})
+            )
         )
         deadline = time.monotonic() + 20
         while JobAttempt.objects.get(pk=attempt.pk).metrics != {"b": 2}:

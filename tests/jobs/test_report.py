@@ -398,7 +398,13 @@ def test_bulk_events_one_bad_event_spoils_no_other(make_pilot, output_task):
         {"job_uuid": str(running.uuid), "attempt": 0, "state": "exploded"},
         {"job_uuid": str(missing), "attempt": 0, "state": "running"},
         {"job_uuid": str(foreign.uuid), "attempt": 0, "state": "finished", "exit_code": 0},
-        {"job_uuid": str(finishing.uuid), "attempt": 0, "state": "finished", "exit_code": 0},
+        {
+            "job_uuid": str(finishing.uuid),
+            "attempt": 0,
+            "state": "finished",
+            "exit_code": 0,
+            "outputs": [HIST],
+        },
         "not an object",
     ]
 

@@ -10,6 +10,7 @@ import pytest
 from files.models import DatasetEntry, File
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
 from tests.factories import JobFactory
+from tests.jobs.pilot_reports import signed
 from tests.jobs.test_consumer import consume_now, publish, running_attempt
 from wms import checksums
 from wms.contract import StatusEvent
@@ -195,9 +196,12 @@ def test_the_bus_refuses_and_counts_a_report_with_an_escaping_name(bus_prefix, o
     entries = DatasetEntry.objects.count()
     evil = {**GOOD, "name": "../../../etc/cron.d/evil", "url": "file:///etc/cron.d/evil"}
     publish(
-        StatusEvent(
-            str(attempt.job.uuid), 0, "finished", pilot.pk, exit_code=0, outputs=[GOOD, evil]
-        ).encode()
+        signed(
+            pilot,
+            StatusEvent(
+                str(attempt.job.uuid), 0, "finished", pilot.pk, exit_code=0, outputs=[GOOD, evil]
+            ),
+        )
     )
 
     total = consume_now(max_wait=0.1, max_batches=1)

@@ -1,5 +1,7 @@
 """The pilot protocol's doors: registration (a user token with pilots.add_pilot) and the
-pilot's own token (``Authorization: Pilot <token>``) on the pilot endpoints only."""
+pilot's own token (``Authorization: Pilot <token>``) on the pilot endpoints only, where a
+pilot speaks for itself only: on REST, an event naming another pilot, or an attempt that is
+not the caller's, is refused and changes nothing (the bus: ``tests/jobs/test_bus_auth.py``)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ from django.contrib.auth.models import Permission
 from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState
-from pilots.auth import pilot_by_token_hash
+from jobs.services import attempts_interrupt
+from pilots.auth import pilot_bus_key, pilot_by_token_hash
 from pilots.models import Pilot, PilotState
 from pilots.services import hash_token, pilot_revoke_token
 from tests.factories import JobFactory, UserFactory, api_token
+from tests.jobs.pilot_reports import output, snapshot
 
 pytestmark = pytest.mark.django_db
 
@@ -54,6 +58,7 @@ def test_a_user_allowed_to_add_pilots_registers_one(settings, bus_prefix):
     assert body == {
         "pilot_id": pilot.pk,
         "token": body["token"],
+        "bus_key": pilot_bus_key(pilot_id=pilot.pk, token_hash=hash_token(body["token"])),
         "device_type": "gpu",
         "job_queue": f"{bus_prefix}.jobs.gpu",
         "command_queue": f"{bus_prefix}.pilot.{pilot.pk}",
@@ -221,3 +226,103 @@ def test_user_endpoints_still_work(api_client, make_pilot):
     assert api_client.get(f"/api/v1/pilots/{pilot.pk}/").json()["id"] == pilot.pk
     assert api_client.get(f"/api/v1/jobs/{job.pk}/").json()["uuid"] == str(job.uuid)
     assert api_client.post(f"/api/v1/jobs/{job.pk}/cancel/", {}, format="json").status_code == 200
+
+
+# --- a pilot speaks for itself only: events naming another pilot, jobs it does not hold -----------
+
+
+def _start(client, job, attempt=0):
+    response = client.post(f"/api/v1/jobs/{job.uuid}/start/", {"attempt": attempt}, format="json")
+    assert response.status_code == 200, response.json()
+
+
+def _final(task, **kw):
+    return {"state": "finished", "exit_code": 0, "outputs": [output(task)], **kw}
+
+
+def _held_elsewhere(make_pilot, task):
+    """A job the victim runs now (attempt 1), after the intruder held attempt 0 and lost it."""
+    intruder, intruder_client = make_pilot(hostname="intruder")
+    victim, victim_client = make_pilot(hostname="victim")
+    job = JobFactory(task=task, state=JobState.QUEUED)
+    _start(intruder_client, job)
+    attempts_interrupt(
+        pilot_ids=[intruder.pk],
+        attempt_state="lost",
+        error_code="lost_heartbeat",
+        error_message="",
+        source="test",
+    )
+    Job.objects.filter(pk=job.pk).update(state=JobState.QUEUED)  # dispatched again
+    _start(victim_client, job, attempt=1)
+    return intruder, intruder_client, victim, job
+
+
+def _door(client, pilot, job, event):
+    """One event by each REST door: (status, error or outcome)."""
+    report = client.post(f"/api/v1/jobs/{job.uuid}/report/", event, format="json")
+    bulk = client.post(
+        f"/api/v1/pilots/{pilot.pk}/events/",
+        {"events": [{"job_uuid": str(job.uuid), **event}]},
+        format="json",
+    )
+    (result,) = bulk.json()["results"]
+    body = report.json()
+    return (report.status_code, body.get("error") or body.get("outcome")), (
+        bulk.status_code,
+        result.get("error") or result.get("outcome"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        # the victim's current attempt: not the intruder's
+        ({"attempt": 1}, ((403, "permission_denied"), (200, "permission_denied"))),
+        (
+            {"attempt": 1, "state": "running"},
+            ((403, "permission_denied"), (200, "permission_denied")),
+        ),
+        # naming the victim as the sender
+        (
+            {"attempt": 1, "pilot_id": "victim"},
+            ((400, "validation_failed"), (200, "validation_failed")),
+        ),
+        (
+            {"attempt": 0, "pilot_id": "victim"},
+            ((400, "validation_failed"), (200, "validation_failed")),
+        ),
+        # the intruder's own attempt, long ended by the server: ignored, never moves the job
+        ({"attempt": 0}, ((200, "ignored"), (200, "ignored"))),
+        # an attempt nobody started
+        ({"attempt": 2}, ((200, "ignored"), (200, "ignored"))),
+    ],
+)
+def test_rest_events_on_a_job_another_pilot_holds_change_nothing(
+    make_pilot, output_task, event, expected
+):
+    intruder, client, victim, job = _held_elsewhere(make_pilot, output_task)
+    if event.get("pilot_id") == "victim":
+        event = {**event, "pilot_id": victim.pk}
+    body = {**_final(output_task), **event}
+    if body["state"] == "running":
+        body = {"attempt": body["attempt"], "state": "running", "metrics": {"cpu_time": 9.0}}
+    before = snapshot()
+
+    assert _door(client, intruder, job, body) == expected
+
+    assert snapshot() == before
+    job.refresh_from_db()
+    assert (job.state, job.cur_retry, job.pilot_id) == (JobState.RUNNING, 1, victim.pk)
+
+
+def test_a_heartbeat_cannot_report_metrics_of_another_pilots_attempt(make_pilot, output_task):
+    intruder, client, _victim, job = _held_elsewhere(make_pilot, output_task)
+    before = snapshot()
+    response = client.post(
+        f"/api/v1/pilots/{intruder.pk}/heartbeat/",
+        {"state": "busy", "jobs": [{"job_uuid": str(job.uuid), "attempt": 1, "cpu_time": 5.0}]},
+        format="json",
+    )
+    assert response.status_code == 200
+    assert snapshot() == before

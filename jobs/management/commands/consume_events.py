@@ -38,9 +38,6 @@ class Command(BaseCommand):
                 total = consume(conn, stop=stop, batch_size=options["batch_size"], idle_timeout=2.0)
             finally:
                 conn.release()
-            self.stdout.write(
-                f"received={total.received} applied={total.applied} refused={total.refused} "
-                f"malformed={total.malformed} requeued={total.requeued}"
-            )
+            self.stdout.write(total.describe())
             return
         run(stop=stop, batch_size=options["batch_size"])
