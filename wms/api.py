@@ -414,6 +414,14 @@ class StrictFieldsMixin:
                 raise
             errors.update(exc.detail)
         if isinstance(data, dict) or hasattr(data, "keys"):
+            # A string's length is the one sent (the schema's maxLength), not the one left
+            # after DRF trims its whitespace.
+            for name, field in self.fields.items():  # type: ignore[attr-defined]
+                limit = getattr(field, "max_length", None) or 0
+                raw = data.get(name)
+                too_long = isinstance(raw, str) and 0 < limit < len(raw)
+                if isinstance(field, serializers.CharField) and too_long and name not in errors:
+                    errors[name] = [f"Ensure this field has no more than {limit} characters."]
             writable = {
                 name
                 for name, field in self.fields.items()  # type: ignore[attr-defined]
