@@ -4,6 +4,7 @@ import django_filters
 
 from pilots.models import Pilot, PilotState
 from wms.choices import DeviceType
+from wms.filters import text_filter
 
 
 class PilotFilter(django_filters.FilterSet):
@@ -11,6 +12,8 @@ class PilotFilter(django_filters.FilterSet):
 
     state = django_filters.MultipleChoiceFilter(choices=PilotState.choices)
     device_type = django_filters.ChoiceFilter(choices=DeviceType.choices)
+    site = text_filter(Pilot, "site")
+    hostname = text_filter(Pilot, "hostname")
 
     class Meta:
         model = Pilot
