@@ -7,10 +7,10 @@ from django.db.models import QuerySet
 from files.dsm import pattern_errors
 from files.dsm.local import name_matches
 from files.models import Dataset, DatasetRole, DatasetState, File, FileStatus, FileType
-from wms.filters import IdFilter, text_filter
+from wms.filters import FilterSet, IdFilter, text_filter
 
 
-class FileFilter(django_filters.FilterSet):
+class FileFilter(FilterSet):
     """``?job=<id>``, ``?task=<id>``, ``?type=``, ``?dataset=<uid>``, ``?status=``."""
 
     job = IdFilter(field_name="job_id", help_text="The job's id.")
@@ -30,7 +30,7 @@ def validate_name_glob(value: str) -> None:
         raise ValidationError(problems)
 
 
-class DatasetFilter(django_filters.FilterSet):
+class DatasetFilter(FilterSet):
     """``?state=``, ``?role=``, ``?name=`` (exact), ``?name__icontains=`` and ``?name__glob=``
     (the DSM's dataset selection, ``files.dsm.DSMClient.find_datasets``)."""
 

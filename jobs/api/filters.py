@@ -4,10 +4,10 @@ import django_filters
 
 from jobs.models import Job, JobState
 from wms.choices import DeviceType, Mode
-from wms.filters import IdFilter
+from wms.filters import FilterSet, IdFilter
 
 
-class JobFilter(django_filters.FilterSet):
+class JobFilter(FilterSet):
     """``?task=<id>``, ``?state=queued&state=running`` (any of), ``?device_type=``,
     ``?pilot=<id>``, ``?mode=``."""
 

@@ -4,10 +4,10 @@ import django_filters
 
 from pilots.models import Pilot, PilotState
 from wms.choices import DeviceType
-from wms.filters import text_filter
+from wms.filters import FilterSet, text_filter
 
 
-class PilotFilter(django_filters.FilterSet):
+class PilotFilter(FilterSet):
     """``?state=idle&state=busy`` (any of), ``?device_type=``, ``?site=``, ``?hostname=``."""
 
     state = django_filters.MultipleChoiceFilter(choices=PilotState.choices)

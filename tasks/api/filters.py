@@ -4,10 +4,10 @@ import django_filters
 
 from tasks.models import Task, TaskState
 from wms.choices import DeviceType, Mode
-from wms.filters import IdFilter
+from wms.filters import FilterSet, IdFilter
 
 
-class TaskFilter(django_filters.FilterSet):
+class TaskFilter(FilterSet):
     """``?state=running&state=paused`` (any of), ``?device_type=``, ``?mode=``, ``?owner=<id>``."""
 
     state = django_filters.MultipleChoiceFilter(choices=TaskState.choices)

@@ -338,3 +338,39 @@ def test_a_string_longer_than_its_max_length_before_trimming_answers_400(api_cli
     assert response.status_code == 400, response.content
     assert list(response.json()["detail"]) == ["name"]
     assert not Dataset.objects.filter(name="d").exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/jobs/cancel/", {"ids": [1], "reason": 5}, "reason"),
+        ("/api/v1/datasets/", {"name": "a", "uid": 5}, "uid"),
+        ("/api/v1/datasets/", {"name": 5}, "name"),
+        ("/api/v1/tasks/", {"executable": "x", "data_in_uids": [], "rank": "5"}, "rank"),
+    ],
+)
+def test_a_json_value_of_another_type_than_its_field_answers_400(api_client, path, body, field):
+    from files.models import Dataset
+    from tasks.models import Task
+
+    datasets = Dataset.objects.count()
+
+    response = api_client.post(path, body, format="json")
+
+    assert response.status_code == 400, response.content
+    assert field in response.json()["detail"]
+    assert Dataset.objects.count() == datasets
+    assert not Task.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "parameter"),
+    [("/api/v1/pilots/", "site"), ("/api/v1/jobs/", "task"), ("/api/v1/datasets/", "name")],
+)
+def test_a_one_value_parameter_given_twice_answers_400_naming_it(api_client, path, parameter):
+    response = api_client.get(f"{path}?{parameter}=1&{parameter}=2")
+
+    assert response.status_code == 400, response.content
+    assert list(response.json()["detail"]) == [parameter]
+    # A parameter that takes several values still does.
+    assert api_client.get("/api/v1/jobs/?state=queued&state=running").status_code == 200
