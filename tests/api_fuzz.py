@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any, cast
 
 CREDENTIALS = ("anonymous", "user", "staff", "pilot")
@@ -160,10 +162,22 @@ def main(argv: list[str] | None = None) -> int:
 
     django.setup()
     world = build_world(label=args.label)
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     failed = 0
     for credential in args.credential or CREDENTIALS:
+        # The caller's own objects for the path parameters that name one whatever the path
+        # (the pilot's id and its running job, the user's dataset): schemathesis' config.
+        config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)  # noqa: SIM115
+        with config:
+            config.write("[parameters]\n")
+            for name in ("pilot_id", "job_uuid", "uid"):
+                if name in world.path_parameters[credential]:
+                    value = world.path_parameters[credential][name]
+                    config.write(f'"path.{name}" = {json.dumps(value)}\n')
         command = [
             os.path.join(os.path.dirname(sys.executable), "schemathesis"),
+            "--config-file",
+            config.name,
             "run",
             f"{args.url.rstrip('/')}/api/schema/",
             "--checks",
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, value in world.headers[credential].items():
             command += ["--header", f"{name}: {value}"]
-        command += args.extra
+        command += extra
         print(f"== {credential}: {' '.join(command)}", flush=True)
         failed |= subprocess.call(command)
     return 1 if failed else 0

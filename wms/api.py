@@ -398,12 +398,16 @@ def _is_json_int(raw: Any) -> bool:
     return isinstance(raw, int) and not isinstance(raw, bool)
 
 
-def _raw_value_problem(field: serializers.Field, raw: Any, *, form: bool) -> str | None:
+def _raw_value_problem(field: serializers.Field, raw: Any, *, form: bool) -> Any:
     """What the schema says of a value as sent, that DRF's fields let through: a string's
     length before trimming (``maxLength``), and in JSON the type (DRF takes ``5`` for a string
     and for a uuid, ``"5"`` for an integer)."""
     if raw is None or field.read_only:
         return None
+    if isinstance(field, serializers.ListField) and isinstance(raw, list) and not form:
+        items = {i: _raw_value_problem(field.child, item, form=False) for i, item in enumerate(raw)}
+        problems = {i: [problem] for i, problem in items.items() if problem}
+        return problems or None
     if isinstance(field, serializers.CharField):
         limit = field.max_length or 0
         if not form and not isinstance(raw, str):
@@ -447,7 +451,7 @@ class StrictFieldsMixin:
             for name, field in self.fields.items():  # type: ignore[attr-defined]
                 problem = _raw_value_problem(field, data.get(name), form=not _is_json(data))
                 if problem and name not in errors:
-                    errors[name] = [problem]
+                    errors[name] = problem if isinstance(problem, dict) else [problem]
             writable = {
                 name
                 for name, field in self.fields.items()  # type: ignore[attr-defined]

@@ -112,12 +112,6 @@ class JobReportSerializer(StrictFieldsMixin, serializers.Serializer):
     sent_at = serializers.CharField(required=False, allow_blank=True, max_length=64)
 
 
-class JobStatusEventSerializer(JobReportSerializer):
-    """One event of the bulk ``events`` endpoint: a report that names its job."""
-
-    job_uuid = serializers.UUIDField()
-
-
 class JobReportReplySerializer(serializers.Serializer):
     job_state = serializers.CharField(help_text="The job's state after the report.")
     outcome = serializers.ChoiceField(

@@ -374,3 +374,18 @@ def test_a_one_value_parameter_given_twice_answers_400_naming_it(api_client, pat
     assert list(response.json()["detail"]) == [parameter]
     # A parameter that takes several values still does.
     assert api_client.get("/api/v1/jobs/?state=queued&state=running").status_code == 200
+
+
+def test_a_list_item_of_another_type_than_its_field_answers_400(make_pilot):
+    pilot, client = make_pilot()
+
+    response = client.post(
+        f"/api/v1/pilots/{pilot.pk}/heartbeat/",
+        {"state": "idle", "acked_commands": [5]},
+        format="json",
+    )
+
+    assert response.status_code == 400, response.content
+    assert response.json()["detail"] == {"acked_commands": {"0": ["Must be a valid UUID."]}}
+    pilot.refresh_from_db()
+    assert pilot.state == "registered"
