@@ -53,7 +53,6 @@ def build_world(*, label: str = "fuzz") -> World:
     ``label`` makes the names unique, so the live form can run again on the same database.
     """
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
 
     from files.models import File, FileType
     from files.services import dataset_add_files, dataset_register
@@ -62,14 +61,15 @@ def build_world(*, label: str = "fuzz") -> World:
     from tasks.services import task_create
     from tests.factories import FileFactory, JobAttemptFactory, JobFactory
     from wms import checksums
+    from wms.services import api_token_create
 
     user_model = get_user_model()
     user = user_model.objects.create_user(username=f"{label}-user", password=None)
     staff = user_model.objects.create_user(
         username=f"{label}-staff", password=None, is_staff=True, is_superuser=True
     )
-    user_token = Token.objects.create(user=user).key
-    staff_token = Token.objects.create(user=staff).key
+    _, user_token = api_token_create(user=user, name="fuzz")
+    _, staff_token = api_token_create(user=staff, name="fuzz")
 
     dataset = dataset_register(name=f"{label}.input", owner=user)
     dataset_add_files(
