@@ -401,7 +401,7 @@ def _is_json_int(raw: Any) -> bool:
 def _raw_value_problem(field: serializers.Field, raw: Any, *, form: bool) -> Any:
     """What the schema says of a value as sent, that DRF's fields let through: a string's
     length before trimming (``maxLength``), and in JSON the type (DRF takes ``5`` for a string
-    and for a uuid, ``"5"`` for an integer)."""
+    and for a uuid, ``"5"`` for an integer, ``0`` or ``"yes"`` for a boolean)."""
     if raw is None or field.read_only:
         return None
     if isinstance(field, serializers.ListField) and isinstance(raw, list) and not form:
@@ -418,6 +418,8 @@ def _raw_value_problem(field: serializers.Field, raw: Any, *, form: bool) -> Any
         return "Must be a valid UUID."
     elif isinstance(field, serializers.IntegerField) and not form and not _is_json_int(raw):
         return "A valid integer is required."
+    elif isinstance(field, serializers.BooleanField) and not form and not isinstance(raw, bool):
+        return "Must be true or false."
     return None
 
 

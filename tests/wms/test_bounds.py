@@ -347,6 +347,7 @@ def test_a_string_longer_than_its_max_length_before_trimming_answers_400(api_cli
         ("/api/v1/datasets/", {"name": "a", "uid": 5}, "uid"),
         ("/api/v1/datasets/", {"name": 5}, "name"),
         ("/api/v1/tasks/", {"executable": "x", "data_in_uids": [], "rank": "5"}, "rank"),
+        ("/api/v1/tasks/", {"executable": "x", "data_in_follow": 0}, "data_in_follow"),
     ],
 )
 def test_a_json_value_of_another_type_than_its_field_answers_400(api_client, path, body, field):
