@@ -222,6 +222,12 @@ SPECTACULAR_SETTINGS = {
         "StatusEventKindEnum": ["event"],
         "PilotCommandEnum": "pilots.models.CommandKind",
     },
+    # The answers every operation can give (413, 429, 503, ...) and the list parameters'
+    # bounds, added once to every operation (wms/schema.py).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "wms.schema.add_generic_answers",
+    ],
 }
 
 # --- Celery -------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ MAX_ERROR_MESSAGE = 64 * 1024
 MAX_METRICS_KEYS = 256
 MAX_METRICS_BYTES = 64 * 1024
 MAX_INT32 = 2**31 - 1
+MAX_SIZE = 2**63 - 1  # a file's size column is a (positive) bigint
+MAX_ID = 2**63 - 1  # a primary key (bigint)
 MAX_ATTEMPT = 32767
 
 EVENT_FIELDS = frozenset(
@@ -131,8 +133,8 @@ def _clean_outputs(value: Any, errors: dict[str, Any]) -> list[dict[str, Any]]:
         if ftype not in OUTPUT_TYPES:
             problems["type"] = [f"Must be one of {OUTPUT_TYPES}."]
         size = item.get("size", 0)
-        if not _is_int(size) or size < 0:
-            problems["size"] = ["Must be a non-negative integer."]
+        if not _is_int(size) or not 0 <= size <= MAX_SIZE:
+            problems["size"] = [f"Must be an integer from 0 to {MAX_SIZE}."]
         check_sum = item.get("check_sum", "") or ""
         if not isinstance(check_sum, str) or (check_sum and not checksums.is_valid(check_sum)):
             problems["check_sum"] = [CHECKSUM_MESSAGE]
@@ -199,8 +201,8 @@ def clean_event(data: Any, *, pilot_id: int | None = None, job_uuid: Any = None)
         errors["state"] = [f"Must be one of {EVENT_STATES}."]
 
     own_pilot = data.get("pilot_id")
-    if own_pilot is not None and not _is_int(own_pilot):
-        errors["pilot_id"] = ["Must be an integer."]
+    if own_pilot is not None and (not _is_int(own_pilot) or not 1 <= own_pilot <= MAX_ID):
+        errors["pilot_id"] = [f"Must be an integer from 1 to {MAX_ID}."]
     elif pilot_id is not None:
         if own_pilot is not None and own_pilot != pilot_id:
             errors["pilot_id"] = ["Must be the id of the pilot that sends it."]

@@ -43,7 +43,7 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError as DatabaseInterfaceError
 from django.db import OperationalError as DatabaseOperationalError
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, QueryDict
 from django.views import csrf as django_csrf
 from django.views import defaults as django_defaults
 from drf_spectacular.utils import OpenApiResponse
@@ -387,6 +387,42 @@ class StableOrderingFilter(OrderingFilter):
 # --- input ----------------------------------------------------------------------------------------
 
 
+def _is_json(data: Any) -> bool:
+    """A JSON body (a plain dict), not an HTML form's (a ``QueryDict``: every value a string)."""
+    return isinstance(data, dict) and not isinstance(data, QueryDict)
+
+
+def _is_json_int(raw: Any) -> bool:
+    if isinstance(raw, float):
+        return raw.is_integer()
+    return isinstance(raw, int) and not isinstance(raw, bool)
+
+
+def _raw_value_problem(field: serializers.Field, raw: Any, *, form: bool) -> Any:
+    """What the schema says of a value as sent, that DRF's fields let through: a string's
+    length before trimming (``maxLength``), and in JSON the type (DRF takes ``5`` for a string
+    and for a uuid, ``"5"`` for an integer, ``0`` or ``"yes"`` for a boolean)."""
+    if raw is None or field.read_only:
+        return None
+    if isinstance(field, serializers.ListField) and isinstance(raw, list) and not form:
+        items = {i: _raw_value_problem(field.child, item, form=False) for i, item in enumerate(raw)}
+        problems = {i: [problem] for i, problem in items.items() if problem}
+        return problems or None
+    if isinstance(field, serializers.CharField):
+        limit = field.max_length or 0
+        if not form and not isinstance(raw, str):
+            return "Not a valid string."
+        if isinstance(raw, str) and 0 < limit < len(raw):
+            return f"Ensure this field has no more than {limit} characters."
+    elif isinstance(field, serializers.UUIDField) and not form and not isinstance(raw, str):
+        return "Must be a valid UUID."
+    elif isinstance(field, serializers.IntegerField) and not form and not _is_json_int(raw):
+        return "A valid integer is required."
+    elif isinstance(field, serializers.BooleanField) and not form and not isinstance(raw, bool):
+        return "Must be true or false."
+    return None
+
+
 class StrictFieldsMixin:
     """For input serializers: they validate, services write.
 
@@ -414,6 +450,10 @@ class StrictFieldsMixin:
                 raise
             errors.update(exc.detail)
         if isinstance(data, dict) or hasattr(data, "keys"):
+            for name, field in self.fields.items():  # type: ignore[attr-defined]
+                problem = _raw_value_problem(field, data.get(name), form=not _is_json(data))
+                if problem and name not in errors:
+                    errors[name] = problem if isinstance(problem, dict) else [problem]
             writable = {
                 name
                 for name, field in self.fields.items()  # type: ignore[attr-defined]

@@ -7,13 +7,14 @@ from django.db.models import QuerySet
 from files.dsm import pattern_errors
 from files.dsm.local import name_matches
 from files.models import Dataset, DatasetRole, DatasetState, File, FileStatus, FileType
+from wms.filters import FilterSet, IdFilter, text_filter
 
 
-class FileFilter(django_filters.FilterSet):
+class FileFilter(FilterSet):
     """``?job=<id>``, ``?task=<id>``, ``?type=``, ``?dataset=<uid>``, ``?status=``."""
 
-    job = django_filters.NumberFilter(field_name="job_id", help_text="The job's id.")
-    task = django_filters.NumberFilter(field_name="task_id", help_text="The task's id.")
+    job = IdFilter(field_name="job_id", help_text="The job's id.")
+    task = IdFilter(field_name="task_id", help_text="The task's id.")
     type = django_filters.ChoiceFilter(choices=FileType.choices)
     dataset = django_filters.UUIDFilter(field_name="dataset__uid", help_text="The dataset's uid.")
     status = django_filters.ChoiceFilter(choices=FileStatus.choices)
@@ -29,13 +30,19 @@ def validate_name_glob(value: str) -> None:
         raise ValidationError(problems)
 
 
-class DatasetFilter(django_filters.FilterSet):
+class DatasetFilter(FilterSet):
     """``?state=``, ``?role=``, ``?name=`` (exact), ``?name__icontains=`` and ``?name__glob=``
     (the DSM's dataset selection, ``files.dsm.DSMClient.find_datasets``)."""
 
     state = django_filters.ChoiceFilter(choices=DatasetState.choices)
     role = django_filters.ChoiceFilter(choices=DatasetRole.choices)
-    name__glob = django_filters.CharFilter(
+    name = text_filter(Dataset, "name", help_text="The whole name.")
+    name__icontains = text_filter(
+        Dataset, "name", lookup_expr="icontains", help_text="A part of the name, any case."
+    )
+    name__glob = text_filter(
+        Dataset,
+        "name",
         method="filter_name_glob",
         strip=False,  # the glob as given, like find_datasets (a blank one is refused)
         validators=[validate_name_glob],
@@ -49,4 +56,4 @@ class DatasetFilter(django_filters.FilterSet):
 
     class Meta:
         model = Dataset
-        fields = {"name": ["exact", "icontains"]}
+        fields = ["state", "role", "name", "name__icontains", "name__glob"]

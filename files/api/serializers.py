@@ -36,7 +36,7 @@ class FileSerializer(serializers.ModelSerializer):
     """
 
     dataset: serializers.SlugRelatedField[Dataset] = serializers.SlugRelatedField(
-        slug_field="uid", read_only=True
+        slug_field="uid", read_only=True, allow_null=True
     )
 
     class Meta:

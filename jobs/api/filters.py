@@ -4,16 +4,17 @@ import django_filters
 
 from jobs.models import Job, JobState
 from wms.choices import DeviceType, Mode
+from wms.filters import FilterSet, IdFilter
 
 
-class JobFilter(django_filters.FilterSet):
+class JobFilter(FilterSet):
     """``?task=<id>``, ``?state=queued&state=running`` (any of), ``?device_type=``,
     ``?pilot=<id>``, ``?mode=``."""
 
-    task = django_filters.NumberFilter(field_name="task_id", help_text="The task's id.")
+    task = IdFilter(field_name="task_id", help_text="The task's id.")
     state = django_filters.MultipleChoiceFilter(choices=JobState.choices)
     device_type = django_filters.ChoiceFilter(choices=DeviceType.choices)
-    pilot = django_filters.NumberFilter(field_name="pilot_id", help_text="The pilot's id.")
+    pilot = IdFilter(field_name="pilot_id", help_text="The pilot's id.")
     mode = django_filters.ChoiceFilter(choices=Mode.choices)
 
     class Meta:

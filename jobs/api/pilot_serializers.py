@@ -13,8 +13,11 @@ from jobs.events import (
     EVENT_STATES,
     MAX_ERROR_CODE,
     MAX_ERROR_MESSAGE,
+    MAX_ID,
+    MAX_INT32,
     MAX_NAME,
     MAX_OUTPUTS,
+    MAX_SIZE,
     MAX_URL,
     OUTCOMES,
     OUTPUT_TYPES,
@@ -65,7 +68,7 @@ class JobOutputFileSerializer(StrictFieldsMixin, serializers.Serializer):
 
     name = serializers.CharField(max_length=MAX_NAME)
     type = serializers.ChoiceField(choices=list(OUTPUT_TYPES), default="output")
-    size = serializers.IntegerField(min_value=0, default=0)
+    size = serializers.IntegerField(min_value=0, max_value=MAX_SIZE, default=0)
     check_sum = serializers.CharField(
         max_length=80, allow_blank=True, default="", help_text="`adler32:<8 hex>` or `sha256:…`"
     )
@@ -85,7 +88,9 @@ class JobReportSerializer(StrictFieldsMixin, serializers.Serializer):
 
     attempt = serializers.IntegerField(min_value=0, max_value=32767)
     state = serializers.ChoiceField(choices=list(EVENT_STATES))
-    exit_code = serializers.IntegerField(required=False, allow_null=True, default=None)
+    exit_code = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=-MAX_INT32, max_value=MAX_INT32
+    )
     error_code = serializers.CharField(
         required=False, allow_blank=True, max_length=MAX_ERROR_CODE, default=""
     )
@@ -103,14 +108,8 @@ class JobReportSerializer(StrictFieldsMixin, serializers.Serializer):
     v = serializers.IntegerField(required=False, min_value=VERSION, max_value=VERSION)
     kind = serializers.ChoiceField(choices=["event"], required=False)
     job_uuid = serializers.UUIDField(required=False)
-    pilot_id = serializers.IntegerField(required=False)
+    pilot_id = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
     sent_at = serializers.CharField(required=False, allow_blank=True, max_length=64)
-
-
-class JobStatusEventSerializer(JobReportSerializer):
-    """One event of the bulk ``events`` endpoint: a report that names its job."""
-
-    job_uuid = serializers.UUIDField()
 
 
 class JobReportReplySerializer(serializers.Serializer):

@@ -10,7 +10,6 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from jobs.api.pilot_serializers import JobStatusEventSerializer
 from jobs.events import OUTCOMES
 from pilots.models import CommandKind
 from pilots.services import REPORTED_STATES
@@ -129,7 +128,16 @@ class PilotTerminatedSerializer(serializers.Serializer):
     )
 
 
-@extend_schema_field(JobStatusEventSerializer(many=True))
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {
+            "description": "A status event: the body of `POST /api/v1/jobs/{uuid}/report/` "
+            "(JobReportRequest) with its `job_uuid`. Each is validated on its own: an invalid "
+            "one gets its error in `results`, the others are applied."
+        },
+    }
+)
 class StatusEventListField(serializers.ListField):
     """Events are validated one by one by the service: one bad event spoils no other."""
 

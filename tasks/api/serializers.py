@@ -131,9 +131,16 @@ class TaskInputsField(serializers.ListField):
     child = serializers.UUIDField()
 
 
+MAX_INPUTS_PER_REQUEST = 1000
+
+
 def _uids_field() -> TaskInputsField:
     return TaskInputsField(
-        required=False, min_length=1, help_text="Input datasets, in the order they are read."
+        required=False,
+        min_length=1,
+        max_length=MAX_INPUTS_PER_REQUEST,
+        help_text="Input datasets, in the order they are read "
+        f"(at most {MAX_INPUTS_PER_REQUEST:,} in one request).",
     )
 
 
