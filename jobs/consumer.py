@@ -49,7 +49,7 @@ from kombu.transport.virtual import Channel as VirtualChannel
 from jobs.services import job_events_apply
 from pilots.auth import pilot_bus_keys
 from wms import bus
-from wms.contract import EVENT_PILOT_HEADER, EVENT_SIGNATURE_HEADER, event_signature_valid
+from wms.contract import EVENT_PILOT_HEADER, EVENT_SIGNATURE_HEADER, event_signed_by_any
 from wms.exceptions import BrokerError, DSMError, ReportConflict
 
 log = structlog.get_logger(__name__)
@@ -122,6 +122,8 @@ def _decode(body: bytes) -> dict[str, Any] | None:
 def _header_pilot(headers: Any) -> int | None:
     """The signer's pilot id from the message's headers (an integer, or its digits)."""
     value = headers.get(EVENT_PILOT_HEADER) if isinstance(headers, dict) else None
+    if type(value) is int:  # what pilots send: the common case first
+        return value if value > 0 else None
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     if isinstance(value, str) and value.isdigit() and len(value) < 19:
@@ -182,7 +184,7 @@ def _authenticated(
         if not pilot_keys:
             _refuse_unauthenticated(message, body, signer, "unknown_or_revoked_pilot", result)
             continue
-        if not any(event_signature_valid(body, signature, key) for key in pilot_keys):
+        if not event_signed_by_any(body, signature, pilot_keys):
             _refuse_unauthenticated(message, body, signer, "bad_signature", result)
             continue
         data = _decode(body)

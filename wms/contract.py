@@ -58,14 +58,26 @@ def event_headers(body: bytes, *, pilot_id: int, key: str | bytes) -> dict[str, 
 
 def event_signature_valid(body: bytes, signature: object, key: str | bytes) -> bool:
     """Whether ``signature`` (a header's value) signs ``body`` with ``key``; constant time."""
-    if isinstance(signature, bytes):
+    return event_signed_by_any(body, signature, (_key_bytes(key),))
+
+
+def event_signed_by_any(body: bytes, signature: object, keys: tuple[bytes, ...]) -> bool:
+    """Whether ``signature`` signs ``body`` with one of ``keys`` (a pilot's key, and the keys
+    it had under the server's previous secrets); constant time for each. The consumer's hot
+    path: the signature is read once, each key costs one HMAC."""
+    if type(signature) is not str:
+        if not isinstance(signature, bytes | str):
+            return False
         try:
-            signature = signature.decode("ascii")
+            signature = signature.decode("ascii") if isinstance(signature, bytes) else signature
         except UnicodeDecodeError:
             return False
-    if not isinstance(signature, str) or len(signature) != 64 or not signature.isascii():
+    if len(signature) != 64 or not signature.isascii():
         return False  # compare_digest takes ASCII strings only
-    return hmac.compare_digest(sign_event_body(body, key), signature)
+    for key in keys:
+        if hmac.compare_digest(hmac.digest(key, body, hashlib.sha256).hex(), signature):
+            return True
+    return False
 
 
 class ContractError(ValueError):
