@@ -86,7 +86,7 @@ def check_output_place(url: Any, *, owner: Any, field: str = "data_out_url") -> 
     (the folder itself is no task's place); canonical, else 400 naming ``field``."""
     place = owner_place(owner)
     canonical = check_url_under(
-        url, (place,), field=field, what=f"the owner's folder of the output root ({place})"
+        url, (place,), field=field, what="the owner's folder of the output root"
     )
     if canonical == place:
         raise _fail(
