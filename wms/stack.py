@@ -35,9 +35,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote
 
 import psutil
+
+from wms.topology import split_password
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DEVICE_TYPES = ("cpu", "gpu")
@@ -55,18 +56,6 @@ class TextSink(Protocol):
 
 class StackError(RuntimeError):
     """A child could not start, died, or the web app never became healthy."""
-
-
-def split_password(url: str) -> tuple[str, str]:
-    """``amqp://u:pw@h//`` -> (``amqp://u@h//``, ``pw``): the URL a command line may show, and
-    the password a pilot reads on its standard input (kept as written: the pilot quotes it back
-    into the URL it connects with). As pilots/agent/config.py's, which ``wms`` may not import."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url, ""
-    user, _, password = creds.partition(":")
-    return f"{scheme}://{user}@{host}", unquote(password)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

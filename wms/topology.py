@@ -17,6 +17,7 @@ production; tests use a per-run prefix and delete what they declare):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from kombu import Connection, Exchange, Queue
 
@@ -121,3 +122,27 @@ class Topology:
                 exchange(channel).delete()
             except Exception:  # noqa: S112
                 continue
+
+
+# --- broker URLs: the password apart (it goes to a pilot in a file or on stdin, never argv) ---
+
+
+def url_password(url: str) -> str:
+    """The password inside a URL (``amqp://user:PASSWORD@host/``), or ""."""
+    _, sep, rest = url.partition("://")
+    creds, at, _ = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return ""
+    return unquote(creds.split(":", 1)[1])
+
+
+def split_password(url: str) -> tuple[str, str]:
+    """``amqp://u:pw@h//`` -> (``amqp://u@h//``, ``pw``): the URL a command line may show and
+    the password to hand over in a file or on standard input (the pilot reads it so and
+    quotes it back into the URL it connects with)."""
+    password = url_password(url)
+    if not password:
+        return url, ""
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    return f"{scheme}://{creds.split(':', 1)[0]}@{host}", password

@@ -30,7 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote, unquote
+from urllib.parse import quote
+
+from wms.topology import url_password
 
 ENV_PREFIX = "WMS_PILOT_"
 BROKER_PREFIX = "broker_"  # broker_<transport option>, except broker_url
@@ -123,26 +125,6 @@ def _hide_password(url: str) -> str:
     if not sep or not at or ":" not in creds:
         return url
     return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-
-
-def url_password(url: str) -> str:
-    """The password inside a URL (``amqp://user:PASSWORD@host/``), or ""."""
-    _, sep, rest = url.partition("://")
-    creds, at, _ = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return ""
-    return unquote(creds.split(":", 1)[1])
-
-
-def split_password(url: str) -> tuple[str, str]:
-    """``amqp://u:pw@h//`` -> (``amqp://u@h//``, ``pw``): the URL a command line may show and
-    the password to hand over in a file or on standard input."""
-    password = url_password(url)
-    if not password:
-        return url, ""
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    return f"{scheme}://{creds.split(':', 1)[0]}@{host}", password
 
 
 # --- parsing of one value ---------------------------------------------------------------------

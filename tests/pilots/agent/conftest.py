@@ -36,7 +36,7 @@ def secret_args(
     """The flags of a real pilot process and what to write on its standard input: the secrets
     go there, never on its command line or in its environment; as root, payloads run as root
     (said explicitly, as the pilot wants)."""
-    from wms.stack import split_password
+    from wms.topology import split_password
 
     url, password = split_password(broker_url)
     argv = ["--broker-url", url, "--register-token-file", "-"]

@@ -32,7 +32,7 @@ import pytest
 from pilots.agent.sandbox import PayloadUser
 from tests.pilots.agent.conftest import BROKER_URL, job_message
 from tests.pilots.agent.fakewms import REGISTER_TOKEN, wait_until
-from wms.stack import split_password
+from wms.topology import split_password
 
 ROOT = Path(__file__).resolve().parents[3]
 ALLOWED_ENV = {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"}
