@@ -651,11 +651,7 @@ class JobRunner:
                 result.outputs.append({**entry, "url": url})
                 self._note(logfh, f"stage-out: {name} -> {url} ({size} bytes, {checksum})")
         except StageRefused as exc:
-            log.warning(kv("stage_out_refused", job_uuid=self.job.job_uuid, error=exc))
-            result.state = FAILED
-            result.error_code = STAGE_OUT_REFUSED
-            result.error_message = f"stage-out refused: {exc}"
-            result.outputs = []
+            self._refused(result, exc)
             self._note(logfh, f"FAILED {STAGE_OUT_REFUSED}: {exc}")
         except (StageError, OSError) as exc:
             result.state = FAILED
@@ -664,34 +660,35 @@ class JobRunner:
             result.outputs = []
             self._note(logfh, f"FAILED {STAGE_OUT_FAILED}: {exc}")
 
+    def _refused(self, result: JobResult, exc: StageRefused) -> None:
+        """A stage-out the pilot's rules refuse fails the attempt, with no outputs."""
+        log.warning(kv("stage_out_refused", job_uuid=self.job.job_uuid, error=exc))
+        result.state = FAILED
+        result.error_code = STAGE_OUT_REFUSED
+        result.error_message = f"stage-out refused: {exc}"
+        result.outputs = []
+
     def _stage_out_log(self, result: JobResult) -> None:
         """The log to ``<output_url>/<job_uuid>/<attempt>/<log>``, whatever the state; if that
         fails the log stays in the work directory (kept) and the report says where."""
         try:
             # the payload may own the work dir: the pilot copies the file it wrote, nothing
             # the payload put in its place (a symlink to a file of the pilot's)
+            replaced = StageRefused(f"{self.log_path} was replaced by the job: not copied")
             try:
                 fin = self._open_in_job(self.log_path)
             except StageRefused as exc:
-                raise StageRefused(f"{self.log_path} was replaced by the job: not copied") from exc
-            st = os.fstat(fin.fileno())
-            if (st.st_dev, st.st_ino) != self._log_ident:
-                fin.close()
-                raise StageRefused(f"{self.log_path} was replaced by the job: not copied")
-            root = self._output_root() / _safe(self.job.job_uuid)
-            try:
+                raise replaced from exc
+            with fin:
+                st = os.fstat(fin.fileno())
+                if (st.st_dev, st.st_ino) != self._log_ident:
+                    raise replaced
+                root = self._output_root() / _safe(self.job.job_uuid)
                 target = self._destination(root, f"{self.job.attempt}/{self.log_name}")
-            except BaseException:
-                fin.close()
-                raise
-            dst = target.parent
-            size, checksum = copy_with_checksum(self.log_path, target, fin=fin)
+                dst = target.parent
+                size, checksum = copy_with_checksum(self.log_path, target, fin=fin)
         except StageRefused as exc:
-            log.warning(kv("stage_out_refused", job_uuid=self.job.job_uuid, error=exc))
-            result.state = FAILED
-            result.error_code = STAGE_OUT_REFUSED
-            result.error_message = f"stage-out refused: {exc}"
-            result.outputs = []
+            self._refused(result, exc)
             return
         except (StageError, OSError) as exc:
             where = f"{socket.gethostname()}:{self.log_path}"
