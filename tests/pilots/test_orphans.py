@@ -37,9 +37,7 @@ def orphan(attempt, pilot_id, pids=(4242, 4243)) -> dict:
 
 
 def register(orphans) -> dict:
-    response = token_client(registrar()).post(
-        REGISTER, {**BODY, "orphans": orphans}, format="json"
-    )
+    response = token_client(registrar()).post(REGISTER, {**BODY, "orphans": orphans}, format="json")
     assert response.status_code == 201, response.json()
     return response.json()
 
@@ -143,9 +141,7 @@ GOOD = {"job_uuid": str(uuid.uuid4()), "attempt": 0, "pilot_id": 3, "pids": [12]
     ],
 )
 def test_bad_orphans_are_400_and_nothing_is_written(orphans):
-    response = token_client(registrar()).post(
-        REGISTER, {**BODY, "orphans": orphans}, format="json"
-    )
+    response = token_client(registrar()).post(REGISTER, {**BODY, "orphans": orphans}, format="json")
 
     assert response.status_code == 400, response.json()
     assert response.json()["error"] == "validation_failed"
