@@ -609,7 +609,9 @@ def guardian_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     make_undumpable()
     logs.setup("INFO")
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+    # it outlives what kills the pilot: signals to the pilot's group, a SIGTERM meant for the
+    # pilot (``pkill -f pilots.agent`` matches this command line too); SIGKILL still ends it
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     tracked: dict[str, Target] = {}
     for line in sys.stdin.buffer:
