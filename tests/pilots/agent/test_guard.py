@@ -32,12 +32,15 @@ from pilots.agent.guard import (
     write_json,
 )
 from pilots.agent.runner import KILLED, JobRunner
+from tests.pilots.agent import test_isolation as isolation
 from tests.pilots.agent.conftest import job_message, secret_args
 from tests.pilots.agent.fakewms import wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
 ROOT = Path(__file__).resolve().parents[3]
+# the payload account and the root pilot of the isolation tests
+base, other_account, start_pilot = isolation.base, isolation.other_account, isolation.start_pilot
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
@@ -280,7 +283,7 @@ def test_a_sigkilled_pilot_s_payloads_die_with_it(pilot, fake_wms, bus, outdir, 
     wait_until(lambda: not any(alive(p) for p in pids.values()), timeout=15)
     wait_until(lambda: not marked(f"{run_id}:"), timeout=5)
     wait_until(lambda: not alive(guardian.pid), timeout=10)  # its work done, it exits
-    text = log.read_text()
+    text = log.read_text()  # the guardian has said so before it exited
     assert f"guardian_killed_payload job_uuid={job_uuid} attempt=0" in text
     assert str(pids["escaped"]) in text
 
@@ -313,3 +316,42 @@ def test_a_new_pilot_kills_what_a_dead_pilot_left_and_tells_the_server(
     second.send_signal(signal.SIGINT)
     assert second.wait(15) == 0
     assert list((tmp_path / "work" / "payloads").iterdir()) == []
+
+
+def test_a_root_pilot_s_payloads_under_another_account_die_with_it(
+    base, other_account, start_pilot, fake_wms, bus
+):
+    from tests.pilots.agent.conftest import BROKER_URL
+    from tests.pilots.agent.fakewms import REGISTER_TOKEN
+
+    _own, interpreter = isolation._own, isolation.interpreter
+    from wms.topology import split_password
+
+    url, password = split_password(BROKER_URL)
+    argv = ["--broker-url", url, "--register-token-file", "-"]
+    argv += ["--payload-user", other_account.name]
+    if password:
+        argv += ["--broker-password-file", "-"]
+    pilot = start_pilot(base, argv, stdin=f"{REGISTER_TOKEN}\n{password}\n")
+    outdir = base / "storage"
+    outdir.mkdir()
+    _own(outdir, other_account, 0o755)
+    pids_dir = base / "pids"
+    pids_dir.mkdir()
+    _own(pids_dir, other_account, 0o755)
+    pidfile = pids_dir / "pids.json"
+    job = job_message(outdir, "escape", str(pidfile), executable=interpreter(other_account)[0])
+    fake_wms.jobs[job.job_uuid] = job.to_dict()
+    bus.publish(job)
+    wait_until(pidfile.exists, timeout=30)
+    pids = json.loads(pidfile.read_text())
+    assert {psutil.Process(p).uids().real for p in pids.values()} == {other_account.uid}
+    records = base / "work" / "payloads"
+    assert records.stat().st_uid == 0 and records.stat().st_mode & 0o777 == 0o700
+
+    pilot.proc.kill()
+    pilot.proc.wait(10)
+
+    wait_until(lambda: not any(alive(p) for p in pids.values()), timeout=15)
+    said = f"guardian_killed_payload job_uuid={job.job_uuid}"
+    wait_until(lambda: said in pilot.log.read_text(), timeout=10)
