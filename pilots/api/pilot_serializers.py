@@ -56,7 +56,7 @@ class PilotRegisterSerializer(StrictFieldsMixin, serializers.Serializer):
     gpus = serializers.IntegerField(min_value=0, max_value=1_000_000, default=0)
     slots = serializers.IntegerField(min_value=1, max_value=1_000_000, default=1)
     version = serializers.CharField(max_length=50, allow_blank=True, default="")
-    orphans: serializers.ListSerializer = serializers.ListSerializer(
+    orphans = serializers.ListField(
         child=PilotOrphanSerializer(),
         required=False,
         max_length=MAX_ORPHANS,
