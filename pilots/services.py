@@ -1,6 +1,7 @@
 """Every write to pilots and their commands goes through here.
 
-The pilot protocol (docs/pilot-api.md): :func:`pilot_register`, :func:`pilot_heartbeat`,
+The pilot protocol (docs/pilot-api.md): :func:`pilot_register` (with the payloads a dead pilot
+left, :func:`pilot_orphans_record`), :func:`pilot_heartbeat`,
 :func:`pilot_terminate`; commands to pilots (:func:`pilot_command_create`,
 :func:`pilot_commands_create`); and the reaper of silent pilots (:func:`pilots_reap_lost`).
 """
@@ -50,8 +51,11 @@ def pilot_register(
     slots: int = 1,
     version: str = "",
     registered_by: str = "",
+    orphans: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Pilot, str]:
-    """Register a pilot; returns it with its token (shown once, only its hash is stored)."""
+    """Register a pilot; returns it with its token (shown once, only its hash is stored).
+    ``orphans``: what the pilot found and killed of a dead pilot's payloads at start-up
+    (:func:`pilot_orphans_record`)."""
     if device_type not in DeviceType.values:
         raise ValidationFailed({"device_type": [f"Must be one of {DeviceType.values}."]})
     if not hostname:
@@ -78,7 +82,106 @@ def pilot_register(
         device_type=device_type,
         by=registered_by,
     )
+    if orphans:
+        pilot_orphans_record(pilot=pilot, orphans=orphans)
     return pilot, token
+
+
+def _orphans_text(orphans: Sequence[Mapping[str, Any]]) -> str:
+    return "; ".join(
+        f"job {o['job_uuid']} attempt {o['attempt']} of pilot {o.get('pilot_id') or '?'}: "
+        + (f"pids {','.join(map(str, o.get('pids') or []))} killed" if o.get("pids") else "gone")
+        for o in orphans
+    )
+
+
+@transaction.atomic
+def pilot_orphans_record(*, pilot: Pilot, orphans: Sequence[Mapping[str, Any]]) -> list[int]:
+    """A pilot starting on a work directory found payloads a dead pilot left there and killed
+    them (``orphans``: ``{job_uuid, attempt, pilot_id, pids}``, docs/pilot-api.md).
+
+    Logged, and written in the new pilot's ``status`` (until its first heartbeat). A previous
+    pilot named there is ended now (``lost``, its running attempts ``lost`` with error code
+    ``pilot_died``, their jobs retried at once rather than after ``WMS_PILOT_LOST_AFTER``)
+    only on evidence that it is dead, which a registrant cannot fake for another site's live
+    pilot: it is on the same hostname as the registrant, still live in the WMS but silent for
+    more than two heartbeat intervals (a pilot heard from lately is left alone, whatever the
+    report says), and one of the reported attempts is a running attempt of it. The work
+    directory's lock, which the new pilot holds, tells the agent the previous one is gone.
+    Returns the ids of the pilots ended.
+    """
+    from jobs.models import AttemptState, JobAttempt
+    from jobs.services import attempts_interrupt
+
+    text = _orphans_text(orphans)
+    log.warning(
+        "pilot_orphans_reported",
+        pilot_id=pilot.pk,
+        hostname=pilot.hostname,
+        jobs=len(orphans),
+        orphans=[dict(o, job_uuid=str(o["job_uuid"])) for o in orphans],
+    )
+    Pilot.objects.filter(pk=pilot.pk).update(
+        status=f"registered; killed what a dead pilot left: {text}"[:255],
+        updated_at=timezone.now(),
+    )
+    named = {o["pilot_id"] for o in orphans if o.get("pilot_id") and o["pilot_id"] != pilot.pk}
+    if not named:
+        return []
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=2 * settings.WMS_HEARTBEAT_INTERVAL)
+    # locked rows are being heard from (a heartbeat) or reaped: left alone
+    silent = dict(
+        Pilot.objects.select_for_update(skip_locked=True)
+        .filter(pk__in=named, hostname=pilot.hostname, state__in=LIVE_PILOT_STATES)
+        .filter(
+            Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True, created_at__lt=cutoff)
+        )
+        .order_by("id")
+        .values_list("id", "state")
+    )
+    running = set(
+        JobAttempt.objects.filter(
+            pilot_id__in=list(silent),
+            state=AttemptState.RUNNING,
+            job__uuid__in=[str(o["job_uuid"]) for o in orphans],
+        ).values_list("pilot_id", "job__uuid", "number")
+    )
+    source = pilot_source(pilot.pk)
+    ended = []
+    for prev_id, state in silent.items():
+        mine = [o for o in orphans if o.get("pilot_id") == prev_id]
+        if not any((prev_id, _uuid(o["job_uuid"]), o["attempt"]) in running for o in mine):
+            continue
+        why = (
+            f"pilot {pilot.pk} started on {pilot.hostname} found this pilot's payloads "
+            f"orphaned (it died): {_orphans_text(mine)}"
+        )
+        apply_transition(
+            Pilot, prev_id, PilotState.LOST, source=source, reason=why, locked_state=state
+        )
+        interrupted = attempts_interrupt(
+            pilot_ids=[prev_id],
+            attempt_state=AttemptState.LOST,
+            error_code="pilot_died",
+            error_message=why[:2000],
+            source=source,
+        )
+        ended.append(prev_id)
+        log.warning(
+            "pilot_died_reported",
+            pilot_id=prev_id,
+            by_pilot_id=pilot.pk,
+            hostname=pilot.hostname,
+            attempts=interrupted.attempts,
+            retried=interrupted.retried,
+            failed=interrupted.failed,
+        )
+    return ended
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
 @transaction.atomic

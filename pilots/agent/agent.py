@@ -35,6 +35,7 @@ from pilots.agent import __version__, host
 from pilots.agent.client import CONFLICT, OK, REJECTED, Backoff, PilotClient
 from pilots.agent.commands import CommandConsumer, CommandDispatcher
 from pilots.agent.config import PilotConfig
+from pilots.agent.guard import Orphan, PayloadGuard
 from pilots.agent.logs import kv, log
 from pilots.agent.runner import FAILED, JobResult, JobRunner
 from pilots.agent.sandbox import PayloadSandbox, SandboxError, from_config, is_dumpable
@@ -87,6 +88,9 @@ class Agent:
         self.dispatcher: CommandDispatcher | None = None
         self.consumer: CommandConsumer | None = None
         self.sandbox = PayloadSandbox()
+        # payloads die with the pilot; what a dead pilot left is killed at start-up (guard.py)
+        self.guard: PayloadGuard | None = None
+        self.orphans: list[Orphan] = []
 
         self.jobs: dict[str, RunningJob] = {}
         self.jobs_lock = threading.Lock()
@@ -272,6 +276,19 @@ class Agent:
         left = len(self.spool)
         if left:
             log.info(kv("spool_has_reports_from_before", reports=left, spool=self.spool.directory))
+        self._guard_payloads()
+
+    def _guard_payloads(self) -> None:
+        """Under the work dir's lock (no other pilot uses it): kill what the pilots that ran here
+        before left running (reported at registration), then start this run's guardian."""
+        guard = PayloadGuard(self.work_dir, grace=self.cfg.grace_period)
+        try:
+            guard.prepare()
+            self.orphans = guard.scan_leftovers()
+            guard.start()
+        except OSError as exc:
+            raise StartupError(f"payload records in {guard.dir}: {exc}") from exc
+        self.guard = guard
 
     def _register(self) -> None:
         gpus = self.cfg.gpus if self.cfg.gpus >= 0 else host.gpus()
@@ -285,6 +302,8 @@ class Agent:
             "slots": self.cfg.slots,
             "version": __version__,
         }
+        if self.orphans:
+            payload["orphans"] = [o.as_dict() for o in self.orphans]
         if not self.cfg.register_token:
             raise StartupError(
                 "no register token (--register-token-file FILE, - for standard input, "
@@ -296,6 +315,16 @@ class Agent:
             retries=self.cfg.register_retries,
             stop=self._stop_on_signal,
         )
+        if result.status == 400 and "orphans" in payload and "orphans" in str(result.body):
+            # a server older than the field: register without it, the log has said it all
+            log.warning(kv("orphans_report_refused_by_server", answer=_head(result.body)))
+            del payload["orphans"]
+            result = self.client.register(
+                payload,
+                register_token=self.cfg.register_token,
+                retries=self.cfg.register_retries,
+                stop=self._stop_on_signal,
+            )
         if not result.ok:
             raise StartupError(
                 f"registration at {self.cfg.server_url} failed: {result.describe()}"
@@ -308,6 +337,8 @@ class Agent:
         self.pilot_id = pilot_id
         self.client.pilot_id = pilot_id
         self.client.token = token
+        if self.guard is not None:
+            self.guard.set_pilot_id(pilot_id)
         # the server's answer wins over the local configuration
         if body.get("device_type") in ("cpu", "gpu"):
             self.device_type = body["device_type"]
@@ -556,6 +587,7 @@ class Agent:
             sample_interval=self.sample_interval,
             extra_env={"PATH": _job_path()},
             sandbox=self.sandbox,
+            guard=self.guard,
         )
         running = RunningJob(job, runner, next_report=time.monotonic() + self.cfg.report_interval)
         with self.jobs_lock:
@@ -789,6 +821,8 @@ class Agent:
             self.sender.stop()
         self._drop_connection()
         self.client.close()
+        if self.guard is not None:  # before the lock: a pilot taking over finds it all done
+            self.guard.close()
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)

@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlparse
 import psutil
 
 from pilots.agent import __version__
+from pilots.agent.guard import MARK_VAR, PayloadGuard, signal_marked
 from pilots.agent.logs import kv, log
 from pilots.agent.sandbox import PayloadSandbox
 from wms.checksums import bytes_checksum_stream, is_valid
@@ -226,8 +227,13 @@ class JobRunner:
         extra_env: dict[str, str] | None = None,
         sandbox: PayloadSandbox | None = None,
         storage_roots: tuple[str, ...] = (),
+        guard: PayloadGuard | None = None,
     ) -> None:
         self.job = job
+        # the pilot's guardian and records (pilots/agent/guard.py): the payload carries a mark
+        # in its environment, is recorded in the work dir while it runs, and dies with the pilot
+        self.guard = guard
+        self.mark = guard.mark(job.job_uuid, job.attempt) if guard is not None else ""
         self.sandbox = sandbox or PayloadSandbox()
         # canonical URL prefixes inputs may come from (besides the job's own output URL)
         self.storage_roots = tuple(storage_roots)
@@ -340,6 +346,8 @@ class JobRunner:
             "WMS_OUTPUT_DIR": str(self.outputs_dir),
             "WMS_JOB_DIR": str(self.dir),
         }
+        if self.mark:
+            job_vars[MARK_VAR] = self.mark
         sandbox = self.sandbox
         env = sandbox.process_environment(sandbox.environment(self.dir, job_vars, self.extra_env))
         argv = sandbox.command(argv, job_dir=self.dir, inputs=inputs)
@@ -370,6 +378,10 @@ class JobRunner:
                     EXEC_FAILED, f"cannot execute {job.executable!r}: {exc.strerror or exc}", logfh
                 )
             self._started = time.monotonic()
+            if self.guard is not None:
+                self.guard.launched(
+                    job_uuid=job.job_uuid, attempt=job.attempt, pid=self._proc.pid, mark=self.mark
+                )
         log.info(
             kv(
                 "job_process_started",
@@ -379,7 +391,11 @@ class JobRunner:
                 command=shlex.join(argv),
             )
         )
-        returncode = self._watch(self._proc)
+        try:
+            returncode = self._watch(self._proc)
+        finally:
+            if self.guard is not None:  # every process of the job is dead by now
+                self.guard.ended(job_uuid=job.job_uuid, attempt=job.attempt, mark=self.mark)
         self._note(logfh, "--- job output above ---")
         metrics = self.metrics()
         if self._kill.is_set():
@@ -495,14 +511,17 @@ class JobRunner:
             self._max_rss = max(self._max_rss, rss)
 
     def _signal_tree(self, pid: int, sig: int) -> None:
-        """The process group (the job's session), and every member of the tree seen so far
-        (one that left the group with setsid is still reached)."""
+        """The process group (the job's session), every member of the tree seen so far (one
+        that left the group with setsid is still reached), and every process carrying the
+        job's mark (one that double-forked away before it was seen)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
         for p in list(self._seen.values()):
             with contextlib.suppress(psutil.Error):
                 if p.pid != pid and p.is_running():  # is_running: not a recycled pid
                     p.send_signal(sig)
+        if self.mark:
+            signal_marked(self.mark, sig)
 
     # --- files in and out ----------------------------------------------------------------------
 

@@ -18,6 +18,31 @@ from wms.choices import DeviceType
 
 MAX_EVENTS = 1000
 MAX_HEARTBEAT_JOBS = 10_000
+MAX_ORPHANS = 100  # jobs in one registration's ``orphans``
+MAX_ORPHAN_PIDS = 1000  # pids of one of them
+PID_MAX = 1 << 22  # Linux's largest pid (pid_max's ceiling)
+
+
+class PilotOrphanSerializer(StrictFieldsMixin, serializers.Serializer):
+    """One job whose payload a dead pilot left running on the registrant's work directory,
+    found and killed by the registrant at start-up (docs/pilot.md, "When the pilot dies")."""
+
+    job_uuid = serializers.UUIDField()
+    attempt = serializers.IntegerField(min_value=0, max_value=32767)
+    pilot_id = serializers.IntegerField(
+        min_value=1,
+        max_value=2**63 - 1,
+        allow_null=True,
+        required=False,
+        default=None,
+        help_text="The pilot that ran it (the dead one), if it had registered.",
+    )
+    pids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=PID_MAX),
+        max_length=MAX_ORPHAN_PIDS,
+        default=list,
+        help_text="The processes killed (empty: the record was left, its processes were gone).",
+    )
 
 
 class PilotRegisterSerializer(StrictFieldsMixin, serializers.Serializer):
@@ -31,6 +56,12 @@ class PilotRegisterSerializer(StrictFieldsMixin, serializers.Serializer):
     gpus = serializers.IntegerField(min_value=0, max_value=1_000_000, default=0)
     slots = serializers.IntegerField(min_value=1, max_value=1_000_000, default=1)
     version = serializers.CharField(max_length=50, allow_blank=True, default="")
+    orphans = serializers.ListField(
+        child=PilotOrphanSerializer(),
+        required=False,
+        max_length=MAX_ORPHANS,
+        help_text="What the pilot found left by a dead pilot in its work directory and killed.",
+    )
 
 
 class PilotRegistrationSerializer(serializers.Serializer):

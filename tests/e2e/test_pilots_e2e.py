@@ -141,6 +141,13 @@ def _payload_of(job_uuid: str) -> psutil.Process | None:
     return None
 
 
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def test_a_pilot_killed_mid_job_is_lost_and_its_job_runs_elsewhere(make_stack, tmp_path):
     owner = UserFactory()
     uid = _dataset(tmp_path, "e2e.lost", 1)
@@ -159,7 +166,8 @@ def test_a_pilot_killed_mid_job_is_lost_and_its_job_runs_elsewhere(make_stack, t
         agent = agent.parent()
     assert agent is not None, "the payload's pilot process was not found"
     os.kill(agent.pid, signal.SIGKILL)
-    payload.kill()  # the payload ran in its own session; the node's reaper would get it too
+    # the payload ran in a session of its own: the pilot's guardian kills it (docs/pilot.md)
+    wait_until(lambda: not _running(payload), timeout=30, what="the payload to die", out=out)
 
     wait_until(
         lambda: Job.objects.filter(pk=job.pk, state=JobState.FINISHED).exists(),

@@ -5,6 +5,9 @@ Modes:
   env                             write the WMS_* environment and the inputs' contents to env.json
   sleep SECONDS [--record FILE]   sleep; with --record append "start/end <pid> <time>" lines
   spawn PIDFILE                   start a grandchild that sleeps, write "<child> <grandchild>"
+  escape PIDFILE                  start a child that sleeps and one that leaves the session
+                                  (setsid, double fork: its parent is gone); write their pids
+                                  as JSON {"leader", "child", "escaped"}; sleep
   ignore-term PIDFILE             ignore SIGTERM, write the pid, sleep
   swap-log TARGET                 replace the job's log by a symlink to TARGET
   spy PATH ...                    a hostile payload: read what it can of its parent (the pilot)
@@ -92,6 +95,26 @@ def main(argv: list[str]) -> int:
     if mode == "spawn":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         Path(rest[0]).write_text(f"{os.getpid()} {child.pid}")
+        time.sleep(60)
+        return 0
+    if mode == "escape":
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        child = subprocess.Popen(sleeper)
+        r, w = os.pipe()
+        middle = os.fork()
+        if middle == 0:  # leaves the job's session, forks the escapee, exits
+            os.setsid()
+            if os.fork() == 0:
+                os.write(w, str(os.getpid()).encode())
+                os.close(w)
+                os.execv(sys.executable, sleeper)  # noqa: S606 - a test payload
+            os._exit(0)
+        os.close(w)
+        os.waitpid(middle, 0)
+        escaped = int(os.read(r, 64))
+        tmp = Path(rest[0] + ".tmp")
+        tmp.write_text(json.dumps({"leader": os.getpid(), "child": child.pid, "escaped": escaped}))
+        tmp.rename(rest[0])
         time.sleep(60)
         return 0
     if mode == "ignore-term":
