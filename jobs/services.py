@@ -972,11 +972,13 @@ def attempts_interrupt(
     source: str,
     pilot_ids: Sequence[int] | None = None,
     pilot_states: Sequence[str] | None = None,
+    attempt_ids: Sequence[int] | None = None,
     skip_locked: bool = False,
     limit: int = 10_000,
 ) -> InterruptResult:
     """End the running attempts of some pilots (by id, or every pilot in some states) without
     a report from them: ``attempt_state`` (``failed`` or ``lost``) with ``error_code``.
+    ``attempt_ids`` narrows it to some of their attempts (``jobs.reconcile``: not on the pilot).
 
     Their jobs (locked ``FOR UPDATE``, ``SKIP LOCKED`` for the reaper) go back to ``defined``
     with ``cur_retry + 1`` while retries are left, else to ``failed``; the executor is kicked.
@@ -996,6 +998,8 @@ def attempts_interrupt(
         attempt_is["attempts__pilot_id__in"] = list(pilot_ids)
     if pilot_states is not None:
         attempt_is["attempts__pilot__state__in"] = list(pilot_states)
+    if attempt_ids is not None:
+        attempt_is["attempts__id__in"] = list(attempt_ids)
     rows = list(
         Job.objects.filter(state=JobState.RUNNING, **attempt_is)
         .select_for_update(skip_locked=skip_locked, of=("self",))
