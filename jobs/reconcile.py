@@ -20,6 +20,9 @@ more than ``WMS_NOT_ON_PILOT_GRACE`` seconds ago, were lost by the pilot (a star
 never reached it, say): they fail with error code ``not_on_pilot`` and their jobs are retried.
 Only a heartbeat that sends ``reporting`` (even empty) is trusted for that.
 
+A final report of a lost attempt that reaches the server before its pilot's heartbeat does is
+reclaimed the same way first (:func:`attempts_reclaim_reported`, from ``job_events_apply``).
+
 A constant number of queries, whatever the number of attempts.
 """
 
@@ -41,6 +44,7 @@ from jobs.models import AttemptState, Job, JobAttempt, JobState
 from jobs.services import attempts_interrupt
 from pilots.models import CommandKind, PilotCommand
 from pilots.services import CommandSpec, pilot_commands_create, pilot_source
+from wms.contract import StatusEvent
 from wms.exceptions import ValidationFailed
 from wms.statemachine import apply_transition_bulk
 
@@ -152,6 +156,29 @@ def pilot_attempts_reconcile(
             not_on_pilot=failed,
         )
     return result
+
+
+def attempts_reclaim_reported(events: Sequence[StatusEvent]) -> int:
+    """Final reports of lost attempts, sent by their own pilot before its heartbeat said it was
+    back (the spool's sender and the heartbeat are two threads; either may come first): the
+    attempts are reclaimed first, when their job has not started again, so the report is
+    applied to them instead of being ignored and the job run again. Called by
+    ``jobs.services.job_events_apply`` in its transaction; one query when no attempt is found.
+    """
+    finals = {(ev.job_uuid, ev.attempt, ev.pilot_id) for ev in events if ev.state != "running"}
+    if not finals:
+        return 0
+    found: dict[int, list[tuple[int, int, int]]] = {}
+    for pk, job_id, number, pilot_id, uid in JobAttempt.objects.filter(
+        state=AttemptState.LOST,
+        job__uuid__in={u for u, _, _ in finals},
+        job__state__in=RECLAIMABLE_JOB_STATES,
+        job__cur_retry=F("number") + 1,
+    ).values_list("pk", "job_id", "number", "pilot_id", "job__uuid"):
+        if (str(uid), number, pilot_id) in finals:
+            found.setdefault(pilot_id, []).append((job_id, number, pk))
+    now = timezone.now()
+    return sum(_reclaim(pilot_id, items, now)[0] for pilot_id, items in sorted(found.items()))
 
 
 def _kill_reason(

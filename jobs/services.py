@@ -669,7 +669,9 @@ def job_events_apply(
       report already ended (other files, sizes, checksums, URLs, state, exit or error code:
       :func:`report_digest`) → ``report_conflict``, refused and logged with both versions; a
       report of an attempt that is no longer running (lost, superseded) or was never started
-      → ``ignored``. A late report never moves a job backwards.
+      → ``ignored``, nothing of it registered. A late report never moves a job backwards.
+    - a final report of its own pilot's ``lost`` attempt whose job has not started a newer
+      one is applied: the attempt is reclaimed first (``jobs.reconcile``).
 
     A batch is one transaction with a bounded number of queries, whatever its size: the jobs
     with a final event are locked (``FOR UPDATE``, in id order), attempts are read in one
@@ -685,6 +687,9 @@ def job_events_apply(
         except ValidationFailed as exc:
             results[i] = EventOutcome.refused(raw, exc)
     if cleaned:
+        from jobs.reconcile import attempts_reclaim_reported  # it imports this module
+
+        attempts_reclaim_reported([ev for _, ev in cleaned])  # a lost pilot's late results
         _apply_events(cleaned, results)
     return results  # type: ignore[return-value]
 
