@@ -286,7 +286,8 @@ def test_reconciliation_costs_the_same_queries_whatever_it_reconciles(
             )
         assert len(reply.commands) == n
         assert Job.objects.filter(pk__in=[j.pk for j in reclaim], state="running").count() == n
-        assert JobAttempt.objects.filter(job__in=missing, error_code="not_on_pilot").count() == n
+        failed = JobAttempt.objects.filter(job_id__in=[j.pk for j in missing])
+        assert failed.filter(error_code="not_on_pilot").count() == n
         return len(ctx.captured_queries)
 
     assert cost(2) == cost(15)
