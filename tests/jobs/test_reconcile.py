@@ -260,7 +260,7 @@ def test_reconciliation_costs_the_same_queries_whatever_it_reconciles(
 ):
     """Reclaims, kills, not_on_pilot and carry-ons in one heartbeat: a constant cost."""
 
-    def cost(n: int) -> int:
+    def cost(n):
         pilot, client = make_pilot(hostname=f"wn{n}")
         mine = [started(client, output_task) for _ in range(3 * n)]
         settings.WMS_PILOT_LOST_AFTER = settings.WMS_PILOT_LOST_AFTER_OUTAGE = 0
