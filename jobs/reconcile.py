@@ -85,8 +85,14 @@ def pilot_attempts_reconcile(
     running: Sequence[Mapping[str, Any]] = (),
     reporting: Sequence[Mapping[str, Any]] | None = None,
     now: datetime | None = None,
+    previous_heartbeat: datetime | None = None,
 ) -> ReconcileResult:
     """Reconcile the attempts a pilot names with the server's; see the module docstring.
+
+    ``previous_heartbeat``: when the pilot was heard from before this heartbeat. An attempt
+    counts as not on the pilot only if it started before that too (the pilot builds a
+    heartbeat after the previous one's answer), besides the grace: a heartbeat that lingered
+    on its way cannot fail an attempt started after it was written.
 
     The caller (the heartbeat) holds the pilot's row; jobs are locked after it
     (``FOR UPDATE``, in id order), the order every start and terminate uses.
@@ -142,7 +148,7 @@ def pilot_attempts_reconcile(
     killed = _kill(pilot_id, kills)
     failed = 0
     if reporting is not None:
-        failed = _fail_not_on_pilot(pilot_id, named, now)
+        failed = _fail_not_on_pilot(pilot_id, named, now, previous_heartbeat)
     result = ReconcileResult(
         carried_on=carried_on, reclaimed=reclaimed, killed=killed, not_on_pilot=failed
     )
@@ -274,14 +280,22 @@ def _kill(pilot_id: int, kills: list[tuple[int, str, int, str]]) -> int:
     return len(specs)
 
 
-def _fail_not_on_pilot(pilot_id: int, named: set[tuple[str, int]], now: datetime) -> int:
+def _fail_not_on_pilot(
+    pilot_id: int,
+    named: set[tuple[str, int]],
+    now: datetime,
+    previous_heartbeat: datetime | None,
+) -> int:
     """The attempts running on this pilot as the server has it that the pilot did not name,
-    started more than the grace ago: failed (``not_on_pilot``), their jobs retried."""
-    grace = timedelta(seconds=settings.WMS_NOT_ON_PILOT_GRACE)
+    started more than the grace ago (and before its previous heartbeat): failed
+    (``not_on_pilot``), their jobs retried."""
+    before = now - timedelta(seconds=settings.WMS_NOT_ON_PILOT_GRACE)
+    if previous_heartbeat is not None:
+        before = min(before, previous_heartbeat)
     missing = [
         pk
         for pk, uid, number in JobAttempt.objects.filter(
-            pilot_id=pilot_id, state=AttemptState.RUNNING, started_at__lt=now - grace
+            pilot_id=pilot_id, state=AttemptState.RUNNING, started_at__lt=before
         ).values_list("pk", "job__uuid", "number")
         if (str(uid), number) not in named
     ]

@@ -297,10 +297,15 @@ def pilot_heartbeat(
     """
     if state not in REPORTED_STATES:
         raise ValidationFailed({"state": [f"Must be one of {list(REPORTED_STATES)}."]})
-    locked = Pilot.objects.select_for_update().filter(pk=pilot_id).values_list("state", flat=True)
-    current = locked.first()  # only the state: the auth already read the whole row
-    if current is None:
+    row = (
+        Pilot.objects.select_for_update()
+        .filter(pk=pilot_id)
+        .values_list("state", "last_heartbeat")
+        .first()
+    )  # the state and the previous heartbeat only: the auth already read the whole row
+    if row is None:
         raise NotFound(f"Pilot {pilot_id} does not exist.")
+    current, previous_heartbeat = row
     now = timezone.now()
     source = pilot_source(pilot_id)
 
@@ -349,7 +354,13 @@ def pilot_heartbeat(
     if current in LIVE_PILOT_STATES:
         from jobs.reconcile import pilot_attempts_reconcile
 
-        pilot_attempts_reconcile(pilot_id=pilot_id, running=jobs, reporting=reporting, now=now)
+        pilot_attempts_reconcile(
+            pilot_id=pilot_id,
+            running=jobs,
+            reporting=reporting,
+            now=now,
+            previous_heartbeat=previous_heartbeat,
+        )
     if jobs:
         from jobs.services import job_events_apply
 

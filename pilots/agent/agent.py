@@ -50,6 +50,7 @@ IDLE, BUSY, DRAINING = "idle", "busy", "draining"
 PENDING_KILL_TTL = 120.0  # a kill_job for a job not (yet) here is remembered this long
 REMEMBERED_ENDED = 10_000  # job uuids that ended here (a late kill for them is not kept)
 FLUSH_AT_EXIT = 15.0  # seconds spent re-sending spooled reports before terminate
+MAX_REPORTING = 5_000  # spooled reports named in a heartbeat (the WMS takes 10,000 at most)
 
 
 class StartupError(RuntimeError):
@@ -681,14 +682,16 @@ class Agent:
         metrics = host.metrics(self.work_dir)
         metrics.update(running_jobs=len(jobs), slots=self.cfg.slots, jobs_done=self.jobs_done)
         state = self.state
-        return {
+        payload: dict[str, Any] = {
             "state": state,
             "status": f"{state}: {len(jobs)}/{self.cfg.slots} slots busy, {self.jobs_done} done",
             "metrics": metrics,
             "jobs": [_job_metrics(r) for r in jobs],
-            "reporting": [{"job_uuid": uid, "attempt": attempt} for uid, attempt in reporting],
             "acked_commands": self.dispatcher.pending_acks() if self.dispatcher else [],
         }
+        if len(reporting) <= MAX_REPORTING:  # else left out: a partial list would mislead
+            payload["reporting"] = [{"job_uuid": u, "attempt": a} for u, a in reporting]
+        return payload
 
     def heartbeat(self) -> bool:
         """One heartbeat; False when the WMS did not answer it (the loop then backs off).

@@ -247,6 +247,25 @@ def test_an_attempt_the_pilot_does_not_name_fails_as_not_on_pilot_after_the_grac
     assert gone.transitions.last().source == f"pilot:{pilot.pk}"
 
 
+def test_an_attempt_started_after_the_previous_heartbeat_is_not_failed(
+    make_pilot, output_task, settings
+):
+    """The heartbeat may have been written before the start (it lingered on its way): only an
+    attempt that also predates the pilot's previous heartbeat counts as not on the pilot."""
+    settings.WMS_NOT_ON_PILOT_GRACE = 60
+    pilot, client = make_pilot()
+    job = started(client, output_task)
+    now = timezone.now()
+    Pilot.objects.filter(pk=pilot.pk).update(last_heartbeat=now - timedelta(seconds=120))
+    JobAttempt.objects.filter(job=job).update(started_at=now - timedelta(seconds=90))
+
+    beat(client, pilot, state="idle", jobs=[], reporting=[])
+
+    assert JobAttempt.objects.get(job=job).state == AttemptState.RUNNING
+    beat(client, pilot, state="idle", jobs=[], reporting=[])  # named by neither, again
+    assert JobAttempt.objects.get(job=job).error_code == "not_on_pilot"
+
+
 def test_a_bad_reporting_list_is_400(make_pilot):
     pilot, client = make_pilot()
     url = f"/api/v1/pilots/{pilot.pk}/heartbeat/"
