@@ -433,7 +433,13 @@ class Agent:
                 self._wait(0.5)
                 continue
             idle = time.monotonic() - self._last_activity
-            if self.cfg.idle_timeout and not running and idle >= self.cfg.idle_timeout:
+            if (
+                self.cfg.idle_timeout
+                and not running
+                and idle >= self.cfg.idle_timeout
+                # reports the WMS has not taken yet: it is away, this is not idleness
+                and not (self.spool is not None and len(self.spool))
+            ):
                 self.exit_reason = f"idle for {idle:.0f}s"
                 log.info(kv("pilot_idle_exit", idle=f"{idle:.1f}"))
                 break
@@ -446,6 +452,8 @@ class Agent:
             if delay is None:
                 start_backoff.reset()
             else:
+                # work is waiting and the WMS cannot be reached: not idleness
+                self._last_activity = time.monotonic()
                 wait = start_backoff.next()
                 log.warning(kv("start_backoff", wait=f"{wait:.1f}"))
                 self._wait(wait)

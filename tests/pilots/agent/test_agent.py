@@ -428,3 +428,21 @@ def test_a_start_refused_because_the_pilot_is_lost_requeues_the_message(
     assert len(fake_wms.calls_to("start", job.job_uuid)) == 2  # requeued, taken again
     assert report.body["state"] == "finished"
     running.stop()
+
+
+def test_no_idle_exit_while_reports_wait_for_an_unreachable_wms(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    fake_wms.report_answer = lambda uuid, body: (503, {"error": "unavailable"})
+    running = start_agent(agent_config, idle_timeout=0.5)
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")
+    wait_until(lambda: running.agent.spool.paths())
+    # idle far beyond the timeout, but its report is not taken yet: it stays
+    seen = len(fake_wms.final_reports(job.job_uuid))
+    wait_until(lambda: len(fake_wms.final_reports(job.job_uuid)) >= seen + 2, timeout=20)
+    assert running.thread.is_alive() and running.agent.spool.paths()
+
+    fake_wms.report_answer = lambda uuid, body: (200, {"outcome": "applied"})
+    running.thread.join(30)  # the report is taken; now it is idle and exits
+    assert not running.thread.is_alive() and running.result == [0]
+    assert not running.agent.spool.paths()
