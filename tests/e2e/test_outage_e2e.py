@@ -114,3 +114,64 @@ def test_the_web_app_down_longer_than_lost_after_loses_no_pilot_and_runs_no_job_
         # and, the hold having worked, never two at all
         assert [(a.number, a.state) for a in attempts] == [(0, AttemptState.FINISHED)]
         assert job.files.filter(type="output").count() == 1
+
+
+def test_a_lone_pilot_declared_lost_comes_back_reclaims_its_job_and_never_exits(
+    make_stack, tmp_path
+):
+    """One pilot: its silence is its own, so the outage does make the reaper declare it lost
+    and its running attempt lost; the job goes back to the queue as attempt 1. When the web
+    app is back, the pilot (the same process) is live again, reclaims attempt 0, and the
+    message of attempt 1 is refused as stale: every job ran once."""
+    owner = UserFactory()
+    uid = _dataset(tmp_path, "e2e.reclaim", 3)
+    stack, out = make_stack(
+        cpu=1,
+        gpu=0,
+        env={
+            "WMS_PILOT_LOST_AFTER": "4",
+            "WMS_REAP_EVERY": "1",
+            "WMS_HEARTBEAT_INTERVAL": "1",
+            "WMS_NOT_ON_PILOT_GRACE": "10",
+        },
+    )
+    (pilot_child,) = [c for c in stack.children if c.name.startswith("pilot")]
+    task = _task(owner, uid, tmp_path, "reclaim", args="--events 200 --sleep 6")
+    first = wait_until(
+        lambda: JobAttempt.objects.filter(job__task=task, state=AttemptState.RUNNING).first(),
+        timeout=120,
+        what="a job to start",
+        out=out,
+    )
+
+    (web,) = [c for c in stack.children if c.name == "web"]
+    web.expected_exit = True
+    stack._stop_group([web])
+    stack.children.remove(web)
+    wait_until(
+        lambda: (
+            JobAttempt.objects.filter(pk=first.pk, state=AttemptState.LOST).exists()
+            and Job.objects.filter(pk=first.job_id, cur_retry=1).exists()
+        ),
+        timeout=60,
+        what="the reaper to declare the lone pilot and its attempt lost",
+        out=out,
+    )
+    assert Pilot.objects.get(pk=first.pilot_id).state == PilotState.LOST
+
+    wait_until(lambda: port_is_free(stack.config.host, stack.port), timeout=30, what="the port")
+    stack.start_web()
+    stack.wait_healthy(timeout=60)
+    wait_until(lambda: _all_final([task.pk], 3), timeout=240, what="every job to end", out=out)
+
+    stack.check_alive()
+    assert pilot_child.returncode is None and psutil.pid_exists(pilot_child.proc.pid)
+    back = PilotTransition.objects.filter(subject_id=first.pilot_id, from_state=PilotState.LOST)
+    assert back.get().reason == "heard from again"
+    job = Job.objects.get(pk=first.job_id)
+    assert job.transitions.filter(reason="reclaimed: the pilot came back").count() == 1
+    for job in Job.objects.filter(task=task):
+        assert job.state == JobState.FINISHED, out.text()[-4000:]
+        # attempt 0 only: the lost one reclaimed and finished, attempt 1 never started
+        assert [(a.number, a.state) for a in job.attempts.all()] == [(0, AttemptState.FINISHED)]
+        assert job.files.filter(type="output").count() == 1
