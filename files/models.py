@@ -122,9 +122,6 @@ class FileStatus(models.TextChoices):
     FAILED = "failed", "failed"  # could not be produced or registered
 
 
-CHECKSUM_ALGORITHMS = ("adler32", "sha256", "md5")
-
-
 class File(models.Model):
     """FILE_DAT: one input, output or log file of one job.
 

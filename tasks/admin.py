@@ -506,11 +506,6 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             log_message="Cancelled (admin action).",
         )
 
-
-@admin.register(TaskTransition)
-class TaskTransitionAdmin(TransitionLogAdmin):
-    state_choices = TaskState.choices
-
     @admin.action(description="Retry the failed jobs of selected tasks", permissions=["manage"])
     def retry_failed_jobs(self, request, queryset):
         reason = admin_reason(request, "failed jobs retried")
@@ -523,3 +518,8 @@ class TaskTransitionAdmin(TransitionLogAdmin):
             unchanged="had no failed job",
             log_message="Failed jobs retried (admin action).",
         )
+
+
+@admin.register(TaskTransition)
+class TaskTransitionAdmin(TransitionLogAdmin):
+    state_choices = TaskState.choices

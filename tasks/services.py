@@ -210,9 +210,6 @@ def _register_output_dataset(dsm: Any, base: str, *, location: str) -> Any:
     raise AssertionError("unreachable")
 
 
-INPUT_FIELDS = ("data_in_uid", "data_in_uids", "data_in_selection")
-
-
 def resolve_inputs(
     dsm: Any,
     *,

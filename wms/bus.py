@@ -191,10 +191,6 @@ def publish_commands(commands: Iterable[Command]) -> int:
     return len(commands)
 
 
-def publish_command(command: Command) -> None:
-    publish_commands([command])
-
-
 def queue_depth(device_type: str) -> int:
     """Messages ready in a device queue (for backpressure)."""
     try:
