@@ -323,6 +323,25 @@ except LocationError as _exc:
 
 # --- Pilots (docs/pilot-api.md) ---
 WMS_REAP_EVERY = env.float("WMS_REAP_EVERY", default=30.0)  # the reaper of silent pilots, s
+# Silence judged with care (docs/lifecycle.md, "The reaper"): when at least
+# WMS_REAPER_MASS_SILENCE_MIN live pilots AND at least WMS_REAPER_MASS_SILENCE_FRACTION of them
+# are silent at once, or all of them are, the server is the likely culprit: the reaper holds
+# (nobody is declared lost) and, once the pilots are heard from again, gives the still silent
+# ones a fresh WMS_PILOT_LOST_AFTER. A pilot silent longer than WMS_PILOT_LOST_AFTER_OUTAGE is
+# lost even during a hold. A reaper that did not run for WMS_REAPER_ABSENT_AFTER seconds
+# counts every silence from its return.
+WMS_REAPER_MASS_SILENCE_MIN = env.int("WMS_REAPER_MASS_SILENCE_MIN", default=3)
+WMS_REAPER_MASS_SILENCE_FRACTION = env.float("WMS_REAPER_MASS_SILENCE_FRACTION", default=0.55)
+WMS_PILOT_LOST_AFTER_OUTAGE = env.int(
+    "WMS_PILOT_LOST_AFTER_OUTAGE", default=6 * WMS_PILOT_LOST_AFTER
+)
+WMS_REAPER_ABSENT_AFTER = env.float(
+    "WMS_REAPER_ABSENT_AFTER", default=max(3 * WMS_REAP_EVERY, 60.0)
+)
+# An attempt the server has running on a pilot whose heartbeat lists it neither as running nor
+# as reporting, started more than this many seconds ago, was lost by the pilot: it fails
+# (error code not_on_pilot) and its job is retried.
+WMS_NOT_ON_PILOT_GRACE = env.int("WMS_NOT_ON_PILOT_GRACE", default=2 * WMS_HEARTBEAT_INTERVAL)
 # The consumer of pilots' status events on the bus (<prefix>.events): a batch is applied when
 # it holds WMS_EVENTS_BATCH events or its first event waited WMS_EVENTS_MAX_WAIT seconds.
 WMS_EVENTS_BATCH = env.int("WMS_EVENTS_BATCH", default=500)

@@ -27,7 +27,9 @@ JOB_MACHINE = StateMachine(
     entity="job",
     states=JobState,
     transitions={
-        JS.DEFINED: frozenset({JS.QUEUED, JS.HELD, JS.CANCELLED}),
+        # defined -> running (and queued -> running): a lost attempt reclaimed by its pilot,
+        # heard from again before the job's next attempt started (jobs.reconcile)
+        JS.DEFINED: frozenset({JS.QUEUED, JS.RUNNING, JS.HELD, JS.CANCELLED}),
         # queued -> defined: the message could not be published (or was dropped); dispatch again
         # queued -> held: the message stays in its queue, and a pilot's start of it answers 409
         JS.QUEUED: frozenset({JS.RUNNING, JS.DEFINED, JS.HELD, JS.CANCELLED}),

@@ -669,7 +669,9 @@ def job_events_apply(
       report already ended (other files, sizes, checksums, URLs, state, exit or error code:
       :func:`report_digest`) → ``report_conflict``, refused and logged with both versions; a
       report of an attempt that is no longer running (lost, superseded) or was never started
-      → ``ignored``. A late report never moves a job backwards.
+      → ``ignored``, nothing of it registered. A late report never moves a job backwards.
+    - a final report of its own pilot's ``lost`` attempt whose job has not started a newer
+      one is applied: the attempt is reclaimed first (``jobs.reconcile``).
 
     A batch is one transaction with a bounded number of queries, whatever its size: the jobs
     with a final event are locked (``FOR UPDATE``, in id order), attempts are read in one
@@ -685,6 +687,9 @@ def job_events_apply(
         except ValidationFailed as exc:
             results[i] = EventOutcome.refused(raw, exc)
     if cleaned:
+        from jobs.reconcile import attempts_reclaim_reported  # it imports this module
+
+        attempts_reclaim_reported([ev for _, ev in cleaned])  # a lost pilot's late results
         _apply_events(cleaned, results)
     return results  # type: ignore[return-value]
 
@@ -972,11 +977,13 @@ def attempts_interrupt(
     source: str,
     pilot_ids: Sequence[int] | None = None,
     pilot_states: Sequence[str] | None = None,
+    attempt_ids: Sequence[int] | None = None,
     skip_locked: bool = False,
     limit: int = 10_000,
 ) -> InterruptResult:
     """End the running attempts of some pilots (by id, or every pilot in some states) without
     a report from them: ``attempt_state`` (``failed`` or ``lost``) with ``error_code``.
+    ``attempt_ids`` narrows it to some of their attempts (``jobs.reconcile``: not on the pilot).
 
     Their jobs (locked ``FOR UPDATE``, ``SKIP LOCKED`` for the reaper) go back to ``defined``
     with ``cur_retry + 1`` while retries are left, else to ``failed``; the executor is kicked.
@@ -996,6 +1003,8 @@ def attempts_interrupt(
         attempt_is["attempts__pilot_id__in"] = list(pilot_ids)
     if pilot_states is not None:
         attempt_is["attempts__pilot__state__in"] = list(pilot_states)
+    if attempt_ids is not None:
+        attempt_is["attempts__id__in"] = list(attempt_ids)
     rows = list(
         Job.objects.filter(state=JobState.RUNNING, **attempt_is)
         .select_for_update(skip_locked=skip_locked, of=("self",))

@@ -14,7 +14,7 @@ from django.utils.html import format_html
 
 from jobs.models import Job, JobState
 from pilots import services
-from pilots.models import Pilot, PilotCommand, PilotState, PilotTransition
+from pilots.models import Pilot, PilotCommand, PilotState, PilotTransition, ReaperState
 from wms.admin import (
     ADMIN_SOURCE,
     IdSearchMixin,
@@ -200,7 +200,8 @@ class PilotTransitionAdmin(TransitionLogAdmin):
 
 @admin.register(PilotCommand)
 class PilotCommandAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    """Commands to pilots (created by services: a cancel's kill_job, a lost pilot's shutdown)."""
+    """Commands to pilots (created by services: a cancel's or a reconciliation's kill_job, a
+    terminated pilot's shutdown)."""
 
     list_display = (
         "created_at",
@@ -217,3 +218,24 @@ class PilotCommandAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     readonly_fields = COMMAND_FIELDS
     ordering = ("-created_at",)
     list_select_related = ("pilot",)
+
+
+@admin.register(ReaperState)
+class ReaperStateAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The reaper's memory: a hold in force (many pilots silent at once), the last one, the
+    grace it gave (docs/lifecycle.md, "The reaper's rule"). Written only by the reaper."""
+
+    list_display = ("name", "last_run_at", "hold_since", "hold_reason", "grace_from")
+    readonly_fields = (
+        "name",
+        "last_run_at",
+        "hold_since",
+        "hold_reason",
+        "hold_silent",
+        "hold_live",
+        "last_hold_started_at",
+        "last_hold_ended_at",
+        "grace_from",
+        "grace_reason",
+        "updated_at",
+    )

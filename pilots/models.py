@@ -29,8 +29,11 @@ PILOT_MACHINE = StateMachine(
         PS.BUSY: frozenset({PS.IDLE, PS.DRAINING, PS.TERMINATED, PS.LOST}),
         PS.DRAINING: frozenset({PS.TERMINATED, PS.LOST}),
         PS.TERMINATED: frozenset(),
-        PS.LOST: frozenset(),
+        # lost -> live: a pilot the reaper gave up on was heard from again (its heartbeat)
+        PS.LOST: frozenset({PS.IDLE, PS.BUSY, PS.DRAINING}),
     },
+    # lost is an end the WMS decided, not the pilot: a heartbeat may re-open it
+    final=frozenset({PS.TERMINATED, PS.LOST}),
 )
 
 LIVE_PILOT_STATES = (PS.REGISTERED, PS.IDLE, PS.BUSY, PS.DRAINING)
@@ -131,3 +134,42 @@ class PilotCommand(models.Model):
 
     def __str__(self) -> str:
         return f"{self.command} → pilot {self.pilot_id}"
+
+
+class ReaperState(models.Model):
+    """The reaper's memory (one row, ``name="reaper"``): what it needs to judge silence.
+
+    - ``last_run_at``: its last cycle. A cycle that finds the previous one older than
+      ``WMS_REAPER_ABSENT_AFTER`` knows the reaper itself was away: it cannot tell a dead pilot
+      from a server that was down too, so every pilot's silence is counted from now on
+      (``grace_from``).
+    - ``hold_since``: a hold in force (many or all live pilots silent at once: the server was
+      the likely culprit; nobody is declared lost but past ``WMS_PILOT_LOST_AFTER_OUTAGE``),
+      with the counts of its last cycle (``hold_silent`` of ``hold_live``) and its reason.
+    - ``grace_from``: silence is counted from here at the earliest: the end of the last hold,
+      or the reaper's return after an absence (``grace_reason`` says which).
+    - ``last_hold_started_at`` / ``last_hold_ended_at``: the last hold that ended, for the record.
+
+    Written only by ``pilots.services.pilots_reap_lost``, under the row's lock.
+    """
+
+    name = models.CharField(max_length=20, primary_key=True, default="reaper")
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    hold_since = models.DateTimeField(null=True, blank=True)
+    hold_reason = models.CharField(max_length=255, blank=True, default="")
+    hold_silent = models.PositiveIntegerField(default=0)
+    hold_live = models.PositiveIntegerField(default=0)
+    grace_from = models.DateTimeField(null=True, blank=True)
+    grace_reason = models.CharField(max_length=255, blank=True, default="")
+    last_hold_started_at = models.DateTimeField(null=True, blank=True)
+    last_hold_ended_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "reaper state"
+        verbose_name_plural = "reaper state"
+
+    def __str__(self) -> str:
+        if self.hold_since is not None:
+            return f"reaper: holding since {self.hold_since:%Y-%m-%d %H:%M:%S}"
+        return "reaper: normal"

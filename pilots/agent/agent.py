@@ -32,7 +32,7 @@ from kombu import Connection, Queue
 from kombu.message import Message
 
 from pilots.agent import __version__, host
-from pilots.agent.client import CONFLICT, OK, REJECTED, Backoff, PilotClient
+from pilots.agent.client import CONFLICT, OK, REJECTED, RETRY, Backoff, PilotClient
 from pilots.agent.commands import CommandConsumer, CommandDispatcher
 from pilots.agent.config import PilotConfig
 from pilots.agent.guard import Orphan, PayloadGuard
@@ -51,6 +51,7 @@ IDLE, BUSY, DRAINING = "idle", "busy", "draining"
 PENDING_KILL_TTL = 120.0  # a kill_job for a job not (yet) here is remembered this long
 REMEMBERED_ENDED = 10_000  # job uuids that ended here (a late kill for them is not kept)
 FLUSH_AT_EXIT = 15.0  # seconds spent re-sending spooled reports before terminate
+MAX_REPORTING = 5_000  # spooled reports named in a heartbeat (the WMS takes 10,000 at most)
 
 
 class StartupError(RuntimeError):
@@ -463,7 +464,13 @@ class Agent:
                 self._wait(0.5)
                 continue
             idle = time.monotonic() - self._last_activity
-            if self.cfg.idle_timeout and not running and idle >= self.cfg.idle_timeout:
+            if (
+                self.cfg.idle_timeout
+                and not running
+                and idle >= self.cfg.idle_timeout
+                # reports the WMS has not taken yet: it is away, this is not idleness
+                and not (self.spool is not None and len(self.spool))
+            ):
                 self.exit_reason = f"idle for {idle:.0f}s"
                 log.info(kv("pilot_idle_exit", idle=f"{idle:.1f}"))
                 break
@@ -476,6 +483,8 @@ class Agent:
             if delay is None:
                 start_backoff.reset()
             else:
+                # work is waiting and the WMS cannot be reached: not idleness
+                self._last_activity = time.monotonic()
                 wait = start_backoff.next()
                 log.warning(kv("start_backoff", wait=f"{wait:.1f}"))
                 self._wait(wait)
@@ -550,6 +559,13 @@ class Agent:
             self._settle(message, ack=True)
             self._launch(running)
             return None
+        if result.outcome == CONFLICT and result.error == "pilot_not_live":
+            # Declared lost while the WMS did not hear from it: the next heartbeat makes it live
+            # again. The message goes back to its queue meanwhile; dropping it would leave the
+            # job queued until it is published again.
+            log.warning(kv("job_start_refused_pilot_not_live_requeued", **context))
+            self._settle(message, ack=False)
+            return 1.0
         if result.outcome == CONFLICT:
             log.info(kv("job_start_refused_dropped", **context, answer=result.describe()))
             self._settle(message, ack=True)
@@ -700,18 +716,29 @@ class Agent:
     def _heartbeat_payload(self) -> dict[str, Any]:
         with self.jobs_lock:
             jobs = list(self.jobs.values())
+        # After the running jobs, not before: a job's report is spooled before the job leaves
+        # ``self.jobs``, so every attempt is named in one list or the other.
+        reporting = self.spool.attempts(self.pilot_id) if self.spool is not None else []
         metrics = host.metrics(self.work_dir)
         metrics.update(running_jobs=len(jobs), slots=self.cfg.slots, jobs_done=self.jobs_done)
         state = self.state
-        return {
+        payload: dict[str, Any] = {
             "state": state,
             "status": f"{state}: {len(jobs)}/{self.cfg.slots} slots busy, {self.jobs_done} done",
             "metrics": metrics,
             "jobs": [_job_metrics(r) for r in jobs],
             "acked_commands": self.dispatcher.pending_acks() if self.dispatcher else [],
         }
+        if len(reporting) <= MAX_REPORTING:  # else left out: a partial list would mislead
+            payload["reporting"] = [{"job_uuid": u, "attempt": a} for u, a in reporting]
+        return payload
 
-    def heartbeat(self) -> None:
+    def heartbeat(self) -> bool:
+        """One heartbeat; False when the WMS did not answer it (the loop then backs off).
+
+        Neither an unreachable WMS nor a ``lost`` state in the answer stops the pilot: its jobs
+        run on, their reports wait in the spool, and the WMS reconciles them when it hears
+        from the pilot again. Only a refused token (401/403) or a command does."""
         payload = self._heartbeat_payload()
         result = self.client.heartbeat(payload)
         if result.ok:
@@ -722,12 +749,14 @@ class Agent:
             for item in body.get("commands") or []:
                 self.dispatcher.handle_raw(item, "heartbeat")
             log.debug(kv("heartbeat_sent", state=payload["state"], jobs=len(payload["jobs"])))
-        elif result.status in (401, 403):
+            return True
+        if result.status in (401, 403):
             log.error(kv("heartbeat_unauthorized", answer=result.describe()))
             self.token_refused = True
             self.shutdown(f"the WMS refused the pilot's token ({result.describe()})")
-        else:
-            log.warning(kv("heartbeat_failed", answer=result.describe()))
+            return True
+        log.warning(kv("heartbeat_failed", answer=result.describe()))
+        return result.outcome != RETRY
 
     def _running_reports(self) -> None:
         now = time.monotonic()
@@ -757,13 +786,26 @@ class Agent:
                 )
 
     def _heartbeat_loop(self) -> None:
+        """Every ``heartbeat_interval``; while the WMS does not answer, with a growing backoff
+        (jittered, so pilots do not all come back in step), at most twice the interval."""
+        backoff = Backoff(1.0, 60.0)
         while not self._threads_stop.is_set():
+            answered = True
             try:
-                self.heartbeat()
-                self._running_reports()
+                answered = self.heartbeat()
+                if answered:
+                    self._running_reports()
             except Exception as exc:  # the heartbeat thread must live on
                 log.exception(kv("heartbeat_loop_error", error=exc))
-            self._threads_stop.wait(self.heartbeat_interval)
+            if answered:
+                backoff.reset()
+                wait = self.heartbeat_interval
+            else:
+                backoff.first = max(0.5, min(self.heartbeat_interval / 4, 5.0))
+                backoff.maximum = max(backoff.first, 2 * self.heartbeat_interval)
+                wait = backoff.next()
+                log.info(kv("heartbeat_backoff", wait=f"{wait:.1f}"))
+            self._threads_stop.wait(wait)
 
     # --- the way out ---------------------------------------------------------------------------
 

@@ -133,6 +133,21 @@ class Spool:
             log.error(kv("spool_entry_unreadable", path=path, moved_to=bad, error=exc))
             return None
 
+    def attempts(self, pilot_id: int | None = None) -> list[tuple[str, int]]:
+        """(job uuid, attempt) of the spooled reports (of ``pilot_id`` only, if given): what
+        the heartbeat names as ``reporting``, so the server neither fails them as gone nor
+        forgets that their pilot still holds their ends."""
+        found = []
+        for path in self.paths():
+            try:
+                data = json.loads(path.read_text())
+                if pilot_id is not None and data.get("pilot_id") != pilot_id:
+                    continue
+                found.append((str(data["job_uuid"]), int(data["attempt"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # gone meanwhile, or unreadable: the sender sets it aside
+        return found
+
     def remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -108,6 +108,13 @@ class PilotHeartbeatJobSerializer(serializers.Serializer):
         return value
 
 
+class PilotHeartbeatReportingSerializer(serializers.Serializer):
+    """An attempt whose final report sits in the pilot's spool, not yet accepted."""
+
+    job_uuid = serializers.UUIDField()
+    attempt = serializers.IntegerField(min_value=0, max_value=32767)
+
+
 class PilotHeartbeatSerializer(StrictFieldsMixin, serializers.Serializer):
     """A pilot's heartbeat: its state, status line, metrics, running attempts, acked commands."""
 
@@ -118,6 +125,15 @@ class PilotHeartbeatSerializer(StrictFieldsMixin, serializers.Serializer):
     )
     jobs = serializers.ListField(
         child=PilotHeartbeatJobSerializer(), max_length=MAX_HEARTBEAT_JOBS, default=list
+    )
+    reporting = serializers.ListField(
+        child=PilotHeartbeatReportingSerializer(),
+        max_length=MAX_HEARTBEAT_JOBS,
+        required=False,
+        help_text="The attempts whose final report the pilot holds in its spool, not yet "
+        "accepted. Sent (even empty), it tells the WMS the pilot's whole list: an attempt "
+        "the WMS has running on this pilot that is named neither here nor in `jobs` fails "
+        "(`not_on_pilot`).",
     )
     acked_commands = serializers.ListField(
         child=serializers.UUIDField(),

@@ -85,8 +85,12 @@ class PilotHeartbeatView(PilotProtocolView):
         summary="Heartbeat of a pilot",
         description="The pilot is alive: its state (the first heartbeat moves it from "
         "`registered` to `idle`), status, metrics and the metrics of the attempts it runs are "
-        "stored, the commands it acknowledges are marked so. The answer carries the commands "
-        "not delivered yet, each once (they are also published to the pilot's command queue).",
+        "stored, the commands it acknowledges are marked so; a `lost` pilot heard from again "
+        "is live again. The attempts it names (`jobs`, `reporting`) are reconciled: its "
+        "attempts the reaper ended are reclaimed while their job has not started again, and "
+        "an attempt that is no longer its own gets a `kill_job` command in this answer. The "
+        "answer carries the commands not delivered yet, each once (they are also published "
+        "to the pilot's command queue).",
         request=PilotHeartbeatSerializer,
         responses={200: PilotHeartbeatReplySerializer, **error_responses(400)},
     )

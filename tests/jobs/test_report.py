@@ -233,20 +233,26 @@ def test_a_failed_attempt_without_retries_fails_the_job_with_its_error(make_pilo
 def test_a_late_report_of_a_lost_attempt_is_ignored_and_moves_nothing_back(
     make_pilot, output_task, settings
 ):
+    """The attempt lost its job: the next attempt runs on another pilot. Its late final report
+    registers nothing (only one attempt's outputs are ever registered). Had the next attempt
+    not started, the report would have reclaimed it (tests/jobs/test_reconcile.py)."""
     _pilot, client = make_pilot()
     job = started(client, output_task)
     settings.WMS_PILOT_LOST_AFTER = 0
     assert pilots_reap_lost().attempts == 1
     job.refresh_from_db()
     assert (job.state, job.cur_retry) == (JobState.DEFINED, 1)
+    Job.objects.filter(pk=job.pk).update(state=JobState.QUEUED)  # the executor's doing
+    _, other = make_pilot(hostname="wn2.test")
+    assert other.post(f"/api/v1/jobs/{job.uuid}/start/", {"attempt": 1}).status_code == 200
 
     response = report(client, job, state="finished", exit_code=0, outputs=[HIST])
 
     assert response.status_code == 200
-    assert response.json() == {"job_state": "defined", "outcome": "ignored"}
+    assert response.json() == {"job_state": "running", "outcome": "ignored"}
     job.refresh_from_db()
-    assert (job.state, job.cur_retry) == (JobState.DEFINED, 1)
-    assert JobAttempt.objects.get(job=job).state == AttemptState.LOST
+    assert (job.state, job.cur_retry) == (JobState.RUNNING, 1)
+    assert JobAttempt.objects.get(job=job, number=0).state == AttemptState.LOST
     assert not File.objects.filter(job=job).exclude(type=FileType.INPUT).exists()
     assert dataset_files(output_task) == {}
 

@@ -162,18 +162,22 @@ def test_the_kill_acknowledgement_of_a_cancelled_job_cannot_be_rewritten(make_pi
 def test_a_report_of_an_attempt_the_server_ended_is_still_ignored(
     make_pilot, output_task, settings
 ):
-    """No report ended a lost attempt: a late one is not a conflict, it is ignored."""
+    """No report ended a lost attempt: a late one, once its job started the next attempt, is
+    not a conflict, it is ignored. (Before that, its pilot reclaims it: jobs.reconcile.)"""
     from pilots.services import pilots_reap_lost
 
     _, client = make_pilot()
     job = started(client, output_task)
     settings.WMS_PILOT_LOST_AFTER = 0
     assert pilots_reap_lost().attempts == 1
+    Job.objects.filter(pk=job.pk).update(state=JobState.QUEUED)  # the executor's doing
+    _, other = make_pilot(hostname="wn2.test")
+    assert other.post(f"/api/v1/jobs/{job.uuid}/start/", {"attempt": 1}).status_code == 200
     before = snapshot()
 
     response = report(client, job, **first_report(output_task))
 
-    assert response.json() == {"job_state": "defined", "outcome": "ignored"}
+    assert response.json() == {"job_state": "running", "outcome": "ignored"}
     assert snapshot() == before
 
 

@@ -188,16 +188,36 @@ def test_another_pilots_command_cannot_be_acked(make_pilot):
     assert foreign.acked_at is None
 
 
-def test_a_lost_pilot_that_is_still_alive_is_told_to_shut_down_once(make_pilot):
+@pytest.mark.parametrize("reported", ["idle", "busy", "draining"])
+def test_a_lost_pilot_heard_from_again_is_live_again_and_not_told_to_shut_down(
+    make_pilot, reported
+):
     pilot, client = make_pilot()
     Pilot.objects.filter(pk=pilot.pk).update(state=PilotState.LOST)
+
+    first = beat(client, pilot, state=reported).json()
+    second = beat(client, pilot, state=reported).json()
+
+    assert first["commands"] == [] and second["commands"] == []
+    assert first["state"] == reported
+    pilot.refresh_from_db()
+    assert pilot.state == reported and pilot.last_heartbeat is not None
+    row = pilot.transitions.get()
+    assert (row.from_state, row.to_state) == ("lost", reported)
+    assert (row.source, row.reason) == (f"pilot:{pilot.pk}", "heard from again")
+    assert not PilotCommand.objects.filter(pilot=pilot).exists()
+
+
+def test_a_terminated_pilot_that_is_still_alive_is_told_to_shut_down_once(make_pilot):
+    pilot, client = make_pilot()
+    Pilot.objects.filter(pk=pilot.pk).update(state=PilotState.TERMINATED)
 
     first = beat(client, pilot).json()
     second = beat(client, pilot).json()
 
     assert [c["command"] for c in first["commands"]] == ["shutdown"]
-    assert first["state"] == "lost" and second["commands"] == []
-    assert Pilot.objects.get(pk=pilot.pk).state == PilotState.LOST
+    assert first["state"] == "terminated" and second["commands"] == []
+    assert Pilot.objects.get(pk=pilot.pk).state == PilotState.TERMINATED
     assert PilotCommand.objects.filter(pilot=pilot).count() == 1
 
 

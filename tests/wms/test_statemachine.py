@@ -79,6 +79,8 @@ DESIGN_EDGES = {
     "job": {
         ("defined", "queued"),
         ("defined", "cancelled"),
+        # a lost attempt reclaimed by its pilot, heard from again
+        ("defined", "running"),
         ("queued", "running"),
         ("queued", "defined"),
         ("queued", "cancelled"),
@@ -109,6 +111,10 @@ DESIGN_EDGES = {
         ("busy", "lost"),
         ("draining", "terminated"),
         ("draining", "lost"),
+        # a lost pilot heard from again
+        ("lost", "idle"),
+        ("lost", "busy"),
+        ("lost", "draining"),
     },
     "dataset": {("open", "closed")},
 }
@@ -403,7 +409,7 @@ def test_bulk_twice_moves_nothing_the_second_time():
 @pytest.mark.parametrize(
     ("from_state", "target"),
     [
-        (JobState.DEFINED, JobState.RUNNING),
+        (JobState.HELD, JobState.RUNNING),
         (JobState.FINISHED, JobState.DEFINED),
         (JobState.CANCELLED, JobState.QUEUED),
     ],
@@ -424,7 +430,7 @@ def test_bulk_refuses_a_forbidden_pair_and_writes_nothing(from_state, target):
 def test_bulk_with_no_pks_is_empty_and_still_checks_the_map():
     assert apply_transition_bulk(Job, [], "queued", from_state="defined", source="x") == []
     with pytest.raises(InvalidTransition):
-        apply_transition_bulk(Job, [], "running", from_state="defined", source="x")
+        apply_transition_bulk(Job, [], "running", from_state="held", source="x")
 
 
 @pytest.mark.django_db

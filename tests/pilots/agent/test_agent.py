@@ -3,6 +3,7 @@ messages, start answers, slots, commands from both paths, drain, shutdown, idle 
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import psutil
@@ -358,3 +359,90 @@ def test_the_embedded_filesystem_broker_works_too(tmp_path, fake_wms, agent_conf
             agent.shutdown("test teardown")
             thread.join(10)
         conn.release()
+
+
+def test_a_pilot_that_cannot_reach_the_wms_runs_on_spools_backs_off_and_never_exits(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    """Issue 13, item 2: the WMS away (every heartbeat and report 503), then back saying the
+    pilot is ``lost``: the job runs to its end, its report waits in the spool and is named in
+    the heartbeats as ``reporting``, the heartbeats back off (jittered, growing gaps), and the
+    pilot neither exits nor kills anything."""
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "sleep", "0.6")
+    wait_until(lambda: job.job_uuid in running.agent.jobs)
+    fake_wms.heartbeat_answer = lambda body: (503, {"error": "unavailable"})
+    fake_wms.report_answer = lambda uuid, body: (503, {"error": "unavailable"})
+    down_since = len(fake_wms.calls_to("heartbeat"))
+
+    wait_until(lambda: running.agent.spool.paths(), timeout=10)
+    named = wait_until(
+        lambda: [
+            c
+            for c in fake_wms.calls_to("heartbeat")[down_since:]
+            if c.body.get("reporting") == [{"job_uuid": job.job_uuid, "attempt": 0}]
+            and c.body["jobs"] == []  # ended: named as reporting only
+        ],
+        timeout=20,
+    )
+    assert named
+    wait_until(lambda: len(fake_wms.calls_to("heartbeat")[down_since:]) >= 5, timeout=20)
+    beats = [c.at for c in fake_wms.calls_to("heartbeat")[down_since:]]
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    # backed off: the gaps grow beyond the interval the WMS asked for (0.2 s)
+    assert max(gaps) > fake_wms.heartbeat_interval * 1.2
+    assert running.thread.is_alive()
+
+    # The WMS is back and says the pilot is lost (an old server would add a shutdown; ours
+    # does not): the pilot carries on, sends its report, and stays.
+    fake_wms.report_answer = lambda uuid, body: (200, {"outcome": "applied"})
+    fake_wms.heartbeat_answer = lambda body: (
+        200,
+        {"commands": [], "heartbeat_interval": fake_wms.heartbeat_interval, "state": "lost"},
+    )
+    wait_until(lambda: not running.agent.spool.paths(), timeout=20)
+    after = len(fake_wms.calls_to("heartbeat"))
+    wait_until(lambda: len(fake_wms.calls_to("heartbeat")) > after + 2, timeout=10)
+    assert running.thread.is_alive() and not running.agent.shutting_down
+    assert fake_wms.calls_to("heartbeat")[-1].body["reporting"] == []
+    assert fake_wms.final_reports(job.job_uuid)[-1].body["state"] == "finished"
+    assert running.stop("drain") == 0
+
+
+def test_a_start_refused_because_the_pilot_is_lost_requeues_the_message(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    refused = {"n": 0}
+
+    def answer(uuid, body):
+        if refused["n"] < 1:
+            refused["n"] += 1
+            return 409, {"error": "pilot_not_live", "detail": "lost"}
+        return 200, fake_wms.jobs.get(uuid, {})
+
+    fake_wms.start_answer = answer
+    running = start_agent(agent_config)
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")
+
+    (report,) = wait_until(lambda: fake_wms.final_reports(job.job_uuid), timeout=20)
+    assert len(fake_wms.calls_to("start", job.job_uuid)) == 2  # requeued, taken again
+    assert report.body["state"] == "finished"
+    running.stop()
+
+
+def test_no_idle_exit_while_reports_wait_for_an_unreachable_wms(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    fake_wms.report_answer = lambda uuid, body: (503, {"error": "unavailable"})
+    running = start_agent(agent_config, idle_timeout=0.5)
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")
+    wait_until(lambda: running.agent.spool.paths())
+    # idle far beyond the timeout, but its report is not taken yet: it stays
+    seen = len(fake_wms.final_reports(job.job_uuid))
+    wait_until(lambda: len(fake_wms.final_reports(job.job_uuid)) >= seen + 2, timeout=20)
+    assert running.thread.is_alive() and running.agent.spool.paths()
+
+    fake_wms.report_answer = lambda uuid, body: (200, {"outcome": "applied"})
+    running.thread.join(30)  # the report is taken; now it is idle and exits
+    assert not running.thread.is_alive() and running.result == [0]
+    assert not running.agent.spool.paths()

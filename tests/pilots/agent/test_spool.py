@@ -153,3 +153,14 @@ def test_an_unreadable_entry_is_set_aside_not_retried_forever(spool, fake_wms, p
     assert ReportSender(spool).flush() == 0
     assert not bad.exists() and bad.with_name(bad.name + ".bad").exists()
     assert len(fake_wms.final_reports()) == 1
+
+
+def test_the_spooled_attempts_are_listed_for_the_heartbeat_by_pilot(spool, pilot):
+    url = closed_port_url()
+    put(spool, url, pilot, job_uuid="j-1")
+    put(spool, url, (4, "pilot-token-4"), job_uuid="j-2")  # a former run's pilot
+    (spool.directory / ".j-3.1.report.json.1.2.tmp").write_text("{}")  # not a report yet
+
+    assert sorted(spool.attempts()) == [("j-1", 1), ("j-2", 1)]
+    assert spool.attempts(pilot[0]) == [("j-1", 1)]
+    assert spool.attempts(99) == []
