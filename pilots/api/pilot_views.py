@@ -8,7 +8,8 @@ takes the pilot's own token (``Authorization: Pilot <token>``) and only for its 
 from __future__ import annotations
 
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -35,8 +36,31 @@ from pilots.auth import (
 from pilots.services import pilot_heartbeat, pilot_register, pilot_source, pilot_terminate
 from wms import bus
 from wms.api import error_responses
+from wms.idempotency import idempotent
 
 TAGS = ["pilot protocol"]
+
+
+def pilot_scope(request: Request) -> str:
+    """Whose idempotency keys a pilot's call is compared with: its own."""
+    return f"pilot:{request_pilot(request).pk}"
+
+
+def registrar_scope(request: Request) -> str:
+    """Whose idempotency keys a registration is compared with: the registering user's."""
+    return f"user:{request.user.pk}"
+
+
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="The call's own key (a uuid4), the same in every retry of the call: a call "
+    "sent again gets the first answer again (header `Idempotent-Replayed: true`) and changes "
+    "nothing a second time. 8 to 64 of `A-Z a-z 0-9 _ . : -` (else 400 "
+    "`invalid_idempotency_key`); the same key with another call: 422 `idempotency_key_reused`.",
+)
 
 
 class PilotProtocolView(APIView):
@@ -57,8 +81,10 @@ class PilotRegisterView(APIView):
         "sign the status events it publishes), shown this once, and where it finds its work "
         "on the bus.",
         request=PilotRegisterSerializer,
-        responses={201: PilotRegistrationSerializer, **error_responses(400)},
+        responses={201: PilotRegistrationSerializer, **error_responses(400, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(registrar_scope)
     def post(self, request: Request) -> Response:
         serializer = PilotRegisterSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -88,8 +114,10 @@ class PilotHeartbeatView(PilotProtocolView):
         "stored, the commands it acknowledges are marked so. The answer carries the commands "
         "not delivered yet, each once (they are also published to the pilot's command queue).",
         request=PilotHeartbeatSerializer,
-        responses={200: PilotHeartbeatReplySerializer, **error_responses(400)},
+        responses={200: PilotHeartbeatReplySerializer, **error_responses(400, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, pilot_id: int) -> Response:
         serializer = PilotHeartbeatSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -119,8 +147,10 @@ class PilotTerminateView(PilotProtocolView):
         "error code `pilot_terminated` (their jobs are retried or failed). Terminating a "
         "terminated pilot again is a no-op; a lost pilot answers 409.",
         request=PilotTerminateSerializer,
-        responses={200: PilotTerminatedSerializer, **error_responses(400, 409)},
+        responses={200: PilotTerminatedSerializer, **error_responses(400, 409, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, pilot_id: int) -> Response:
         serializer = PilotTerminateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -146,8 +176,10 @@ class PilotEventsView(PilotProtocolView):
         "naming its job. Each event is answered on its own, in order (`outcome` and "
         "`job_state`, or `error` and `detail`): one bad event does not spoil the others.",
         request=PilotEventsSerializer,
-        responses={200: PilotEventsReplySerializer, **error_responses(400)},
+        responses={200: PilotEventsReplySerializer, **error_responses(400, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, pilot_id: int) -> Response:
         serializer = PilotEventsSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
