@@ -706,7 +706,13 @@ class Agent:
             error_message=f"the pilot freed the job's slot: {why}",
             metrics=running.runner.metrics(),
         )
-        self._final_report(running.job, result)
+        # in a thread of its own: a hung disk may block the spool too, never the watchdog
+        threading.Thread(
+            target=self._final_report,
+            args=(running.job, result),
+            name=f"stuck-{running.job.job_uuid[:8]}",
+            daemon=True,
+        ).start()
 
     def _final_report(self, job: JobMessage, result: JobResult) -> None:
         """Spool first (atomically), then let the sender send it."""

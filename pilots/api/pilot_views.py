@@ -7,6 +7,8 @@ takes the pilot's own token (``Authorization: Pilot <token>``) and only for its 
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -31,12 +33,19 @@ from pilots.auth import (
     IsPilot,
     PilotTokenAuthentication,
     pilot_bus_key,
+    registration_token,
     request_pilot,
 )
-from pilots.services import pilot_heartbeat, pilot_register, pilot_source, pilot_terminate
+from pilots.services import (
+    hash_token,
+    pilot_heartbeat,
+    pilot_register,
+    pilot_source,
+    pilot_terminate,
+)
 from wms import bus
 from wms.api import error_responses
-from wms.idempotency import idempotent
+from wms.idempotency import idempotent, request_key
 
 TAGS = ["pilot protocol"]
 
@@ -49,6 +58,24 @@ def pilot_scope(request: Request) -> str:
 def registrar_scope(request: Request) -> str:
     """Whose idempotency keys a registration is compared with: the registering user's."""
     return f"user:{request.user.pk}"
+
+
+SECRETS = ("token", "bus_key")
+
+
+def registration_stored(request: Request, data: Any) -> Any:
+    """A registration's answer as it is remembered: without its secrets."""
+    return {k: v for k, v in data.items() if k not in SECRETS}
+
+
+def registration_replayed(request: Request, data: Any) -> Any:
+    """A remembered registration's answer with its secrets again: the token is derived from
+    the call's key (:func:`pilots.auth.registration_token`), the bus key from the token."""
+    key = request_key(request)
+    assert key is not None  # only a call with a key is replayed
+    token = registration_token(scope=registrar_scope(request), key=key)
+    bus_key = pilot_bus_key(pilot_id=data["pilot_id"], token_hash=hash_token(token))
+    return {**data, "token": token, "bus_key": bus_key}
 
 
 IDEMPOTENCY_KEY = OpenApiParameter(
@@ -84,12 +111,16 @@ class PilotRegisterView(APIView):
         responses={201: PilotRegistrationSerializer, **error_responses(400, 422)},
         parameters=[IDEMPOTENCY_KEY],
     )
-    @idempotent(registrar_scope)
+    @idempotent(registrar_scope, stored=registration_stored, replayed=registration_replayed)
     def post(self, request: Request) -> Response:
         serializer = PilotRegisterSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        key = request_key(request)
         pilot, token = pilot_register(
-            **serializer.validated_data, registered_by=request.user.get_username()
+            **serializer.validated_data,
+            registered_by=request.user.get_username(),
+            # with a key, a token the replay of this call can give again without storing it
+            token=registration_token(scope=registrar_scope(request), key=key) if key else None,
         )
         topology = bus.topology()
         body = {

@@ -66,7 +66,7 @@ class AnswerDroppingProxy:
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 upstream = http.client.HTTPConnection(
-                    proxy.upstream.hostname, proxy.upstream.port, timeout=30
+                    proxy.upstream.hostname or "127.0.0.1", proxy.upstream.port, timeout=30
                 )
                 try:
                     upstream.request(self.command, self.path, body=body, headers=headers)

@@ -140,6 +140,13 @@ def test_a_registration_sent_again_gets_the_same_pilot(admin_user):
     assert first.status_code == again.status_code == 201
     assert again.json() == first.json()
     assert Pilot.objects.count() == 1
+    # the secrets are not stored: the replay derives them again from the call's key
+    stored = IdempotentRequest.objects.get(key=k).body
+    assert first.json()["token"] not in stored and first.json()["bus_key"] not in stored
+    assert '"token"' not in stored
+    # another key: another pilot, another token
+    other = post(client, "/api/v1/pilots/register/", body, key())
+    assert other.status_code == 201 and other.json()["token"] != first.json()["token"]
     # the token replayed is the pilot's (its hash is what is stored)
     pilot_client = APIClient()
     pilot_client.credentials(HTTP_AUTHORIZATION=f"Pilot {again.json()['token']}")
@@ -205,9 +212,9 @@ def test_calls_without_a_key_are_not_remembered(make_pilot):
     assert not IdempotentRequest.objects.exists()
 
 
-def test_the_store_costs_one_insert_on_the_first_call(make_pilot, django_assert_num_queries):
-    """The hot path: no lookup before the call, one INSERT with it (and the savepoint the
-    service's own transaction becomes)."""
+def test_the_store_costs_one_lookup_and_one_insert(make_pilot):
+    """The hot path: one indexed read of the key, one INSERT with the call's change (and the
+    savepoint the service's own transaction becomes); a retry only reads."""
     from django.test.utils import CaptureQueriesContext
 
     pilot, client = make_pilot()
@@ -215,12 +222,17 @@ def test_the_store_costs_one_insert_on_the_first_call(make_pilot, django_assert_
     client.post(url, {"state": "idle"}, format="json")  # the first one changes the state
     with CaptureQueriesContext(connection) as plain:
         client.post(url, {"state": "idle"}, format="json")
+    k = key()
     with CaptureQueriesContext(connection) as keyed:
-        post(client, url, {"state": "idle"}, key())
-    extra = [q["sql"] for q in keyed.captured_queries[len(plain.captured_queries) :]]
-    store = [q for q in keyed.captured_queries if "wms_idempotentrequest" in q["sql"]]
-    assert len(store) == 1 and store[0]["sql"].startswith("INSERT"), extra
-    assert len(keyed.captured_queries) - len(plain.captured_queries) <= 3, extra
+        post(client, url, {"state": "idle"}, k)
+    with CaptureQueriesContext(connection) as retried:
+        post(client, url, {"state": "idle"}, k)
+    store = [q["sql"] for q in keyed.captured_queries if "wms_idempotentrequest" in q["sql"]]
+    assert [q.split()[0] for q in store] == ["SELECT", "INSERT"], store
+    extra = len(keyed.captured_queries) - len(plain.captured_queries)
+    assert extra <= 4, [q["sql"] for q in keyed.captured_queries]  # + SAVEPOINT, RELEASE
+    # the retry: the key's read and the pilot's token lookup, nothing else
+    assert len(retried.captured_queries) <= 2, [q["sql"] for q in retried.captured_queries]
 
 
 # --- purge -------------------------------------------------------------------------------------
@@ -288,8 +300,9 @@ def test_a_5xx_answer_is_not_stored_the_retry_runs_again():
     assert again.status_code == third.status_code == 200
     assert again.json() == third.json() == {"calls": 2}
     assert "Idempotent-Replayed" not in again.headers  # the 503 was not replayed
-    assert third.headers["Idempotent-Replayed"] == "true"  # (its run was rolled back)
+    assert third.headers["Idempotent-Replayed"] == "true"
     assert IdempotentRequest.objects.get(key=k).status == 200
+    assert len(CALLS) == 2  # the third call was not run
 
 
 # --- two copies of one call at once -------------------------------------------------------------
@@ -335,3 +348,32 @@ def test_which_answers_are_replayed(status, kept):
     from wms.idempotency import storable
 
     assert storable(status) is kept
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="concurrent writers: Postgres")
+def test_two_copies_of_one_registration_at_once_make_one_pilot(django_user_model):
+    """The second copy's INSERT of the pilot (the same derived token) waits for the first
+    one, fails on the token's unique hash, and answers the first one's answer."""
+    import threading
+
+    user = django_user_model.objects.create_user("registrar", is_staff=True)
+    body = {"hostname": "wn2.example.org", "device_type": "cpu"}
+    k = key()
+    barrier = threading.Barrier(3)
+
+    def go():
+        client = APIClient()
+        client.force_authenticate(user=user)
+        barrier.wait(TIMEOUT)
+        response = post(client, "/api/v1/pilots/register/", body, k)
+        return response.status_code, response.json()
+
+    racers = [Racer(go) for _ in range(3)]
+    for r in racers:
+        r.start()
+    outcomes = [r.outcome() for r in racers]
+
+    assert [status for status, _ in outcomes] == [201, 201, 201], outcomes
+    assert all(answer == outcomes[0][1] for _, answer in outcomes)
+    assert Pilot.objects.count() == 1
