@@ -358,8 +358,8 @@ class Agent:
         options: dict[str, Any] = dict(self.cfg.broker_options)
         if self.cfg.broker_connect_url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp"):
             # socket time-outs of py-amqp: no get, ack or reject waits for ever on the broker
-            options.setdefault("read_timeout", self.cfg.broker_timeout)
-            options.setdefault("write_timeout", self.cfg.broker_timeout)
+            for name in ("read_timeout", "write_timeout"):  # a site's own option wins
+                options[name] = float(options.get(name, self.cfg.broker_timeout))
         return Connection(
             self.cfg.broker_connect_url,
             transport_options=options,

@@ -386,3 +386,26 @@ def test_the_embedded_filesystem_broker_works_too(tmp_path, fake_wms, agent_conf
             agent.shutdown("test teardown")
             thread.join(10)
         conn.release()
+
+
+def test_every_broker_operation_of_the_job_connection_has_a_time_out(agent_config):
+    """py-amqp's socket read/write time-outs (``broker_timeout``) bound a ``basic_get``, an
+    ack or a reject on a broker that stopped answering; a site's own option wins."""
+    from dataclasses import replace
+
+    from pilots.agent.agent import Agent
+
+    agent = Agent(replace(agent_config, broker_timeout=7.0), install_signals=False)
+    conn = agent._new_connection()
+    try:
+        assert conn.transport_options["read_timeout"] == 7.0
+        assert conn.transport_options["write_timeout"] == 7.0
+        assert conn.connect_timeout == 7.0
+    finally:
+        conn.release()
+    own = replace(agent_config, broker_options={"read_timeout": "3"})
+    conn = Agent(own, install_signals=False)._new_connection()
+    try:
+        assert conn.transport_options["read_timeout"] == 3.0
+    finally:
+        conn.release()
