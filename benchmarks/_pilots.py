@@ -453,7 +453,9 @@ class PilotSession:
     def post(self, path: str, payload: dict[str, Any]) -> tuple[float, Any]:
         """POST, raise on anything but 200; returns (seconds, decoded body)."""
         t0 = time.perf_counter()
-        resp = self.session.post(self.base + path, json=payload, timeout=60)
+        # as the agent calls: every call with its own idempotency key
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        resp = self.session.post(self.base + path, json=payload, headers=key, timeout=60)
         elapsed = time.perf_counter() - t0
         if resp.status_code != 200:
             raise RuntimeError(f"POST {path}: HTTP {resp.status_code} {resp.text[:300]}")

@@ -350,6 +350,11 @@ WMS_EVENTS_MAX_WAIT = env.float("WMS_EVENTS_MAX_WAIT", default=0.5)
 # consume_events` runs it apart.
 WMS_EVENTS_IN_WORKER = env.bool("WMS_EVENTS_IN_WORKER", default=True)
 
+# Idempotency keys of API calls (docs/pilot-api.md): an answer is replayed for this long (s),
+# then purged by beat every WMS_IDEMPOTENCY_PURGE_EVERY seconds.
+WMS_IDEMPOTENCY_TTL = env.float("WMS_IDEMPOTENCY_TTL", default=24 * 3600.0)
+WMS_IDEMPOTENCY_PURGE_EVERY = env.float("WMS_IDEMPOTENCY_PURGE_EVERY", default=3600.0)
+
 CELERY_BEAT_SCHEDULE = {
     "split": {"task": "wms.split", "schedule": WMS_SPLIT_EVERY, "kwargs": {"beat": True}},
     "dispatch": {"task": "wms.dispatch", "schedule": WMS_DISPATCH_EVERY, "kwargs": {"beat": True}},
@@ -363,6 +368,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "wms.reap_pilots",
         "schedule": WMS_REAP_EVERY,
         "kwargs": {"beat": True},
+    },
+    "purge-idempotency-keys": {
+        "task": "wms.purge_idempotency_keys",
+        "schedule": WMS_IDEMPOTENCY_PURGE_EVERY,
     },
 }
 

@@ -322,12 +322,16 @@ def job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMe
 
     - ``stale_attempt``: the message is of another attempt than the job's ``cur_retry``;
     - ``wrong_device``: the job needs another device type than the pilot's;
-    - ``job_not_queued``: cancelled, finished, failed, running, or back to ``defined``;
+    - ``job_not_queued``: cancelled, finished, failed, running (with another pilot or
+      attempt), or back to ``defined``;
     - ``pilot_not_live``: the pilot is terminated or lost.
 
     On success the job is ``running`` with this pilot and ``time_start``, the attempt row
     exists (``attempt_unique_number`` and ``attempt_one_running_per_job`` are the last line
     of defence), and an idle pilot is busy. A constant number of queries.
+
+    The same start again, once this attempt runs with this pilot (its answer was lost on the
+    way), answers the same job message and writes nothing: a start can always be retried.
     """
     try:
         return _job_start(pilot=pilot, job_uuid=job_uuid, attempt=attempt)
@@ -355,7 +359,7 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
         Job.objects.select_for_update(of=("self",))
         .filter(uuid=uid)
         # the job message is built from this row and its task's (joined, not locked)
-        .values("state", *MESSAGE_COLUMNS, *_MESSAGE_TASK_COLUMNS)
+        .values("state", "pilot_id", *MESSAGE_COLUMNS, *_MESSAGE_TASK_COLUMNS)
         .order_by()
         .first()
     )
@@ -370,7 +374,11 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
             f"Job {uid} needs a {job['device_type']} pilot; this one is {pilot.device_type}."
         )
     if job["state"] != JobState.QUEUED:
-        raise JobNotQueued(f"Job {uid} is {job['state']}, not queued.")
+        if not _started_by(job, pilot_id=pilot.pk, attempt=attempt):
+            raise JobNotQueued(f"Job {uid} is {job['state']}, not queued.")
+        # the same start again (its answer was lost): the same answer, nothing written
+        log.info("job_start_repeated", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
+        return _start_message(job)
     now = timezone.now()
     source = f"pilot:{pilot.pk}"
     apply_transition(  # both rows are locked: their states are not read again
@@ -395,10 +403,27 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
         )
     log.info("job_started", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
     # The message's columns are unchanged by the start: no second read.
+    return _start_message(job)
+
+
+def _started_by(job: dict[str, Any], *, pilot_id: int, attempt: int) -> bool:
+    """Whether this attempt of the job (locked, at ``cur_retry == attempt``) already runs with
+    this pilot: a start sent again after its answer was lost (docs/pilot-api.md)."""
+    return (
+        job["state"] == JobState.RUNNING
+        and job["pilot_id"] == pilot_id
+        and JobAttempt.objects.filter(
+            job_id=job["id"], number=attempt, pilot_id=pilot_id, state=AttemptState.RUNNING
+        ).exists()
+    )
+
+
+def _start_message(job: dict[str, Any]) -> JobMessage:
+    """The job message of a started job, from the row :func:`_job_start` read."""
     task = {"id": job["task_id"]}
     for column in _MESSAGE_TASK_COLUMNS:
         task[column.removeprefix("task__")] = job.pop(column)
-    del job["state"]
+    del job["state"], job["pilot_id"]
     return build_messages([job["id"]], jobs=[job], tasks={task["id"]: task})[0]
 
 

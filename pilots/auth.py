@@ -17,6 +17,7 @@ server know it. The events consumer reads the keys of a batch's pilots with one 
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from django.utils.crypto import salted_hmac
 from rest_framework import authentication, exceptions, permissions
 
 from pilots.models import Pilot
+from pilots.services import TOKEN_PREFIX
 
 KEYWORD = "Pilot"
 BUS_KEY_SALT = "wms.pilots.auth.bus-events"
@@ -106,6 +108,18 @@ def pilot_bus_key(*, pilot_id: int, token_hash: str, secret: str | None = None) 
     return salted_hmac(
         BUS_KEY_SALT, f"{pilot_id}|{token_hash}", secret=secret, algorithm="sha256"
     ).hexdigest()
+
+
+REGISTRATION_TOKEN_SALT = "wms.pilots.auth.registration-token"  # noqa: S105 - a salt
+
+
+def registration_token(*, scope: str, key: str) -> str:
+    """The token of the pilot registered by the call ``key`` of ``scope`` (its registering
+    user): HMAC-SHA256 of the server's ``SECRET_KEY``. A registration sent again with the same
+    key gets the same token back without the token being stored anywhere (the stored answer
+    has none: :func:`registration_stored`, :func:`registration_replayed`)."""
+    digest = salted_hmac(REGISTRATION_TOKEN_SALT, f"{scope}|{key}", algorithm="sha256")
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
 def pilot_bus_keys(pilot_ids: Iterable[int]) -> dict[int, tuple[str, ...]]:

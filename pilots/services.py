@@ -60,15 +60,18 @@ def pilot_register(
     version: str = "",
     registered_by: str = "",
     orphans: Sequence[Mapping[str, Any]] = (),
+    token: str | None = None,
 ) -> tuple[Pilot, str]:
     """Register a pilot; returns it with its token (shown once, only its hash is stored).
     ``orphans``: what the pilot found and killed of a dead pilot's payloads at start-up
-    (:func:`pilot_orphans_record`)."""
+    (:func:`pilot_orphans_record`). ``token``: the token to give it
+    (``pilots.auth.registration_token``, for a registration with an idempotency key); a new
+    random one by default."""
     if device_type not in DeviceType.values:
         raise ValidationFailed({"device_type": [f"Must be one of {DeviceType.values}."]})
     if not hostname:
         raise ValidationFailed({"hostname": ["This field is required."]})
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = token or TOKEN_PREFIX + secrets.token_urlsafe(32)
     pilot = Pilot.objects.create(
         hostname=hostname,
         site=site,

@@ -260,6 +260,8 @@ _ERROR_DESCRIPTIONS = {
     "`dataset_closed`, `conflict`). Nothing was written.",
     413: "The body exceeds the server's limit (`request_too_large`, `WMS_API_MAX_BODY`). "
     "Nothing was read or written.",
+    422: "The `Idempotency-Key` was already used for another call (`idempotency_key_reused`). "
+    "Nothing was written.",
     429: "Too many requests (`throttled`): wait the seconds of `Retry-After`. Nothing was written.",
     503: "The database or the message broker is unavailable (`database_unavailable`, "
     "`broker_unavailable`); the `Retry-After` header says when to try again. Nothing was "

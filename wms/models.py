@@ -85,3 +85,31 @@ class ApiToken(models.Model):
     def is_active(self, now=None) -> bool:
         now = now or timezone.now()
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class IdempotentRequest(models.Model):
+    """The remembered answer of one call made with an ``Idempotency-Key`` (wms.idempotency).
+
+    ``scope`` says whose key it is (``pilot:<id>``, ``user:<id>``): two callers may use the same
+    key. ``fingerprint`` is the sha256 of the call (method, path, body): the same key with
+    another call is refused. The row of a call that changed something is written in the same
+    transaction as the change, so a retried call finds either both or neither. Rows older than
+    ``WMS_IDEMPOTENCY_TTL`` are purged by beat (``wms.purge_idempotency_keys``). Rows are
+    written only by ``wms.idempotency``.
+    """
+
+    scope = models.CharField(max_length=64)
+    key = models.CharField(max_length=64)
+    fingerprint = models.CharField(max_length=64)
+    status = models.PositiveSmallIntegerField()
+    body = models.TextField(help_text="The answer's JSON body, as it was sent.")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["scope", "key"], name="idempotent_request_unique_key")
+        ]
+        verbose_name = "idempotent request"
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.key} → {self.status}"

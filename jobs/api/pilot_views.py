@@ -16,9 +16,15 @@ from jobs.api.pilot_serializers import (
     JobStartSerializer,
 )
 from jobs.services import job_report, job_start
-from pilots.api.pilot_views import TAGS, PilotProtocolView
+from pilots.api.pilot_views import (
+    IDEMPOTENCY_KEY,
+    TAGS,
+    PilotProtocolView,
+    pilot_scope,
+)
 from pilots.auth import request_pilot
 from wms.api import error_responses
+from wms.idempotency import idempotent
 
 
 class JobStartView(PilotProtocolView):
@@ -29,8 +35,10 @@ class JobStartView(PilotProtocolView):
         "this pilot. 200: run the job message returned. 409 (`job_not_queued`, "
         "`stale_attempt`, `wrong_device`, `pilot_not_live`): drop the message.",
         request=JobStartSerializer,
-        responses={200: JobMessageSerializer, **error_responses(400, 404, 409)},
+        responses={200: JobMessageSerializer, **error_responses(400, 404, 409, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, job_uuid: uuid.UUID) -> Response:
         serializer = JobStartSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -54,8 +62,10 @@ class JobReportView(PilotProtocolView):
         "`report_conflict`; a report of an attempt no longer running is `ignored`. "
         "403: the attempt is another pilot's.",
         request=JobReportSerializer,
-        responses={200: JobReportReplySerializer, **error_responses(400, 404, 409)},
+        responses={200: JobReportReplySerializer, **error_responses(400, 404, 409, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, job_uuid: uuid.UUID) -> Response:
         serializer = JobReportSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)

@@ -6,8 +6,11 @@ topology on its own broker connection, start the heartbeat, command and spool th
 Then, while running: when a slot is free, ``basic_get`` one job message (empty queue: a short
 growing backoff); decode it (a malformed one is acked and dropped); ``POST start``; only then
 ack: 200 → ack and run it in a thread of its own; 409 (and other 4xx) → ack and drop; 5xx or no
-answer → reject with requeue and back off. So at most ``slots`` jobs run, and no message stays
-unacked longer than one ``start`` call.
+answer → the same start again with the same idempotency key (``start_retries`` times, backoff
+with jitter: the server answers a start it already made with the same job message), then reject
+with requeue and back off. So at most ``slots`` jobs run, and no message stays unacked longer
+than one ``start`` call and its retries. A watchdog (``pilots.agent.watchdog``) frees a slot
+whose job is stuck around its payload.
 
 It stops on: drain (command or first SIGTERM/SIGINT: take no more jobs, let the running ones end),
 shutdown (command or second signal: kill the running jobs, report them), idle timeout (no job for
@@ -32,7 +35,16 @@ from kombu import Connection, Queue
 from kombu.message import Message
 
 from pilots.agent import __version__, host
-from pilots.agent.client import CONFLICT, OK, REJECTED, RETRY, Backoff, PilotClient
+from pilots.agent.client import (
+    CONFLICT,
+    OK,
+    REJECTED,
+    RETRY,
+    ApiResult,
+    Backoff,
+    PilotClient,
+    new_key,
+)
 from pilots.agent.commands import CommandConsumer, CommandDispatcher
 from pilots.agent.config import PilotConfig
 from pilots.agent.guard import Orphan, PayloadGuard
@@ -40,6 +52,7 @@ from pilots.agent.logs import kv, log
 from pilots.agent.runner import FAILED, JobResult, JobRunner
 from pilots.agent.sandbox import PayloadSandbox, SandboxError, from_config, is_dumpable
 from pilots.agent.spool import ReportSender, Spool
+from pilots.agent.watchdog import SLOT_STUCK, SlotWatchdog
 from wms.contract import JOB, VERSION, Command, ContractError, JobMessage, decode_job
 from wms.topology import Topology
 
@@ -113,6 +126,9 @@ class Agent:
         self._lock_fd: int | None = None
         self._stop_on_signal = threading.Event()  # cuts the registration retries short
         self._last_activity = time.monotonic()
+        self.watchdog = SlotWatchdog(
+            self._running_jobs, self._free_stuck_slot, stuck_after=config.slot_stuck_after
+        )
 
     # --- public controls (commands, signals, tests) --------------------------------------------
 
@@ -371,10 +387,15 @@ class Agent:
             self.heartbeat_interval = float(value)
 
     def _new_connection(self) -> Connection:
+        options: dict[str, Any] = dict(self.cfg.broker_options)
+        if self.cfg.broker_connect_url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp"):
+            # socket time-outs of py-amqp: no get, ack or reject waits for ever on the broker
+            for name in ("read_timeout", "write_timeout"):  # a site's own option wins
+                options[name] = float(options.get(name, self.cfg.broker_timeout))
         return Connection(
             self.cfg.broker_connect_url,
-            transport_options=dict(self.cfg.broker_options),
-            connect_timeout=10,
+            transport_options=options,
+            connect_timeout=min(10.0, self.cfg.broker_timeout),
             heartbeat=60,
         )
 
@@ -425,6 +446,7 @@ class Agent:
             target=self._heartbeat_loop, name="pilot-heartbeat", daemon=True
         )
         self._heartbeat_thread.start()
+        self.watchdog.start()
         self._last_activity = time.monotonic()
 
     # --- signals -------------------------------------------------------------------------------
@@ -546,7 +568,7 @@ class Agent:
             self._settle(message, ack=True)
             return None
         context = {"job_uuid": job.job_uuid, "attempt": job.attempt}
-        result = self.client.start(job.job_uuid, job.attempt)
+        result = self._start(job)
         if result.outcome == OK:
             try:
                 # the server's copy is the one to run; "v"/"kind" may be left out of it
@@ -590,6 +612,36 @@ class Agent:
         log.warning(kv("job_start_failed_requeued", **context, answer=result.describe()))
         self._settle(message, ack=False)
         return 1.0
+
+    def _start(self, job: JobMessage) -> ApiResult:
+        """``POST start``; while its outcome is unknown (no answer, time-out, 5xx: the server
+        may have started the job for this pilot) sent again with the same idempotency key,
+        with backoff and jitter, up to ``start_retries`` more times. The server answers a
+        start it already made with the same job message (docs/pilot-api.md)."""
+        key = new_key()
+        backoff = Backoff(0.5, 10.0)
+        result = self.client.start(job.job_uuid, job.attempt, key=key)
+        for _ in range(self.cfg.start_retries):
+            if result.outcome != RETRY or self.shutting_down:
+                break
+            delay = backoff.next()
+            log.warning(
+                kv(
+                    "job_start_retry",
+                    job_uuid=job.job_uuid,
+                    attempt=job.attempt,
+                    answer=result.describe(),
+                    wait=f"{delay:.1f}",
+                )
+            )
+            deadline = time.monotonic() + delay
+            while not self.shutting_down and (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, 0.25))
+                if self._conn is not None:  # the message stays unacked: keep the link alive
+                    with contextlib.suppress(Exception):
+                        self._conn.heartbeat_check()
+            result = self.client.start(job.job_uuid, job.attempt, key=key)
+        return result
 
     # --- running jobs --------------------------------------------------------------------------
 
@@ -668,14 +720,47 @@ class Agent:
             if result.log_staged and not self.cfg.keep_job_dirs:
                 runner.cleanup()
         finally:
-            with self.jobs_lock:
-                self.jobs.pop(job.job_uuid, None)
-                self.ended[job.job_uuid] = job.attempt
-                while len(self.ended) > REMEMBERED_ENDED:
-                    del self.ended[next(iter(self.ended))]
-                self.jobs_done += 1
-                self._last_activity = time.monotonic()
-            self._wake.set()
+            self._release(running)
+
+    def _release(self, running: RunningJob) -> bool:
+        """Take a job off its slot, once: False if it was off already (the watchdog freed
+        its slot, and this is its thread ending late)."""
+        job = running.job
+        with self.jobs_lock:
+            if self.jobs.get(job.job_uuid) is not running:
+                return False
+            del self.jobs[job.job_uuid]
+            self.ended[job.job_uuid] = job.attempt
+            while len(self.ended) > REMEMBERED_ENDED:
+                del self.ended[next(iter(self.ended))]
+            self.jobs_done += 1
+            self._last_activity = time.monotonic()
+        self._wake.set()
+        return True
+
+    def _running_jobs(self) -> list[RunningJob]:
+        with self.jobs_lock:
+            return list(self.jobs.values())
+
+    def _free_stuck_slot(self, running: RunningJob, why: str) -> None:
+        """The watchdog found this job's slot stuck: kill what may still run of it, free the
+        slot and spool a final failed report (``slot_stuck``) for its attempt."""
+        running.runner.kill(f"{SLOT_STUCK}: {why}")
+        if not self._release(running):
+            return
+        result = JobResult(
+            FAILED,
+            error_code=SLOT_STUCK,
+            error_message=f"the pilot freed the job's slot: {why}",
+            metrics=running.runner.metrics(),
+        )
+        # in a thread of its own: a hung disk may block the spool too, never the watchdog
+        threading.Thread(
+            target=self._final_report,
+            args=(running.job, result),
+            name=f"stuck-{running.job.job_uuid[:8]}",
+            daemon=True,
+        ).start()
 
     def _final_report(self, job: JobMessage, result: JobResult) -> None:
         """Spool first (atomically), then let the sender send it."""
@@ -812,10 +897,12 @@ class Agent:
     def _finish(self) -> None:
         if self.shutting_down:
             self._kill_all(f"pilot shutdown: {self.exit_reason}")
-        with self.jobs_lock:
-            threads = [r.thread for r in self.jobs.values() if r.thread is not None]
-        for thread in threads:  # killed ones end within the grace period (plus stage-out)
-            thread.join()
+        while True:  # killed ones end within the grace period (plus stage-out); a stuck
+            with self.jobs_lock:  # one is taken off its slot by the watchdog
+                threads = [r.thread for r in self.jobs.values() if r.thread is not None]
+            if not threads:
+                break
+            threads[0].join(0.5)
         self._threads_stop.set()
         if self.consumer is not None:
             self.consumer.stop()
@@ -857,6 +944,7 @@ class Agent:
 
     def _close(self) -> None:
         self._threads_stop.set()
+        self.watchdog.stop()
         if self.consumer is not None:
             self.consumer.stop()
         if self.sender is not None:

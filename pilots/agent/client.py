@@ -6,6 +6,11 @@ Every answer is classified the way the contract says a pilot must treat it:
 - ``conflict`` (409): final, nothing to retry;
 - ``rejected`` (other 4xx): a bug on the pilot's side, logged, the request is dropped;
 - ``retry`` (5xx, connection errors, time-outs): try again later, with backoff.
+
+Every POST carries an ``Idempotency-Key`` (docs/pilot-api.md): a uuid4 made once per logical
+call and sent again with each of its retries (``key=``; :meth:`PilotClient.post_retrying`
+makes one for all its tries), so a call whose answer was lost can be sent again without
+doing twice what it did. Every request has a (connect, read) time-out.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +34,12 @@ REJECTED = "rejected"
 RETRY = "retry"
 
 API = "/api/v1"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def new_key() -> str:
+    """A new idempotency key: one per logical call, reused by its retries."""
+    return str(uuid.uuid4())
 
 
 @dataclass
@@ -122,13 +134,15 @@ class PilotClient:
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def post(self, path: str, payload: dict[str, Any], *, auth: str) -> ApiResult:
-        """One POST; never raises for HTTP or network trouble (the result says what happened)."""
+    def post(
+        self, path: str, payload: dict[str, Any], *, auth: str, key: str | None = None
+    ) -> ApiResult:
+        """One POST with its idempotency ``key`` (a new one if None); never raises for HTTP or
+        network trouble (the result says what happened)."""
         url = f"{self.server_url}{API}{path}"
+        headers = {"Authorization": auth, IDEMPOTENCY_HEADER: key or new_key()}
         try:
-            response = self.session.post(
-                url, json=payload, headers={"Authorization": auth}, timeout=self.timeout
-            )
+            response = self.session.post(url, json=payload, headers=headers, timeout=self.timeout)
         except requests.RequestException as exc:
             return ApiResult(RETRY, None, None, f"{type(exc).__name__}: {exc}")
         try:
@@ -150,9 +164,11 @@ class PilotClient:
         backoff: Backoff | None = None,
         stop: threading.Event | None = None,
     ) -> ApiResult:
-        """POST, retried on ``retry`` outcomes up to ``retries`` more times (or until ``stop``)."""
+        """POST, retried on ``retry`` outcomes up to ``retries`` more times (or until ``stop``),
+        every try with the same idempotency key."""
         backoff = backoff or Backoff(1.0, 30.0)
-        result = self.post(path, payload, auth=auth)
+        key = new_key()
+        result = self.post(path, payload, auth=auth, key=key)
         for _ in range(retries):
             if result.outcome != RETRY:
                 break
@@ -163,7 +179,7 @@ class PilotClient:
                     break
             else:
                 time.sleep(delay)
-            result = self.post(path, payload, auth=auth)
+            result = self.post(path, payload, auth=auth, key=key)
         return result
 
     def _pilot_auth(self, token: str | None = None) -> str:
@@ -200,12 +216,23 @@ class PilotClient:
             backoff=Backoff(0.5, 5.0),
         )
 
-    def start(self, job_uuid: str, attempt: int) -> ApiResult:
-        """One try: on no answer the caller requeues the message and backs off."""
-        return self.post(f"/jobs/{job_uuid}/start/", {"attempt": attempt}, auth=self._pilot_auth())
+    def start(self, job_uuid: str, attempt: int, *, key: str | None = None) -> ApiResult:
+        """One try; the caller sends it again with the same ``key`` while its outcome is
+        unknown (``retry``), then requeues the message."""
+        return self.post(
+            f"/jobs/{job_uuid}/start/", {"attempt": attempt}, auth=self._pilot_auth(), key=key
+        )
 
     def report(
-        self, job_uuid: str, payload: dict[str, Any], *, token: str | None = None
+        self,
+        job_uuid: str,
+        payload: dict[str, Any],
+        *,
+        token: str | None = None,
+        key: str | None = None,
     ) -> ApiResult:
-        """One try; final reports are retried by the spool's sender, with the token stored there."""
-        return self.post(f"/jobs/{job_uuid}/report/", payload, auth=self._pilot_auth(token))
+        """One try; final reports are retried by the spool's sender, with the token and the
+        key stored there."""
+        return self.post(
+            f"/jobs/{job_uuid}/report/", payload, auth=self._pilot_auth(token), key=key
+        )

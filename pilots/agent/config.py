@@ -73,6 +73,9 @@ class PilotConfig:
     keep_job_dirs: bool = False
     http_timeout: float = 30.0
     register_retries: int = 10
+    start_retries: int = 5
+    broker_timeout: float = 30.0
+    slot_stuck_after: float = 900.0
     log_level: str = "INFO"
     payload_user: str = ""
     payload_env: tuple[str, ...] = ()
@@ -272,6 +275,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep_job_dirs", _bool, "keep each job's work directory after its report (true/false)"),
     Option("http_timeout", _number(float, positive=True), "seconds to wait for the WMS"),
     Option("register_retries", _number(int, minimum=0), "registration attempts after the first"),
+    Option(
+        "start_retries",
+        _number(int, minimum=0),
+        "tries of a start whose answer was lost (same idempotency key), after the first",
+    ),
+    Option(
+        "broker_timeout",
+        _number(float, positive=True),
+        "seconds a broker operation (connect, get, ack, reject) may take",
+    ),
+    Option(
+        "slot_stuck_after",
+        _number(float, positive=True),
+        "seconds a job may stay in stage-in, or after its payload ended, before its slot is "
+        "freed and the attempt reported failed (slot_stuck)",
+    ),
     Option("log_level", _level, "DEBUG, INFO, WARNING or ERROR"),
     Option(
         "payload_user",

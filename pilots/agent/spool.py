@@ -8,8 +8,10 @@ of a pilot that uses the same spool directory. So a WMS outage loses no result.
 
 Each entry holds what is needed to send it again later, even by another run of the pilot: the
 server URL, the pilot id and the pilot token the attempt was started with (an attempt belongs to
-the pilot that started it, so a report sent with a newer pilot's token would be refused). The
-files are therefore readable by their owner only (mode 0600, directory 0700).
+the pilot that started it, so a report sent with a newer pilot's token would be refused), and
+the report's idempotency key, made when it is spooled: every resend, by this run or the next,
+is the same call to the server, which answers it once. The files are therefore readable by
+their owner only (mode 0600, directory 0700).
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pilots.agent.client import CONFLICT, OK, REJECTED, ApiResult, Backoff, PilotClient
+from pilots.agent.client import CONFLICT, OK, REJECTED, ApiResult, Backoff, PilotClient, new_key
 from pilots.agent.logs import kv, log
 
 SUFFIX = ".report.json"
@@ -42,6 +45,7 @@ class SpoolEntry:
     server_url: str
     token: str
     report: dict[str, Any]
+    key: str = ""  # the report's idempotency key
 
 
 class Spool:
@@ -62,14 +66,17 @@ class Spool:
         pilot_id: int | None,
         server_url: str,
         token: str,
+        key: str | None = None,
     ) -> Path:
-        """Write one final report atomically (tmp + fsync + rename + fsync of the directory)."""
+        """Write one final report atomically (tmp + fsync + rename + fsync of the directory),
+        with its idempotency ``key`` (a new one if None)."""
         document = {
             "job_uuid": job_uuid,
             "attempt": attempt,
             "pilot_id": pilot_id,
             "server_url": server_url,
             "token": token,
+            "idempotency_key": key or new_key(),
             "spooled_at": datetime.now(UTC).isoformat(),
             "report": report,
         }
@@ -123,6 +130,8 @@ class Spool:
                 server_url=str(data["server_url"]),
                 token=str(data.get("token", "")),
                 report=dict(data["report"]),
+                # a spool written before keys: one derived from the entry, stable across runs
+                key=str(data.get("idempotency_key") or _legacy_key(path)),
             )
         except FileNotFoundError:
             return None
@@ -186,7 +195,7 @@ class ReportSender:
 
     def send_one(self, entry: SpoolEntry) -> ApiResult:
         result = self._client(entry.server_url).report(
-            entry.job_uuid, entry.report, token=entry.token
+            entry.job_uuid, entry.report, token=entry.token, key=entry.key
         )
         context = {
             "job_uuid": entry.job_uuid,
@@ -274,3 +283,7 @@ def _detail(result: ApiResult) -> str:
     if isinstance(body, dict):
         return str(body.get("detail", body.get("error", "")))[:300]
     return str(body or "")[:300]
+
+
+def _legacy_key(path: Path) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"wms-pilot-spool:{path.name}"))

@@ -7,8 +7,11 @@ takes the pilot's own token (``Authorization: Pilot <token>``) and only for its 
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -30,13 +33,61 @@ from pilots.auth import (
     IsPilot,
     PilotTokenAuthentication,
     pilot_bus_key,
+    registration_token,
     request_pilot,
 )
-from pilots.services import pilot_heartbeat, pilot_register, pilot_source, pilot_terminate
+from pilots.services import (
+    hash_token,
+    pilot_heartbeat,
+    pilot_register,
+    pilot_source,
+    pilot_terminate,
+)
 from wms import bus
 from wms.api import error_responses
+from wms.idempotency import idempotent, request_key
 
 TAGS = ["pilot protocol"]
+
+
+def pilot_scope(request: Request) -> str:
+    """Whose idempotency keys a pilot's call is compared with: its own."""
+    return f"pilot:{request_pilot(request).pk}"
+
+
+def registrar_scope(request: Request) -> str:
+    """Whose idempotency keys a registration is compared with: the registering user's."""
+    return f"user:{request.user.pk}"
+
+
+SECRETS = ("token", "bus_key")
+
+
+def registration_stored(request: Request, data: Any) -> Any:
+    """A registration's answer as it is remembered: without its secrets."""
+    return {k: v for k, v in data.items() if k not in SECRETS}
+
+
+def registration_replayed(request: Request, data: Any) -> Any:
+    """A remembered registration's answer with its secrets again: the token is derived from
+    the call's key (:func:`pilots.auth.registration_token`), the bus key from the token."""
+    key = request_key(request)
+    assert key is not None  # only a call with a key is replayed
+    token = registration_token(scope=registrar_scope(request), key=key)
+    bus_key = pilot_bus_key(pilot_id=data["pilot_id"], token_hash=hash_token(token))
+    return {**data, "token": token, "bus_key": bus_key}
+
+
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="The call's own key (a uuid4), the same in every retry of the call: a call "
+    "sent again gets the first answer again (header `Idempotent-Replayed: true`) and changes "
+    "nothing a second time. 8 to 64 of `A-Z a-z 0-9 _ . : -` (else 400 "
+    "`invalid_idempotency_key`); the same key with another call: 422 `idempotency_key_reused`.",
+)
 
 
 class PilotProtocolView(APIView):
@@ -57,13 +108,19 @@ class PilotRegisterView(APIView):
         "sign the status events it publishes), shown this once, and where it finds its work "
         "on the bus.",
         request=PilotRegisterSerializer,
-        responses={201: PilotRegistrationSerializer, **error_responses(400)},
+        responses={201: PilotRegistrationSerializer, **error_responses(400, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(registrar_scope, stored=registration_stored, replayed=registration_replayed)
     def post(self, request: Request) -> Response:
         serializer = PilotRegisterSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        key = request_key(request)
         pilot, token = pilot_register(
-            **serializer.validated_data, registered_by=request.user.get_username()
+            **serializer.validated_data,
+            registered_by=request.user.get_username(),
+            # with a key, a token the replay of this call can give again without storing it
+            token=registration_token(scope=registrar_scope(request), key=key) if key else None,
         )
         topology = bus.topology()
         body = {
@@ -92,8 +149,10 @@ class PilotHeartbeatView(PilotProtocolView):
         "answer carries the commands not delivered yet, each once (they are also published "
         "to the pilot's command queue).",
         request=PilotHeartbeatSerializer,
-        responses={200: PilotHeartbeatReplySerializer, **error_responses(400)},
+        responses={200: PilotHeartbeatReplySerializer, **error_responses(400, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, pilot_id: int) -> Response:
         serializer = PilotHeartbeatSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -123,8 +182,10 @@ class PilotTerminateView(PilotProtocolView):
         "error code `pilot_terminated` (their jobs are retried or failed). Terminating a "
         "terminated pilot again is a no-op; a lost pilot answers 409.",
         request=PilotTerminateSerializer,
-        responses={200: PilotTerminatedSerializer, **error_responses(400, 409)},
+        responses={200: PilotTerminatedSerializer, **error_responses(400, 409, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, pilot_id: int) -> Response:
         serializer = PilotTerminateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -150,8 +211,10 @@ class PilotEventsView(PilotProtocolView):
         "naming its job. Each event is answered on its own, in order (`outcome` and "
         "`job_state`, or `error` and `detail`): one bad event does not spoil the others.",
         request=PilotEventsSerializer,
-        responses={200: PilotEventsReplySerializer, **error_responses(400)},
+        responses={200: PilotEventsReplySerializer, **error_responses(400, 422)},
+        parameters=[IDEMPOTENCY_KEY],
     )
+    @idempotent(pilot_scope)
     def post(self, request: Request, pilot_id: int) -> Response:
         serializer = PilotEventsSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)

@@ -51,11 +51,42 @@ def test_the_winner_gets_the_job_message_and_the_job_runs_on_it(make_pilot, outp
 
 def test_a_duplicated_message_is_started_once(make_pilot):
     _pilot, client = make_pilot()
+    _other, other_client = make_pilot(hostname="other")
     job = JobFactory(state=JobState.QUEUED)
     assert start(client, job).status_code == 200
-    again = start(client, job)
+    again = start(other_client, job)
     assert again.status_code == 409 and again.json()["error"] == "job_not_queued"
     assert JobAttempt.objects.filter(job=job).count() == 1
+
+
+def test_the_same_start_again_by_its_pilot_gets_the_same_message(make_pilot):
+    """The answer of a start was lost: the pilot sends it again (no idempotency key) and gets
+    the same job message; nothing is written a second time."""
+    pilot, client = make_pilot()
+    job = JobFactory(state=JobState.QUEUED)
+    first = start(client, job)
+    assert first.status_code == 200
+    job.refresh_from_db()
+    time_start = job.time_start
+
+    again = start(client, job)
+
+    assert again.status_code == 200, again.json()
+    assert again.json() == first.json()
+    job.refresh_from_db()
+    assert (job.state, job.pilot_id, job.time_start) == (JobState.RUNNING, pilot.pk, time_start)
+    assert JobAttempt.objects.filter(job=job).count() == 1
+    assert job.transitions.count() == 1
+
+
+def test_the_same_start_of_an_attempt_that_ended_is_409(make_pilot):
+    """Only a running attempt is started again: once it ended (here by a cancel), 409."""
+    _pilot, client = make_pilot()
+    job = JobFactory(state=JobState.QUEUED)
+    assert start(client, job).status_code == 200
+    job_cancel(job_id=job.pk, source="api")
+    again = start(client, job)
+    assert again.status_code == 409 and again.json()["error"] == "job_not_queued"
 
 
 @pytest.mark.parametrize(

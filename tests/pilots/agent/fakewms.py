@@ -23,6 +23,7 @@ class Call:
     auth: str
     body: Any
     at: float = field(default_factory=time.monotonic)
+    key: str = ""  # the Idempotency-Key header
     spooled: list[str] = field(default_factory=list)  # spool files at the moment of the call
 
 
@@ -83,7 +84,10 @@ class FakeWMS:
                 except ValueError:
                     body = None
                 status, answer = fake.dispatch(
-                    self.path, self.headers.get("Authorization", ""), body
+                    self.path,
+                    self.headers.get("Authorization", ""),
+                    body,
+                    key=self.headers.get("Idempotency-Key", ""),
                 )
                 data = json.dumps(answer).encode()
                 self.send_response(status)
@@ -107,8 +111,8 @@ class FakeWMS:
 
     # --- the endpoints ---------------------------------------------------------------------------
 
-    def dispatch(self, path: str, auth: str, body: Any) -> Answer:
-        call = Call(path, auth, body)
+    def dispatch(self, path: str, auth: str, body: Any, *, key: str = "") -> Answer:
+        call = Call(path, auth, body, key=key)
         if self.spool_dir is not None:
             call.spooled = sorted(p.name for p in self.spool_dir.glob("*.report.json"))
         with self.lock:

@@ -4,6 +4,7 @@ messages, start answers, slots, commands from both paths, drain, shutdown, idle 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import psutil
@@ -95,20 +96,47 @@ def test_start_409_acks_and_drops_the_message(bus, fake_wms, agent_config, start
     assert fake_wms.final_reports() == []
 
 
-def test_start_5xx_requeues_the_message_and_backs_off(
+def test_start_5xx_is_retried_with_its_key_then_requeued(
     bus, fake_wms, agent_config, start_agent, outdir
 ):
     fake_wms.start_answer = lambda uuid, body: (503, {"error": "unavailable", "detail": "db"})
-    running = start_agent(agent_config)
+    running = start_agent(agent_config, start_retries=2)
     job = publish_job(bus, fake_wms, outdir, "write", "a=1")
 
-    wait_until(lambda: fake_wms.calls_to("start", job.job_uuid))
-    time.sleep(0.5)  # inside the first backoff (about 1 s): no new attempt yet
-    assert len(fake_wms.calls_to("start", job.job_uuid)) == 1
+    wait_until(lambda: len(fake_wms.calls_to("start", job.job_uuid)) >= 3)
+    calls = fake_wms.calls_to("start", job.job_uuid)[:3]
     running.stop()
 
-    assert bus.ready() == 1  # rejected with requeue: still there for someone else
+    keys = {c.key for c in calls}
+    assert len(keys) == 1 and len(keys.pop()) == 36  # one call, tried three times
+    wait_until(lambda: bus.ready() == 1)  # rejected with requeue: still there for someone else
     assert fake_wms.final_reports() == []
+
+
+def test_a_start_whose_answer_was_lost_is_sent_again_and_runs_once(
+    bus, fake_wms, agent_config, start_agent, outdir
+):
+    """The first start's answer never comes (the read time-out passes): the same call, with
+    the same key, is sent again; the job runs once and its message is acked."""
+    answered = threading.Event()
+
+    def slow_first(uuid, body):
+        if not answered.is_set():
+            answered.set()
+            time.sleep(2.0)  # longer than the pilot's read time-out
+        return 200, fake_wms.jobs.get(uuid, {})
+
+    fake_wms.start_answer = slow_first
+    running = start_agent(agent_config, http_timeout=0.5)
+    job = publish_job(bus, fake_wms, outdir, "write", "a=1")
+
+    wait_until(lambda: fake_wms.final_reports(job.job_uuid), timeout=15)
+    running.stop()
+
+    starts = fake_wms.calls_to("start", job.job_uuid)
+    assert len(starts) == 2 and starts[0].key == starts[1].key
+    assert len(fake_wms.final_reports(job.job_uuid)) == 1
+    assert bus.ready() == 0
 
 
 def test_a_malformed_message_is_acked_and_dropped(
@@ -446,3 +474,26 @@ def test_no_idle_exit_while_reports_wait_for_an_unreachable_wms(
     running.thread.join(30)  # the report is taken; now it is idle and exits
     assert not running.thread.is_alive() and running.result == [0]
     assert not running.agent.spool.paths()
+
+
+def test_every_broker_operation_of_the_job_connection_has_a_time_out(agent_config):
+    """py-amqp's socket read/write time-outs (``broker_timeout``) bound a ``basic_get``, an
+    ack or a reject on a broker that stopped answering; a site's own option wins."""
+    from dataclasses import replace
+
+    from pilots.agent.agent import Agent
+
+    agent = Agent(replace(agent_config, broker_timeout=7.0), install_signals=False)
+    conn = agent._new_connection()
+    try:
+        assert conn.transport_options["read_timeout"] == 7.0
+        assert conn.transport_options["write_timeout"] == 7.0
+        assert conn.connect_timeout == 7.0
+    finally:
+        conn.release()
+    own = replace(agent_config, broker_options={"read_timeout": "3"})
+    conn = Agent(own, install_signals=False)._new_connection()
+    try:
+        assert conn.transport_options["read_timeout"] == 3.0
+    finally:
+        conn.release()

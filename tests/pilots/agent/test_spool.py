@@ -164,3 +164,33 @@ def test_the_spooled_attempts_are_listed_for_the_heartbeat_by_pilot(spool, pilot
     assert sorted(spool.attempts()) == [("j-1", 1), ("j-2", 1)]
     assert spool.attempts(pilot[0]) == [("j-1", 1)]
     assert spool.attempts(99) == []
+
+
+def test_a_spooled_report_keeps_its_idempotency_key_across_resends_and_runs(spool, fake_wms, pilot):
+    """Made once when spooled, on disk with the report: every resend, by this run or a later
+    one (a new Spool and sender on the same directory), is the same call."""
+    fake_wms.report_answer = lambda uuid, body: (503, {"error": "database_unavailable"})
+    path = put(spool, fake_wms.url, pilot)
+    entry = spool.read(path)
+    assert entry is not None and len(entry.key) == 36
+    ReportSender(spool, timeout=5).flush()
+    ReportSender(spool, timeout=5).flush()
+
+    fake_wms.report_answer = lambda uuid, body: (200, {"outcome": "applied"})
+    later = Spool(spool.directory)
+    assert ReportSender(later, timeout=5).flush() == 0
+
+    calls = fake_wms.calls_to("report")
+    assert len(calls) == 3 and {c.key for c in calls} == {entry.key}
+
+
+def test_a_report_spooled_before_keys_gets_a_stable_one(spool, fake_wms, pilot):
+    import json
+
+    path = put(spool, fake_wms.url, pilot)
+    document = json.loads(path.read_text())
+    del document["idempotency_key"]
+    path.write_text(json.dumps(document))
+    first, second = spool.read(path), spool.read(path)
+    assert first is not None and second is not None
+    assert first.key == second.key and len(first.key) == 36
