@@ -172,6 +172,33 @@ def _unclaim(job_ids: list[int], reason: str) -> int:
     )
 
 
+@transaction.atomic
+def unqueue_task(task_id: int, *, source: str, reason: str) -> int:
+    """A task was paused: its ``queued`` jobs go back to ``defined`` (set-based), so the
+    messages already on the broker find them not queued and start nothing; the resume
+    dispatches them again. A job locked at that moment (a start or a claim under way) is
+    skipped: a start that wins is a start before the pause, and a claim that commits after
+    it is refused at the pilot's start (``task_paused``), which puts the job back too."""
+    ids = list(
+        Job.objects.select_for_update(skip_locked=True)
+        .filter(task_id=task_id, state=JobState.QUEUED)
+        .values_list("id", flat=True)
+    )
+    if not ids:
+        return 0
+    moved = apply_transition_bulk(
+        Job,
+        ids,
+        JobState.DEFINED,
+        from_state=JobState.QUEUED,
+        source=source,
+        reason=reason,
+        locked=True,
+    )
+    log.info("task_jobs_unqueued", task_id=task_id, jobs=len(moved))
+    return len(moved)
+
+
 def _room(device_type: str) -> int:
     limit = settings.WMS_DISPATCH_MAX_PER_RUN
     max_depth = settings.WMS_QUEUE_MAX_DEPTH

@@ -34,7 +34,7 @@ from jobs.executor import MESSAGE_COLUMNS, build_messages
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from pilots.models import CommandKind, Pilot, PilotState
 from pilots.services import CommandSpec, pilot_commands_create
-from tasks.models import Task
+from tasks.models import Task, TaskState
 from wms import db
 from wms.contract import JobMessage, StatusEvent
 from wms.exceptions import (
@@ -46,6 +46,7 @@ from wms.exceptions import (
     PilotNotLive,
     ReportConflict,
     StaleAttempt,
+    TaskPaused,
     ValidationFailed,
     WMSError,
     WrongDevice,
@@ -324,7 +325,10 @@ def job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMe
     - ``wrong_device``: the job needs another device type than the pilot's;
     - ``job_not_queued``: cancelled, finished, failed, running (with another pilot or
       attempt), or back to ``defined``;
-    - ``pilot_not_live``: the pilot is terminated or lost.
+    - ``pilot_not_live``: the pilot is terminated or lost;
+    - ``task_paused``: the job's task is paused (its message was queued before the pause, or
+      the executor's claim raced the pause). This refusal changes one thing, kept: the job
+      goes back ``queued → defined``, to be dispatched again when the task is resumed.
 
     On success the job is ``running`` with this pilot and ``time_start``, the attempt row
     exists (``attempt_unique_number`` and ``attempt_one_running_per_job`` are the last line
@@ -334,13 +338,19 @@ def job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMe
     way), answers the same job message and writes nothing: a start can always be retried.
     """
     try:
-        return _job_start(pilot=pilot, job_uuid=job_uuid, attempt=attempt)
+        message = _job_start(pilot=pilot, job_uuid=job_uuid, attempt=attempt)
     except IntegrityError as exc:  # the constraints say what the locks should have said
         raise JobNotQueued(f"Attempt {attempt} of job {job_uuid} was already started.") from exc
+    if message is None:  # the job went back to wait (committed): the start is refused
+        raise TaskPaused(
+            f"The task of job {job_uuid} is paused: attempt {attempt} is not started; the job "
+            "waits for the task's resume."
+        )
+    return message
 
 
 @transaction.atomic
-def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMessage:
+def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMessage | None:
     pilot_state = (
         Pilot.objects.select_for_update()
         .filter(pk=pilot.pk)
@@ -359,7 +369,7 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
         Job.objects.select_for_update(of=("self",))
         .filter(uuid=uid)
         # the job message is built from this row and its task's (joined, not locked)
-        .values("state", "pilot_id", *MESSAGE_COLUMNS, *_MESSAGE_TASK_COLUMNS)
+        .values("state", "pilot_id", "task__state", *MESSAGE_COLUMNS, *_MESSAGE_TASK_COLUMNS)
         .order_by()
         .first()
     )
@@ -379,8 +389,24 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
         # the same start again (its answer was lost): the same answer, nothing written
         log.info("job_start_repeated", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
         return _start_message(job)
-    now = timezone.now()
     source = f"pilot:{pilot.pk}"
+    if job["task__state"] == TaskState.PAUSED:
+        # Pause means no new starts: the job waits again (the task's row is read, not locked:
+        # a start that read it before the pause committed is a start before the pause).
+        apply_transition(
+            Job,
+            job["id"],
+            JobState.DEFINED,
+            source=source,
+            reason=f"start of attempt {attempt} refused: the task is paused",
+            only_from=(JobState.QUEUED,),
+            locked_state=job["state"],
+        )
+        log.info(
+            "job_start_refused_task_paused", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk
+        )
+        return None
+    now = timezone.now()
     apply_transition(  # both rows are locked: their states are not read again
         Job,
         job["id"],
@@ -423,7 +449,7 @@ def _start_message(job: dict[str, Any]) -> JobMessage:
     task = {"id": job["task_id"]}
     for column in _MESSAGE_TASK_COLUMNS:
         task[column.removeprefix("task__")] = job.pop(column)
-    del job["state"], job["pilot_id"]
+    del job["state"], job["pilot_id"], job["task__state"]
     return build_messages([job["id"]], jobs=[job], tasks={task["id"]: task})[0]
 
 

@@ -20,6 +20,7 @@ from django.utils import timezone
 from files.dsm import MAX_FIND, get_dsm
 from files.models import File, FileStatus, FileType
 from files.storage import check_output_place, owner_place
+from jobs.executor import unqueue_task
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from pilots.models import PilotState
 from tasks.models import ENDED_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
@@ -537,8 +538,15 @@ def task_transition(
     return result
 
 
+@transaction.atomic
 def task_pause(*, task_id: int, source: str, reason: str = "") -> TransitionResult:
-    return task_transition(task_id=task_id, target=TaskState.PAUSED, source=source, reason=reason)
+    """→ paused: no new starts. The executor dispatches nothing more of the task, its
+    ``queued`` jobs go back to ``defined`` and a start whose message was already on the
+    broker is refused (``task_paused``); running jobs run to their end."""
+    result = task_transition(task_id=task_id, target=TaskState.PAUSED, source=source, reason=reason)
+    if result.won:
+        unqueue_task(task_id, source=source, reason=f"task paused{': ' + reason if reason else ''}")
+    return result
 
 
 @transaction.atomic

@@ -14,6 +14,9 @@ class WMSError(Exception):
     code = "wms_error"
     status = 500
     default_detail = "Internal error."
+    # A refusal that still changed something which must be kept (the job a refused start put
+    # back to wait): the idempotency wrapper commits the change with the refusal's answer.
+    keeps_changes = False
 
     def __init__(self, detail: Any = None, *, code: str | None = None) -> None:
         # A message, or a mapping of field -> messages (ValidationFailed) as the API renders it.
@@ -96,6 +99,15 @@ class WrongDevice(Conflict):
 
     code = "wrong_device"
     default_detail = "The job needs another device type than this pilot's."
+
+
+class TaskPaused(Conflict):
+    """A pilot's start of a job whose task is paused: refused, and the job goes back to
+    ``defined`` (it is dispatched again once the task is resumed)."""
+
+    code = "task_paused"
+    default_detail = "The job's task is paused: the job went back to wait for its resume."
+    keeps_changes = True
 
 
 class PilotNotLive(Conflict):

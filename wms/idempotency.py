@@ -13,7 +13,9 @@ sent again with every retry of that call). A view method wrapped with :func:`ide
   **422** ``idempotency_key_reused``;
 - else runs the call in a transaction and, if it succeeded (2xx), inserts the answer keyed by
   (scope, key) **in the same transaction**: the change and its record commit together or not
-  at all. A refusal (other 4xx) changed nothing: its answer is stored after the rollback. 5xx
+  at all. A refusal (other 4xx) changed nothing: its answer is stored after the rollback
+  (except a refusal that keeps its change, ``WMSError.keeps_changes``: the change and the
+  answer commit together, as for a success). 5xx
   (outages answer 503), 429 and 401/403 (the authentication runs before the view) are not
   stored: they are answered afresh when the call is sent again.
 
@@ -199,7 +201,13 @@ def idempotent(
                 return _replay(who, key, fingerprint, replayed, request, row)
             try:
                 with transaction.atomic():
-                    response = handler(view, request, *args, **kwargs)
+                    try:
+                        response = handler(view, request, *args, **kwargs)
+                    except WMSError as exc:
+                        if not exc.keeps_changes:
+                            raise
+                        # a refusal whose change stays: committed with its stored answer
+                        response = view.handle_exception(exc)
                     if storable(response.status_code) and not _remember(
                         who, key, fingerprint, response, stored, request
                     ):

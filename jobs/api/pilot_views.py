@@ -33,7 +33,8 @@ class JobStartView(PilotProtocolView):
         summary="A pilot starts a job",
         description="The atomic claim of the job message's attempt: `queued → running` with "
         "this pilot. 200: run the job message returned. 409 (`job_not_queued`, "
-        "`stale_attempt`, `wrong_device`, `pilot_not_live`): drop the message.",
+        "`stale_attempt`, `wrong_device`, `task_paused`, `pilot_not_live`): drop the message "
+        "(a pilot not live puts it back). `task_paused` sent the job back to wait.",
         request=JobStartSerializer,
         responses={200: JobMessageSerializer, **error_responses(400, 404, 409, 422)},
         parameters=[IDEMPOTENCY_KEY],

@@ -143,8 +143,9 @@ def test_change_page_shows_transitions_and_job_counts(admin_client_logged):
     assert response.status_code == 200
     html = response.content.decode()
     assert "pause for the test" in html  # the transition inline
-    assert 'title="finished: 2"' in html and 'title="queued: 1"' in html
-    assert "2/3 done" in html  # queued is not done yet
+    # the pause put the queued job back to wait (no new starts)
+    assert 'title="finished: 2"' in html and 'title="defined: 1"' in html
+    assert "2/3 done" in html  # a waiting job is not done yet
     inlines = {i.formset.model: i for i in response.context["inline_admin_formsets"]}
     assert set(inlines) == {TaskInput, TaskTransition}
     for inline in inlines.values():  # both read-only
