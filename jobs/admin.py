@@ -15,8 +15,6 @@ from django.utils.html import format_html
 from files.models import File
 from jobs import services
 from jobs.models import Job, JobAttempt, JobState, JobTransition
-from pilots.models import Pilot
-from tasks.models import Task
 from wms.admin import (
     ADMIN_SOURCE,
     IdSearchMixin,
@@ -25,6 +23,7 @@ from wms.admin import (
     TransitionLogAdmin,
     WMSAdminMedia,
     admin_changelist_url,
+    admin_fk_link,
     admin_link,
     admin_reason,
     run_service_action,
@@ -185,11 +184,11 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
     @admin.display(description="task", ordering="task_id")
     def task_link(self, obj):
-        return admin_link(Task, obj.task_id, obj.task)
+        return admin_fk_link(obj, "task", obj.task)
 
     @admin.display(description="pilot", ordering="pilot_id")
     def pilot_link(self, obj):
-        return admin_link(Pilot, obj.pilot_id, obj.pilot.hostname if obj.pilot_id else None)
+        return admin_fk_link(obj, "pilot", obj.pilot.hostname if obj.pilot_id else None)
 
     @admin.display(description="attempt")
     def attempt(self, obj):
@@ -286,7 +285,7 @@ class JobAttemptAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
     @admin.display(description="pilot", ordering="pilot_id")
     def pilot_link(self, obj):
-        return admin_link(Pilot, obj.pilot_id, obj.pilot.hostname if obj.pilot_id else None)
+        return admin_fk_link(obj, "pilot", obj.pilot.hostname if obj.pilot_id else None)
 
 
 @admin.register(JobTransition)

@@ -31,10 +31,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from files.models import File, FileType
-from jobs.models import Job, JobState
-from tasks.models import Task, TaskState
+from jobs.models import Job, JobState, task_model
 from wms import bus
-from wms.choices import DeviceType, TransitionSource
+from wms.choices import DeviceType, TaskState, TransitionSource
 from wms.contract import InputFile, JobMessage
 from wms.exceptions import BrokerError
 from wms.statemachine import apply_transition_bulk
@@ -86,9 +85,9 @@ def build_messages(
     if tasks is None:
         tasks = {
             t["id"]: t
-            for t in Task.objects.filter(pk__in={j["task_id"] for j in jobs}).values(
-                "id", "data_out_url", "data_out_uid"
-            )
+            for t in task_model()
+            .objects.filter(pk__in={j["task_id"] for j in jobs})
+            .values("id", "data_out_url", "data_out_uid")
         }
     inputs: dict[int, list[InputFile]] = defaultdict(list)
     for f in (

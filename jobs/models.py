@@ -1,6 +1,7 @@
 """JOB_DAT and the attempt history: one job of a task, and every attempt at running it."""
 
 import uuid
+from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -49,6 +50,12 @@ JOB_MACHINE = StateMachine(
 FINAL_JOB_STATES = (JS.FINISHED, JS.FAILED, JS.CANCELLED)
 # A job in one of these states may still run: not ended.
 OPEN_JOB_STATES = (JS.DEFINED, JS.QUEUED, JS.HELD, JS.RUNNING)
+
+
+def task_model() -> Any:
+    """The task model, reached through ``Job.task`` (declared by name): the jobs app reads its
+    tasks' rows (output location, state) without importing ``tasks``, which sits above it."""
+    return Job._meta.get_field("task").related_model
 
 
 class Job(models.Model):

@@ -31,11 +31,11 @@ from files.models import Dataset, File, FileStatus, FileType
 from files.services import dataset_add_files
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event, outputs_outside
 from jobs.executor import MESSAGE_COLUMNS, build_messages
-from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
+from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState, task_model
 from pilots.models import CommandKind, Pilot, PilotState
 from pilots.services import CommandSpec, pilot_commands_create
-from tasks.models import Task, TaskState
 from wms import db
+from wms.choices import TaskState
 from wms.contract import JobMessage, StatusEvent
 from wms.exceptions import (
     Conflict,
@@ -61,7 +61,7 @@ log = structlog.get_logger(__name__)
 @transaction.atomic
 def job_create(
     *,
-    task: Task,
+    task: Any,  # a tasks.Task (jobs does not import tasks)
     parent_job: Job | None = None,
     mode: str | None = None,
     args: str | None = None,
@@ -959,7 +959,8 @@ def _store_files(files: list[_FileRow], now: Any) -> None:
     places: dict[uuid.UUID, str] = {}
     out_uids: dict[int, uuid.UUID | None] = {}
     for task_id, uid, dataset_id, out_url in (
-        Task.objects.filter(pk__in={f.task_id for f in files})
+        task_model()
+        .objects.filter(pk__in={f.task_id for f in files})
         .annotate(out_dataset_id=Subquery(local_dataset))
         .values_list("id", "data_out_uid", "out_dataset_id", "data_out_url")
     ):

@@ -5,19 +5,9 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
-from wms.choices import DeviceType, Mode
+from wms.choices import DeviceType, Mode, TaskState
 from wms.models import TransitionLog
 from wms.statemachine import StateMachine
-
-
-class TaskState(models.TextChoices):
-    DEFINED = "defined", "defined"
-    RUNNING = "running", "running"
-    PAUSED = "paused", "paused"
-    FINISHED = "finished", "finished"
-    FAILED = "failed", "failed"
-    CANCELLED = "cancelled", "cancelled"
-
 
 TS = TaskState
 TASK_MACHINE = StateMachine(

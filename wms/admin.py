@@ -73,6 +73,14 @@ def admin_link(model: type[models.Model], pk: Any, text: Any) -> str:
     return format_html('<a href="{}">{}</a>', url, text) if url else str(text)
 
 
+def admin_fk_link(obj: models.Model, field: str, text: Any) -> str:
+    """A link to the change page of what ``obj.<field>`` (a foreign key) points at, found
+    through the key itself: an app links to another app's admin without importing its
+    models (dependencies one way, docs/architecture.md)."""
+    fk: Any = obj._meta.get_field(field)
+    return admin_link(fk.related_model, getattr(obj, fk.attname), text)
+
+
 def state_badge(value: str | None) -> str:
     """A coloured pill for a state (or file status); the colours are in wms/admin.css."""
     if not value:

@@ -13,6 +13,19 @@ class Mode(models.TextChoices):
     MERGE = "merge", "merge"
 
 
+class TaskState(models.TextChoices):
+    """A task's states (the machine is ``tasks.models.TASK_MACHINE``); shared so that the apps
+    below ``tasks`` (jobs: the executor dispatches only a running task's jobs, a paused task's
+    start is refused) read them without importing ``tasks``."""
+
+    DEFINED = "defined", "defined"
+    RUNNING = "running", "running"
+    PAUSED = "paused", "paused"
+    FINISHED = "finished", "finished"
+    FAILED = "failed", "failed"
+    CANCELLED = "cancelled", "cancelled"
+
+
 class TransitionSource(models.TextChoices):
     """Who asked for a state change; a pilot source is written as ``pilot:<id>``."""
 
