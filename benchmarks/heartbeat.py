@@ -130,8 +130,8 @@ def main() -> None:
 
     bench_prefix()
     django_setup()
-    from jobs.services import job_start
     from pilots.models import Pilot, PilotState
+    from pilots.protocol import pilot_job_start
     from pilots.services import pilot_heartbeat
 
     pilots: list[tuple[int, str]] = []
@@ -145,7 +145,9 @@ def main() -> None:
                 for i, ((pid, _), (job_uuid, attempt)) in enumerate(
                     zip(pilots, queued_messages(task), strict=True)
                 ):
-                    job_start(pilot=Pilot.objects.get(pk=pid), job_uuid=job_uuid, attempt=attempt)
+                    pilot_job_start(
+                        pilot=Pilot.objects.get(pk=pid), job_uuid=job_uuid, attempt=attempt
+                    )
                     running[i] = (job_uuid, attempt)
             for (pid, _), job in zip(pilots, running, strict=True):
                 pilot_heartbeat(pilot_id=pid, **body(job))  # registered -> idle / busy

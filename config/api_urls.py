@@ -19,7 +19,7 @@ from django.urls import include, path
 urlpatterns: list = [
     # The pilot protocol first: "pilots/register/" would otherwise be read as a pilot's id.
     path("", include("pilots.api.pilot_urls")),
-    path("", include("jobs.api.pilot_urls")),
+    path("", include("pilots.api.job_urls")),
     path("", include("tasks.api.urls")),
     path("", include("jobs.api.urls")),
     path("", include("files.api.urls")),

@@ -29,7 +29,7 @@ JOB_MACHINE = StateMachine(
     states=JobState,
     transitions={
         # defined -> running (and queued -> running): a lost attempt reclaimed by its pilot,
-        # heard from again before the job's next attempt started (jobs.reconcile)
+        # heard from again before the job's next attempt started (pilots.reconcile)
         JS.DEFINED: frozenset({JS.QUEUED, JS.RUNNING, JS.HELD, JS.CANCELLED}),
         # queued -> defined: the message could not be published (or was dropped); dispatch again
         # queued -> held: the message stays in its queue, and a pilot's start of it answers 409

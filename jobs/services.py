@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import F, OuterRef, Subquery
 from django.utils import timezone
 
@@ -32,8 +32,8 @@ from files.services import dataset_add_files
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event, outputs_outside
 from jobs.executor import MESSAGE_COLUMNS, build_messages
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState, task_model
-from pilots.models import CommandKind, Pilot, PilotState
-from pilots.services import CommandSpec, pilot_commands_create
+from jobs.reclaim import attempts_reclaim_reported
+from jobs.signals import KillOrder, attempts_to_kill
 from wms import db
 from wms.choices import TaskState
 from wms.contract import JobMessage, StatusEvent
@@ -43,10 +43,8 @@ from wms.exceptions import (
     Forbidden,
     JobNotQueued,
     NotFound,
-    PilotNotLive,
     ReportConflict,
     StaleAttempt,
-    TaskPaused,
     ValidationFailed,
     WMSError,
     WrongDevice,
@@ -282,8 +280,9 @@ def jobs_release(*, job_ids: Iterable[int], source: str, reason: str = "") -> in
 
 
 def _kill_running_attempts(job_ids: list[int], *, now: Any, reason: str) -> int:
-    """The running attempts of these (just cancelled) jobs: cancelled, with a kill command to
-    each one's pilot. Three queries, whatever the number."""
+    """The running attempts of these (just cancelled) jobs: cancelled, and announced
+    (``jobs.signals.attempts_to_kill``, in this transaction) so that each one's pilot gets a
+    kill command. Three queries, whatever the number."""
     rows = list(
         JobAttempt.objects.filter(job_id__in=job_ids, state=AttemptState.RUNNING).values(
             "pk", "job_id", "job__uuid", "number", "pilot_id"
@@ -294,11 +293,11 @@ def _kill_running_attempts(job_ids: list[int], *, now: Any, reason: str) -> int:
     JobAttempt.objects.filter(pk__in=[r["pk"] for r in rows]).update(
         state=AttemptState.CANCELLED, kill_requested_at=now, ended_at=now
     )
-    pilot_commands_create(
-        commands=[
-            CommandSpec(
+    attempts_to_kill.send(
+        sender=JobAttempt,
+        orders=[
+            KillOrder(
                 pilot_id=r["pilot_id"],
-                command=CommandKind.KILL_JOB,
                 job_id=r["job_id"],
                 job_uuid=str(r["job__uuid"]),
                 attempt=r["number"],
@@ -306,61 +305,42 @@ def _kill_running_attempts(job_ids: list[int], *, now: Any, reason: str) -> int:
             )
             for r in rows
             if r["pilot_id"] is not None
-        ]
+        ],
     )
     return len(rows)
 
 
-# --- the pilot protocol: start ------------------------------------------------------------------
+# --- the pilot protocol: start (the pilot's side is pilots.protocol.pilot_job_start) -----------
 
 
-def job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMessage:
-    """A pilot's atomic claim of one attempt of a job; returns the job message to run.
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`job_claim` did: ``message`` is the job message to run (``None``: the
+    start was refused and the job went back to wait, ``task_paused``); ``started`` says a
+    new attempt began (``False`` for the same start sent again)."""
 
-    The pilot's row, then the job's, are locked (``FOR UPDATE``, in this order everywhere),
-    so of two pilots starting the same job (a duplicated message) the second one waits and
-    then finds the job ``running``: ``job_not_queued``. Refused (409, nothing written):
+    message: JobMessage | None
+    started: bool
+
+
+def job_claim(*, pilot_id: int, device_type: str, job_uuid: uuid.UUID | str, attempt: int) -> Claim:
+    """The job's half of a pilot's start (``pilots.protocol.pilot_job_start`` holds the
+    pilot's row locked around it, in the same transaction): the job's row is locked
+    (``FOR UPDATE``) and claimed for this attempt. Refused (409, nothing written):
 
     - ``stale_attempt``: the message is of another attempt than the job's ``cur_retry``;
     - ``wrong_device``: the job needs another device type than the pilot's;
     - ``job_not_queued``: cancelled, finished, failed, running (with another pilot or
-      attempt), or back to ``defined``;
-    - ``pilot_not_live``: the pilot is terminated or lost;
-    - ``task_paused``: the job's task is paused (its message was queued before the pause, or
-      the executor's claim raced the pause). This refusal changes one thing, kept: the job
-      goes back ``queued → defined``, to be dispatched again when the task is resumed.
+      attempt), or back to ``defined``.
 
-    On success the job is ``running`` with this pilot and ``time_start``, the attempt row
-    exists (``attempt_unique_number`` and ``attempt_one_running_per_job`` are the last line
-    of defence), and an idle pilot is busy. A constant number of queries.
-
+    The job's task paused: nothing is started and the job goes back ``queued → defined``
+    (``Claim(None, False)``; the caller refuses with ``task_paused`` once that committed).
     The same start again, once this attempt runs with this pilot (its answer was lost on the
-    way), answers the same job message and writes nothing: a start can always be retried.
+    way), answers the same job message and writes nothing. Else the job is ``running`` with
+    this pilot and ``time_start``, and the attempt row exists (``attempt_unique_number`` and
+    ``attempt_one_running_per_job`` are the last line of defence). A constant number of
+    queries.
     """
-    try:
-        message = _job_start(pilot=pilot, job_uuid=job_uuid, attempt=attempt)
-    except IntegrityError as exc:  # the constraints say what the locks should have said
-        raise JobNotQueued(f"Attempt {attempt} of job {job_uuid} was already started.") from exc
-    if message is None:  # the job went back to wait (committed): the start is refused
-        raise TaskPaused(
-            f"The task of job {job_uuid} is paused: attempt {attempt} is not started; the job "
-            "waits for the task's resume."
-        )
-    return message
-
-
-@transaction.atomic
-def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobMessage | None:
-    pilot_state = (
-        Pilot.objects.select_for_update()
-        .filter(pk=pilot.pk)
-        .values_list("state", flat=True)
-        .first()
-    )
-    if pilot_state is None:
-        raise NotFound(f"Pilot {pilot.pk} does not exist.")
-    if pilot_state in (PilotState.TERMINATED, PilotState.LOST):
-        raise PilotNotLive(f"Pilot {pilot.pk} is {pilot_state}; it may not start jobs.")
     try:
         uid = job_uuid if isinstance(job_uuid, uuid.UUID) else uuid.UUID(str(job_uuid))
     except ValueError as exc:
@@ -379,17 +359,17 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
         raise StaleAttempt(
             f"Job {uid} is at attempt {job['cur_retry']}; this message is of attempt {attempt}."
         )
-    if job["device_type"] != pilot.device_type:
+    if job["device_type"] != device_type:
         raise WrongDevice(
-            f"Job {uid} needs a {job['device_type']} pilot; this one is {pilot.device_type}."
+            f"Job {uid} needs a {job['device_type']} pilot; this one is {device_type}."
         )
     if job["state"] != JobState.QUEUED:
-        if not _started_by(job, pilot_id=pilot.pk, attempt=attempt):
+        if not _started_by(job, pilot_id=pilot_id, attempt=attempt):
             raise JobNotQueued(f"Job {uid} is {job['state']}, not queued.")
         # the same start again (its answer was lost): the same answer, nothing written
-        log.info("job_start_repeated", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
-        return _start_message(job)
-    source = f"pilot:{pilot.pk}"
+        log.info("job_start_repeated", job_id=job["id"], attempt=attempt, pilot_id=pilot_id)
+        return Claim(_start_message(job), started=False)
+    source = f"pilot:{pilot_id}"
     if job["task__state"] == TaskState.PAUSED:
         # Pause means no new starts: the job waits again (the task's row is read, not locked:
         # a start that read it before the pause committed is a start before the pause).
@@ -403,33 +383,24 @@ def _job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) -> JobM
             locked_state=job["state"],
         )
         log.info(
-            "job_start_refused_task_paused", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk
+            "job_start_refused_task_paused", job_id=job["id"], attempt=attempt, pilot_id=pilot_id
         )
-        return None
+        return Claim(None, started=False)
     now = timezone.now()
-    apply_transition(  # both rows are locked: their states are not read again
+    apply_transition(  # the row is locked: its state is not read again
         Job,
         job["id"],
         JobState.RUNNING,
         source=source,
         reason=f"attempt {attempt} started",
-        updates={"pilot_id": pilot.pk, "time_start": now, "time_end": None},
+        updates={"pilot_id": pilot_id, "time_start": now, "time_end": None},
         only_from=(JobState.QUEUED,),
         locked_state=job["state"],
     )
-    JobAttempt.objects.create(job_id=job["id"], number=attempt, pilot_id=pilot.pk, started_at=now)
-    if pilot_state in (PilotState.REGISTERED, PilotState.IDLE):
-        apply_transition(
-            Pilot,
-            pilot.pk,
-            PilotState.BUSY,
-            source=source,
-            reason="job started",
-            locked_state=pilot_state,
-        )
-    log.info("job_started", job_id=job["id"], attempt=attempt, pilot_id=pilot.pk)
+    JobAttempt.objects.create(job_id=job["id"], number=attempt, pilot_id=pilot_id, started_at=now)
+    log.info("job_started", job_id=job["id"], attempt=attempt, pilot_id=pilot_id)
     # The message's columns are unchanged by the start: no second read.
-    return _start_message(job)
+    return Claim(_start_message(job), started=True)
 
 
 def _started_by(job: dict[str, Any], *, pilot_id: int, attempt: int) -> bool:
@@ -445,7 +416,7 @@ def _started_by(job: dict[str, Any], *, pilot_id: int, attempt: int) -> bool:
 
 
 def _start_message(job: dict[str, Any]) -> JobMessage:
-    """The job message of a started job, from the row :func:`_job_start` read."""
+    """The job message of a started job, from the row :func:`job_claim` read."""
     task = {"id": job["task_id"]}
     for column in _MESSAGE_TASK_COLUMNS:
         task[column.removeprefix("task__")] = job.pop(column)
@@ -467,13 +438,13 @@ def _raise_refused(outcome: EventOutcome) -> None:
 
 
 def job_report(
-    *, pilot: Pilot, job_uuid: uuid.UUID | str, event: Mapping[str, Any]
+    *, pilot_id: int, job_uuid: uuid.UUID | str, event: Mapping[str, Any]
 ) -> EventOutcome:
     """One status event of one job from its pilot (REST ``report``): the single-event form of
     :func:`job_events_apply`. A refused event raises (400, 403, 404, 409 ``report_conflict``);
     nothing is written."""
-    cleaned = clean_event(event, pilot_id=pilot.pk, job_uuid=job_uuid)  # the URL's job
-    (outcome,) = job_events_apply(events=[cleaned], pilot_id=pilot.pk)
+    cleaned = clean_event(event, pilot_id=pilot_id, job_uuid=job_uuid)  # the URL's job
+    (outcome,) = job_events_apply(events=[cleaned], pilot_id=pilot_id)
     if not outcome.ok:
         _raise_refused(outcome)
     return outcome
@@ -722,7 +693,7 @@ def job_events_apply(
       report of an attempt that is no longer running (lost, superseded) or was never started
       → ``ignored``, nothing of it registered. A late report never moves a job backwards.
     - a final report of its own pilot's ``lost`` attempt whose job has not started a newer
-      one is applied: the attempt is reclaimed first (``jobs.reconcile``).
+      one is applied: the attempt is reclaimed first (``jobs.reclaim``).
 
     A batch is one transaction with a bounded number of queries, whatever its size: the jobs
     with a final event are locked (``FOR UPDATE``, in id order), attempts are read in one
@@ -738,8 +709,6 @@ def job_events_apply(
         except ValidationFailed as exc:
             results[i] = EventOutcome.refused(raw, exc)
     if cleaned:
-        from jobs.reconcile import attempts_reclaim_reported  # it imports this module
-
         attempts_reclaim_reported([ev for _, ev in cleaned])  # a lost pilot's late results
         _apply_events(cleaned, results)
     return results  # type: ignore[return-value]
@@ -1035,7 +1004,7 @@ def attempts_interrupt(
 ) -> InterruptResult:
     """End the running attempts of some pilots (by id, or every pilot in some states) without
     a report from them: ``attempt_state`` (``failed`` or ``lost``) with ``error_code``.
-    ``attempt_ids`` narrows it to some of their attempts (``jobs.reconcile``: not on the pilot).
+    ``attempt_ids`` narrows it to some of their attempts (``pilots.reconcile``: not on the pilot).
 
     Their jobs (locked ``FOR UPDATE``, ``SKIP LOCKED`` for the reaper) go back to ``defined``
     with ``cur_retry + 1`` while retries are left, else to ``failed``; the executor is kicked.

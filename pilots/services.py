@@ -13,30 +13,27 @@ import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Max, Q
-from django.db.models.functions import Coalesce
+from django.db.models import Q
 from django.utils import timezone
 
+from pilots.commands import CommandSpec, command_message, pilot_commands_create
 from pilots.models import (
     LIVE_PILOT_STATES,
     CommandKind,
     Pilot,
     PilotCommand,
     PilotState,
-    ReaperState,
 )
-from wms import bus
-from wms.choices import DeviceType, TransitionSource
+from wms.choices import DeviceType
 from wms.contract import Command
-from wms.exceptions import BrokerError, NotFound, ValidationFailed
-from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
-from wms.switches import service_tick, switch_enabled
+from wms.exceptions import NotFound, ValidationFailed
+from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
 
@@ -225,128 +222,6 @@ def pilot_source(pilot_id: int) -> str:
     return f"pilot:{pilot_id}"
 
 
-# --- commands -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CommandSpec:
-    """One command to create: ``kill_job`` names the job (id and uuid) and the attempt."""
-
-    pilot_id: int
-    command: str
-    job_id: int | None = None
-    job_uuid: str = ""
-    attempt: int | None = None
-    reason: str = ""
-
-
-def command_message(cmd: PilotCommand, job_uuid: str = "") -> Command:
-    """The wire form (``wms.contract.Command``) of a command row."""
-    return Command(
-        command=cmd.command,
-        pilot_id=cmd.pilot_id,
-        id=str(cmd.pk),
-        job_uuid=job_uuid,
-        attempt=cmd.attempt,
-        reason=cmd.reason,
-    )
-
-
-def _publish_after_commit(messages: list[Command]) -> None:
-    """Publish to the pilots' command queues once the commands are committed.
-
-    A broker failure is logged, not raised: the command stays undelivered in the database and
-    the pilot's next heartbeat carries it.
-    """
-    if not messages:
-        return
-
-    def send() -> None:
-        try:
-            bus.publish_commands(messages)
-        except BrokerError as exc:
-            log.warning("command_publish_failed", commands=len(messages), detail=str(exc.detail))
-            return
-        except Exception:  # a bug must not turn a committed change into a 500
-            log.exception("command_publish_failed", commands=len(messages))
-            return
-        PilotCommand.objects.filter(pk__in=[uuid.UUID(m.id) for m in messages]).update(
-            published_at=timezone.now()
-        )
-
-    transaction.on_commit(send)
-
-
-@transaction.atomic
-def pilot_commands_create(*, commands: Sequence[CommandSpec]) -> list[PilotCommand]:
-    """Create commands in bulk (one INSERT) and publish them after commit (one batch)."""
-    if not commands:
-        return []
-    for spec in commands:
-        if spec.command not in CommandKind.values:
-            raise ValidationFailed({"command": [f"Must be one of {CommandKind.values}."]})
-        if spec.command == CommandKind.KILL_JOB and (spec.job_id is None or not spec.job_uuid):
-            raise ValidationFailed({"job": ["A kill_job command names the job."]})
-    now = timezone.now()
-    rows = PilotCommand.objects.bulk_create(
-        [
-            PilotCommand(
-                pilot_id=spec.pilot_id,
-                command=spec.command,
-                job_id=spec.job_id,
-                attempt=spec.attempt,
-                reason=spec.reason[:1000],
-                created_at=now,
-            )
-            for spec in commands
-        ]
-    )
-    _publish_after_commit(
-        [command_message(row, spec.job_uuid) for row, spec in zip(rows, commands, strict=True)]
-    )
-    log.info(
-        "pilot_commands_created",
-        count=len(rows),
-        commands=sorted({spec.command for spec in commands}),
-    )
-    return rows
-
-
-@transaction.atomic
-def pilot_command_create(
-    *,
-    pilot_id: int,
-    command: str,
-    job_id: int | None = None,
-    attempt: int | None = None,
-    reason: str = "",
-) -> PilotCommand:
-    """One command to one pilot: the row, then (after commit) its command queue."""
-    if not Pilot.objects.filter(pk=pilot_id).exists():
-        raise NotFound(f"Pilot {pilot_id} does not exist.")
-    job_uuid = ""
-    if job_id is not None:
-        from jobs.models import Job
-
-        found = Job.objects.filter(pk=job_id).values_list("uuid", flat=True).first()
-        if found is None:
-            raise NotFound(f"Job {job_id} does not exist.")
-        job_uuid = str(found)
-    (row,) = pilot_commands_create(
-        commands=[
-            CommandSpec(
-                pilot_id=pilot_id,
-                command=command,
-                job_id=job_id,
-                job_uuid=job_uuid,
-                attempt=attempt,
-                reason=reason,
-            )
-        ]
-    )
-    return row
-
-
 # --- heartbeat ----------------------------------------------------------------------------------
 
 REPORTED_STATES = (PilotState.IDLE, PilotState.BUSY, PilotState.DRAINING)
@@ -387,7 +262,7 @@ def pilot_heartbeat(
       terminated pilot keeps its state and is told (once) to shut down.
     - The attempts the pilot names, running (``jobs``: ``{job_uuid, attempt, <metric>:
       number}``) or with a final report in its spool (``reporting``: ``{job_uuid, attempt}``),
-      are reconciled with the server's (``jobs.reconcile.pilot_attempts_reconcile``): its own
+      are reconciled with the server's (``pilots.reconcile.pilot_attempts_reconcile``): its own
       current attempts carry on, attempts the reaper ended are reclaimed while their job has
       not started again, anything else gets a ``kill_job`` command in this reply; attempts
       the server has running on this pilot that it names in neither list fail
@@ -458,7 +333,7 @@ def pilot_heartbeat(
         Pilot.objects.filter(pk=pilot_id).update(updated_at=now, **updates)
 
     if current in LIVE_PILOT_STATES:
-        from jobs.reconcile import pilot_attempts_reconcile
+        from pilots.reconcile import pilot_attempts_reconcile
 
         pilot_attempts_reconcile(
             pilot_id=pilot_id,
@@ -565,243 +440,3 @@ def pilot_terminate(*, pilot_id: int, source: str, reason: str = "") -> PilotTer
         to_state=result.to_state,
         attempts_failed=interrupted.attempts,
     )
-
-
-@dataclass(frozen=True)
-class ReapResult:
-    pilots: int = 0  # pilots found silent, now lost
-    attempts: int = 0  # running attempts of lost pilots, now lost
-    retried: int = 0  # their jobs back to defined
-    failed: int = 0  # their jobs failed (no retry left)
-    holding: bool = False  # a hold is in force: silence judged as the server's (see below)
-    silent: int = 0  # live pilots silent for WMS_PILOT_LOST_AFTER (before any grace)
-    live: int = 0  # live pilots
-
-
-@dataclass(frozen=True)
-class SilenceJudgement:
-    """What one reaper cycle concluded (:func:`judge_silence`)."""
-
-    live: int
-    silent: int
-    hold: bool
-    reason: str = ""
-
-
-def judge_silence(*, live: int, silent: int) -> SilenceJudgement:
-    """Is this silence the pilots' or the server's? The rule of Kubernetes' node lifecycle
-    controller, for one zone (all the pilots): when no live pilot is heard from (full
-    disruption), or at least ``WMS_REAPER_MASS_SILENCE_MIN`` of them and at least the fraction
-    ``WMS_REAPER_MASS_SILENCE_FRACTION`` are silent (partial disruption), the likely culprit is
-    the server or the network in front of it, and nobody is declared lost: a hold.
-
-    A lone pilot (one live pilot) cannot tell its own death from the server's absence: its
-    silence is its own. If it was the server, the pilot comes back and reclaims its attempts
-    (``jobs.reconcile``), no other pilot having taken them meanwhile."""
-    if live >= 2 and silent >= live:
-        return SilenceJudgement(live, silent, True, f"all {live} live pilots are silent")
-    if (
-        silent >= settings.WMS_REAPER_MASS_SILENCE_MIN
-        and silent >= settings.WMS_REAPER_MASS_SILENCE_FRACTION * live
-    ):
-        return SilenceJudgement(
-            live, silent, True, f"{silent} of {live} live pilots are silent at once"
-        )
-    return SilenceJudgement(live, silent, False)
-
-
-def _reaper_state() -> ReaperState:
-    """The reaper's row, locked for this cycle (created at the first cycle)."""
-    ReaperState.objects.get_or_create(name="reaper")
-    return ReaperState.objects.select_for_update().get(name="reaper")
-
-
-def _since(value: datetime | None, now: datetime) -> str:
-    return "-" if value is None else f"{(now - value).total_seconds():.0f}s ago"
-
-
-def pilots_reap_lost(
-    *, beat: bool = False, now: datetime | None = None, limit: int = 1000
-) -> ReapResult:
-    """The reaper (``wms.reap_pilots``): silent pilots become ``lost``, their attempts too;
-    silence is judged with care (docs/lifecycle.md, "The reaper").
-
-    1. The cycle locks the reaper's row (:class:`~pilots.models.ReaperState`). If its last
-       cycle is older than ``WMS_REAPER_ABSENT_AFTER``, the reaper itself was away: every
-       silence is counted from now (``grace_from``), so its return reaps nobody at once.
-    2. It counts the live pilots and the silent ones (no heartbeat for
-       ``WMS_PILOT_LOST_AFTER``) and judges (:func:`judge_silence`). A hold starts, goes on
-       (a warning each cycle: how many, since when) or ends; at its end ``grace_from`` is set,
-       so the pilots still silent get a fresh ``WMS_PILOT_LOST_AFTER``.
-    3. Lost are the live pilots silent for ``WMS_PILOT_LOST_AFTER`` counted from
-       ``max(last heartbeat, grace_from)``, unless a hold is in force; and, hold or not, those
-       silent for ``WMS_PILOT_LOST_AFTER_OUTAGE`` counted the same way (the safety valve: a
-       lone dead pilot is reaped in the end). They are taken ``FOR UPDATE SKIP LOCKED`` (a
-       pilot in the middle of a heartbeat is skipped) and moved with one UPDATE per state.
-    4. The running attempts of lost pilots become ``lost`` (error code ``lost_heartbeat``);
-       their jobs go back to ``defined`` with ``cur_retry + 1``, or fail when no retry is left.
-       Jobs locked by a concurrent report are skipped and taken at the next cycle. A lost
-       pilot that comes back may reclaim them (``jobs.reconcile``).
-
-    ``beat=True`` first claims the cycle (``service_tick("reaper")``); the reaper can be
-    switched off like the splitter and the executor.
-    """
-    from jobs.models import AttemptState
-    from jobs.services import attempts_interrupt
-
-    if beat and not service_tick("reaper", min_interval=settings.WMS_REAP_EVERY / 2):
-        return ReapResult()
-    if not switch_enabled("reaper"):
-        return ReapResult()
-    now = now or timezone.now()
-    lost_after = timedelta(seconds=settings.WMS_PILOT_LOST_AFTER)
-    outage_after = timedelta(
-        seconds=max(settings.WMS_PILOT_LOST_AFTER_OUTAGE, settings.WMS_PILOT_LOST_AFTER)
-    )
-    with transaction.atomic():
-        state = _reaper_state()
-        previous = state.last_run_at
-        if previous is not None and (now - previous).total_seconds() > (
-            settings.WMS_REAPER_ABSENT_AFTER
-        ):
-            state.grace_from = now
-            state.grace_reason = f"the reaper was away since {previous.isoformat()}"
-            log.warning(
-                "reaper_returned_after_absence",
-                last_run_at=previous.isoformat(),
-                away_s=round((now - previous).total_seconds()),
-                detail="silence is counted from now: nobody is declared lost for "
-                f"{settings.WMS_PILOT_LOST_AFTER} s",
-            )
-        state.last_run_at = now
-        heard = Coalesce("last_heartbeat", "created_at")
-        counts = (
-            Pilot.objects.filter(state__in=LIVE_PILOT_STATES)
-            .annotate(heard_at=heard)
-            .aggregate(
-                live=Count("id"),
-                silent=Count("id", filter=Q(heard_at__lt=now - lost_after)),
-                newest_silent=Max("heard_at", filter=Q(heard_at__lt=now - lost_after)),
-            )
-        )
-        judgement = judge_silence(live=counts["live"], silent=counts["silent"])
-        _hold_bookkeeping(state, judgement, now, counts["newest_silent"])
-        state.save()
-
-        # Silence is counted from max(last heartbeat, grace_from); during a hold only the
-        # safety valve's limit applies (it is never shorter than WMS_PILOT_LOST_AFTER).
-        grace_from = state.grace_from
-        cutoff = now - (outage_after if judgement.hold else lost_after)
-        if grace_from is not None and grace_from >= cutoff:
-            rows: list[tuple[int, str]] = []
-        else:
-            rows = list(
-                Pilot.objects.select_for_update(skip_locked=True)
-                .filter(state__in=LIVE_PILOT_STATES)
-                .filter(
-                    Q(last_heartbeat__lt=cutoff)
-                    | Q(last_heartbeat__isnull=True, created_at__lt=cutoff)
-                )
-                .order_by("last_heartbeat", "id")
-                .values_list("id", "state")[:limit]
-            )
-        by_state: dict[str, list[int]] = {}
-        for pk, pilot_state in rows:
-            by_state.setdefault(pilot_state, []).append(pk)
-        seconds = int((now - cutoff).total_seconds())
-        reason = f"no heartbeat for {seconds} s" + (
-            f" (past the outage limit, during a hold: {judgement.reason})" if judgement.hold else ""
-        )
-        for pilot_state, pks in by_state.items():
-            apply_transition_bulk(
-                Pilot,
-                pks,
-                PilotState.LOST,
-                from_state=pilot_state,
-                source=TransitionSource.REAPER,
-                reason=reason,
-                locked=True,
-            )
-        lost = attempts_interrupt(
-            pilot_states=(PilotState.LOST,),
-            attempt_state=AttemptState.LOST,
-            error_code="lost_heartbeat",
-            error_message=f"the pilot was silent for {settings.WMS_PILOT_LOST_AFTER} s or more",
-            source=TransitionSource.REAPER,
-            skip_locked=True,
-        )
-        # A start that raced a terminate: the attempt began on a pilot that is gone.
-        gone = attempts_interrupt(
-            pilot_states=(PilotState.TERMINATED,),
-            attempt_state=AttemptState.FAILED,
-            error_code="pilot_terminated",
-            error_message="the pilot terminated",
-            source=TransitionSource.REAPER,
-            skip_locked=True,
-        )
-    result = ReapResult(
-        pilots=len(rows),
-        attempts=lost.attempts + gone.attempts,
-        retried=lost.retried + gone.retried,
-        failed=lost.failed + gone.failed,
-        holding=judgement.hold,
-        silent=judgement.silent,
-        live=judgement.live,
-    )
-    if rows or result.attempts:
-        log.info(
-            "pilots_reaped",
-            pilots=result.pilots,
-            attempts=result.attempts,
-            retried=result.retried,
-            failed=result.failed,
-            holding=judgement.hold,
-        )
-    return result
-
-
-def _hold_bookkeeping(
-    state: ReaperState, judgement: SilenceJudgement, now: datetime, newest_silent: Any
-) -> None:
-    """Start, continue or end the hold on ``state`` (saved by the caller), with its logs."""
-    if judgement.hold:
-        if state.hold_since is None:
-            state.hold_since = now
-            log.warning(
-                "reaper_hold_started",
-                silent=judgement.silent,
-                live=judgement.live,
-                reason=judgement.reason,
-                last_heard=_since(newest_silent, now),
-                detail="the server was likely unreachable: nobody is declared lost "
-                f"(but past {settings.WMS_PILOT_LOST_AFTER_OUTAGE} s of silence)",
-            )
-        else:
-            log.warning(
-                "reaper_holding",
-                silent=judgement.silent,
-                live=judgement.live,
-                reason=judgement.reason,
-                hold_since=state.hold_since.isoformat(),
-                held_s=round((now - state.hold_since).total_seconds()),
-                last_heard=_since(newest_silent, now),
-            )
-        state.hold_reason = judgement.reason[:255]
-        state.hold_silent = judgement.silent
-        state.hold_live = judgement.live
-    elif state.hold_since is not None:
-        log.warning(
-            "reaper_hold_ended",
-            hold_since=state.hold_since.isoformat(),
-            held_s=round((now - state.hold_since).total_seconds()),
-            still_silent=judgement.silent,
-            live=judgement.live,
-            detail=f"the pilots still silent get {settings.WMS_PILOT_LOST_AFTER} s from now",
-        )
-        state.last_hold_started_at = state.hold_since
-        state.last_hold_ended_at = now
-        state.grace_from = now
-        state.grace_reason = f"the end of a hold ({state.hold_reason})"[:255]
-        state.hold_since = None
-        state.hold_reason = ""
-        state.hold_silent = state.hold_live = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from pilots.services import pilots_reap_lost
+from pilots.reaper import pilots_reap_lost
 
 
 @shared_task(name="wms.reap_pilots", ignore_result=True)

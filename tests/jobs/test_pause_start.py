@@ -10,8 +10,8 @@ import pytest
 
 from jobs.executor import dispatch
 from jobs.models import Job, JobAttempt, JobState, JobTransition
-from jobs.services import job_start
 from pilots.models import Pilot, PilotState
+from pilots.protocol import pilot_job_start
 from tasks.models import Task, TaskState
 from tasks.services import task_pause, task_resume
 from tests.factories import JobFactory, TaskFactory
@@ -35,7 +35,7 @@ def test_a_start_of_a_paused_tasks_job_is_refused_and_the_job_goes_back_to_wait(
     _task, job = _paused_task_with_a_queued_job()
 
     with pytest.raises(TaskPaused):
-        job_start(pilot=pilot, job_uuid=job.uuid, attempt=0)
+        pilot_job_start(pilot=pilot, job_uuid=job.uuid, attempt=0)
 
     job.refresh_from_db()
     assert (job.state, job.pilot_id, job.cur_retry) == (JobState.DEFINED, None, 0)
@@ -78,7 +78,7 @@ def test_pause_puts_the_queued_jobs_back_and_leaves_the_running_ones(make_pilot)
     task = TaskFactory(state=TaskState.RUNNING)
     queued = JobFactory.create_batch(3, task=task, state=JobState.QUEUED)
     running = JobFactory(task=task, state=JobState.QUEUED)
-    job_start(pilot=pilot, job_uuid=running.uuid, attempt=0)
+    pilot_job_start(pilot=pilot, job_uuid=running.uuid, attempt=0)
     other = JobFactory(state=JobState.QUEUED)  # another task's job is not touched
 
     result = task_pause(task_id=task.pk, source="user:1", reason="look at the outputs")
@@ -94,7 +94,7 @@ def test_pause_puts_the_queued_jobs_back_and_leaves_the_running_ones(make_pilot)
     assert reasons == {("user:1", "task paused: look at the outputs", "defined")}
     # a message of a put-back job, consumed now, starts nothing
     with pytest.raises(Exception) as refused:
-        job_start(pilot=pilot, job_uuid=queued[0].uuid, attempt=0)
+        pilot_job_start(pilot=pilot, job_uuid=queued[0].uuid, attempt=0)
     assert getattr(refused.value, "code", None) == "job_not_queued"
 
 
@@ -109,6 +109,6 @@ def test_a_paused_task_dispatches_nothing_and_its_resume_lets_the_jobs_run(make_
     task_resume(task_id=task.pk, source="user:1")
     assert dispatch().total == 2
     for job in jobs:  # the same attempt, dispatched again, starts
-        message = job_start(pilot=pilot, job_uuid=job.uuid, attempt=0)
+        message = pilot_job_start(pilot=pilot, job_uuid=job.uuid, attempt=0)
         assert message.job_uuid == str(job.uuid) and message.attempt == 0
     assert set(Job.objects.filter(task=task).values_list("state", flat=True)) == {"running"}

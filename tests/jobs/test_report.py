@@ -14,7 +14,7 @@ from files.models import Dataset, File, FileStatus, FileType
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
 from jobs.services import job_cancel, job_events_apply
 from pilots.models import PilotCommand
-from pilots.services import pilots_reap_lost
+from pilots.reaper import pilots_reap_lost
 from tests.factories import JobFactory
 from wms import checksums
 

@@ -163,8 +163,8 @@ def test_a_report_of_an_attempt_the_server_ended_is_still_ignored(
     make_pilot, output_task, settings
 ):
     """No report ended a lost attempt: a late one, once its job started the next attempt, is
-    not a conflict, it is ignored. (Before that, its pilot reclaims it: jobs.reconcile.)"""
-    from pilots.services import pilots_reap_lost
+    not a conflict, it is ignored. (Before that, its pilot reclaims it: pilots.reconcile.)"""
+    from pilots.reaper import pilots_reap_lost
 
     _, client = make_pilot()
     job = started(client, output_task)

@@ -8,8 +8,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from jobs.models import AttemptState, JobState
+from pilots.commands import pilot_command_create
 from pilots.models import CommandKind, Pilot, PilotCommand, PilotState
-from pilots.services import pilot_command_create, pilot_heartbeat
+from pilots.services import pilot_heartbeat
 from tests.factories import JobAttemptFactory, JobFactory, PilotCommandFactory
 from wms import bus
 from wms.exceptions import NotFound, ValidationFailed

@@ -11,7 +11,8 @@ from django.utils import timezone
 
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.models import Pilot, PilotState, ReaperState
-from pilots.services import pilot_terminate, pilots_reap_lost
+from pilots.reaper import pilots_reap_lost
+from pilots.services import pilot_terminate
 from pilots.tasks import reap_pilots
 from tests.factories import JobAttemptFactory, JobFactory, PilotFactory
 from tests.wms.test_race import TIMEOUT, Racer

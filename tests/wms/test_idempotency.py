@@ -19,8 +19,9 @@ from rest_framework.views import APIView
 from config.urls import urlpatterns as project_urls
 from files.models import File
 from jobs.models import JobAttempt, JobState, JobTransition
+from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import CommandKind, Pilot, PilotCommand
-from pilots.services import CommandSpec, pilot_commands_create, pilot_register
+from pilots.services import pilot_register
 from tests.factories import JobFactory
 from tests.jobs.test_report import HIST, dataset_files, log_file, started
 from tests.wms.test_race import TIMEOUT, Racer

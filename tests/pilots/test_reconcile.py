@@ -1,4 +1,4 @@
-"""A lost pilot comes back: its heartbeat reconciles the attempts it names (jobs.reconcile).
+"""A lost pilot comes back: its heartbeat reconciles the attempts it names (pilots.reconcile).
 
 Each branch: carry on, reclaim (from ``defined`` and from ``queued``, by a running attempt or
 by a report in the spool, or by the report itself arriving first), kill (a newer attempt
@@ -16,10 +16,11 @@ from django.utils import timezone
 
 from files.models import File, FileType
 from jobs.models import AttemptState, Job, JobAttempt, JobState
-from jobs.reconcile import RECLAIM_REASON
+from jobs.reclaim import RECLAIM_REASON
 from jobs.services import job_cancel, job_hold
 from pilots.models import CommandKind, Pilot, PilotCommand, PilotState
-from pilots.services import pilot_heartbeat, pilots_reap_lost
+from pilots.reaper import pilots_reap_lost
+from pilots.services import pilot_heartbeat
 from tests.factories import JobAttemptFactory, JobFactory
 from tests.jobs.pilot_reports import output, snapshot, started
 

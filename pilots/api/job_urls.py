@@ -6,7 +6,7 @@ integer id (``jobs/<id>/``), so the two never match the same path.
 
 from django.urls import path
 
-from jobs.api.pilot_views import JobReportView, JobStartView
+from pilots.api.job_views import JobReportView, JobStartView
 
 urlpatterns = [
     path("jobs/<uuid:job_uuid>/start/", JobStartView.as_view(), name="job-start"),

@@ -9,8 +9,9 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from jobs.models import AttemptState, Job, JobAttempt, JobState
-from jobs.services import job_cancel, job_start
+from jobs.services import job_cancel
 from pilots.models import Pilot, PilotState
+from pilots.protocol import pilot_job_start
 from pilots.services import pilot_register
 from tests.factories import JobAttemptFactory, JobFactory
 from tests.wms.test_race import TIMEOUT, Racer, _held_race
@@ -201,8 +202,8 @@ def test_the_second_start_waits_for_the_first_and_loses():
     second_pilot, _ = pilot_register(hostname="second")
 
     first, second = _held_race(
-        lambda: job_start(pilot=first_pilot, job_uuid=job.uuid, attempt=0),
-        lambda: job_start(pilot=second_pilot, job_uuid=job.uuid, attempt=0),
+        lambda: pilot_job_start(pilot=first_pilot, job_uuid=job.uuid, attempt=0),
+        lambda: pilot_job_start(pilot=second_pilot, job_uuid=job.uuid, attempt=0),
     )
 
     assert first.job_uuid == str(job.uuid)

@@ -15,7 +15,7 @@ from jobs.api.pilot_serializers import (
     JobReportSerializer,
     JobStartSerializer,
 )
-from jobs.services import job_report, job_start
+from jobs.services import job_report
 from pilots.api.pilot_views import (
     IDEMPOTENCY_KEY,
     TAGS,
@@ -23,6 +23,7 @@ from pilots.api.pilot_views import (
     pilot_scope,
 )
 from pilots.auth import request_pilot
+from pilots.protocol import pilot_job_start
 from wms.api import error_responses
 from wms.idempotency import idempotent
 
@@ -43,7 +44,7 @@ class JobStartView(PilotProtocolView):
     def post(self, request: Request, job_uuid: uuid.UUID) -> Response:
         serializer = JobStartSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        message = job_start(
+        message = pilot_job_start(
             pilot=request_pilot(request),
             job_uuid=job_uuid,
             attempt=serializer.validated_data["attempt"],
@@ -71,6 +72,6 @@ class JobReportView(PilotProtocolView):
         serializer = JobReportSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         outcome = job_report(
-            pilot=request_pilot(request), job_uuid=job_uuid, event=serializer.validated_data
+            pilot_id=request_pilot(request).pk, job_uuid=job_uuid, event=serializer.validated_data
         )
         return Response({"job_state": outcome.job_state, "outcome": outcome.outcome})

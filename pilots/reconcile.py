@@ -21,7 +21,8 @@ never reached it, say): they fail with error code ``not_on_pilot`` and their job
 Only a heartbeat that sends ``reporting`` (even empty) is trusted for that.
 
 A final report of a lost attempt that reaches the server before its pilot's heartbeat does is
-reclaimed the same way first (:func:`attempts_reclaim_reported`, from ``job_events_apply``).
+reclaimed the same way first (``jobs.reclaim.attempts_reclaim_reported``, from
+``job_events_apply``).
 
 A constant number of queries, whatever the number of attempts.
 """
@@ -37,23 +38,16 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from jobs.models import AttemptState, Job, JobAttempt, JobState
+from jobs.reclaim import RECLAIMABLE_JOB_STATES, attempts_reclaim
 from jobs.services import attempts_interrupt
+from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import CommandKind, PilotCommand
-from pilots.services import CommandSpec, pilot_commands_create, pilot_source
-from wms.contract import StatusEvent
 from wms.exceptions import ValidationFailed
-from wms.statemachine import apply_transition_bulk
 
 log = structlog.get_logger(__name__)
-
-RECLAIM_REASON = "reclaimed: the pilot came back"
-# A lost attempt is reclaimed only while its job waits for the next attempt in these states;
-# a held job waits for a person, a cancelled or final one is over: the pilot gets a kill.
-RECLAIMABLE_JOB_STATES = (JobState.DEFINED, JobState.QUEUED)
 
 
 @dataclass(frozen=True)
@@ -140,7 +134,7 @@ def pilot_attempts_reconcile(
                 continue
             if (uid, number) in run_set:
                 kills.append((job["id"], uid, number, _kill_reason(job, att, number, pilot_id)))
-    reclaimed, refused = _reclaim(pilot_id, reclaim, now)
+    reclaimed, refused = attempts_reclaim(pilot_id, reclaim, now)
     for job_id, number in refused:  # lost the race to a start or a hold: kill it after all
         uid = next(u for u, j in jobs.items() if j["id"] == job_id)
         if (uid, number) in run_set:
@@ -164,29 +158,6 @@ def pilot_attempts_reconcile(
     return result
 
 
-def attempts_reclaim_reported(events: Sequence[StatusEvent]) -> int:
-    """Final reports of lost attempts, sent by their own pilot before its heartbeat said it was
-    back (the spool's sender and the heartbeat are two threads; either may come first): the
-    attempts are reclaimed first, when their job has not started again, so the report is
-    applied to them instead of being ignored and the job run again. Called by
-    ``jobs.services.job_events_apply`` in its transaction; one query when no attempt is found.
-    """
-    finals = {(ev.job_uuid, ev.attempt, ev.pilot_id) for ev in events if ev.state != "running"}
-    if not finals:
-        return 0
-    found: dict[int, list[tuple[int, int, int]]] = {}
-    for pk, job_id, number, pilot_id, uid in JobAttempt.objects.filter(
-        state=AttemptState.LOST,
-        job__uuid__in={u for u, _, _ in finals},
-        job__state__in=RECLAIMABLE_JOB_STATES,
-        job__cur_retry=F("number") + 1,
-    ).values_list("pk", "job_id", "number", "pilot_id", "job__uuid"):
-        if (str(uid), number, pilot_id) in finals:
-            found.setdefault(pilot_id, []).append((job_id, number, pk))
-    now = timezone.now()
-    return sum(_reclaim(pilot_id, items, now)[0] for pilot_id, items in sorted(found.items()))
-
-
 def _kill_reason(
     job: Mapping[str, Any], att: Mapping[str, Any] | None, number: int, pilot_id: int
 ) -> str:
@@ -200,55 +171,6 @@ def _kill_reason(
         f"attempt {number} is {att['state']}; the job is at attempt {job['cur_retry']} "
         f"({job['state']})"
     )
-
-
-def _reclaim(
-    pilot_id: int, reclaim: list[tuple[int, int, int]], now: datetime
-) -> tuple[int, list[tuple[int, int]]]:
-    """Give lost attempts back to their pilot: jobs locked and checked again, then one UPDATE
-    per job state and one for the attempts. Returns (reclaimed, refused (job id, number))."""
-    if not reclaim:
-        return 0, []
-    wanted = {job_id: (number, pk) for job_id, number, pk in reclaim}
-    by_state: dict[str, list[int]] = {}
-    refused = []
-    for job_id, state, cur_retry in (
-        Job.objects.select_for_update(of=("self",))
-        .filter(pk__in=list(wanted))
-        .order_by("id")
-        .values_list("id", "state", "cur_retry")
-    ):
-        number = wanted[job_id][0]
-        if state in RECLAIMABLE_JOB_STATES and cur_retry == number + 1:
-            by_state.setdefault(state, []).append(job_id)
-        else:
-            refused.append((job_id, number))
-    ids = [job_id for pks in by_state.values() for job_id in pks]
-    if not ids:
-        return 0, refused
-    source = pilot_source(pilot_id)
-    for state, pks in by_state.items():
-        apply_transition_bulk(
-            Job,
-            pks,
-            JobState.RUNNING,
-            from_state=state,
-            source=source,
-            reason=RECLAIM_REASON,
-            updates={"cur_retry": F("cur_retry") - 1, "pilot_id": pilot_id, "time_end": None},
-            locked=True,
-        )
-    JobAttempt.objects.filter(
-        pk__in=[wanted[job_id][1] for job_id in ids], state=AttemptState.LOST
-    ).update(state=AttemptState.RUNNING, ended_at=None, error_code="", error_message="")
-    log.warning(
-        "attempts_reclaimed",
-        pilot_id=pilot_id,
-        jobs=len(ids),
-        first=ids[0],
-        detail="the pilot was declared lost but came back: its attempts are its own again",
-    )
-    return len(ids), refused
 
 
 def _kill(pilot_id: int, kills: list[tuple[int, str, int, str]]) -> int:
@@ -308,7 +230,7 @@ def _fail_not_on_pilot(
         error_code="not_on_pilot",
         error_message="the pilot's heartbeat names this attempt neither as running nor as "
         "reporting: the pilot does not have it",
-        source=pilot_source(pilot_id),
+        source=f"pilot:{pilot_id}",
     )
     if result.attempts:
         log.warning("attempts_not_on_pilot_failed", pilot_id=pilot_id, attempts=result.attempts)
