@@ -25,7 +25,7 @@ from files.models import (
 from files.storage import check_url_under, storage_roots
 from wms import checksums, db
 from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed
-from wms.kicks import kick
+from wms.kicks import kick_split
 from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
@@ -157,7 +157,7 @@ def _kick_splitter(dataset_uid: uuid.UUID) -> None:
         .values_list("task_id", flat=True)
         .distinct()
     ):
-        kick("wms.split", task_id=task_id)
+        kick_split(task_id=task_id)
 
 
 def _clean_entry(raw: Mapping[str, Any], index: int, roots: Sequence[str]) -> dict[str, Any]:

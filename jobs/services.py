@@ -49,7 +49,7 @@ from wms.exceptions import (
     WMSError,
     WrongDevice,
 )
-from wms.kicks import kick
+from wms.kicks import kick_dispatch, kick_finalize
 from wms.locations import LocationError, canonical_url
 from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
@@ -114,7 +114,7 @@ def job_cancel(*, job_id: int, source: str, reason: str = "") -> TransitionResul
         _kill_running_attempts([job_id], now=now, reason=reason or f"job cancelled ({source})")
     if result.won:
         log.info("job_cancelled", job_id=job_id, from_state=result.from_state, source=source)
-        kick_finalize(Job.objects.filter(pk=job_id).values_list("task_id", flat=True))
+        kick_finalize_tasks(Job.objects.filter(pk=job_id).values_list("task_id", flat=True))
     return result
 
 
@@ -159,7 +159,7 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
             _kill_running_attempts(running, now=now, reason=reason or f"job cancelled ({source})")
     if cancelled:
         log.info("jobs_cancelled", count=cancelled, source=source)
-        kick_finalize(
+        kick_finalize_tasks(
             Job.objects.filter(pk__in=ids, state=JobState.CANCELLED)
             .order_by()  # no default ordering in the DISTINCT: one row per task
             .values_list("task_id", flat=True)
@@ -168,15 +168,15 @@ def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int
     return cancelled
 
 
-def kick_finalize(task_ids: Iterable[int]) -> None:
+def kick_finalize_tasks(task_ids: Iterable[int]) -> None:
     """After commit, ask the finalizer to look at these tasks (a job of each became final).
     Many tasks at once: one kick for every task (the finalizer's cycle)."""
     ids = sorted(set(task_ids))
     if len(ids) > 20:
-        kick("wms.finalize_tasks")
+        kick_finalize()
         return
     for task_id in ids:
-        kick("wms.finalize_tasks", task_id=task_id)
+        kick_finalize(task_id=task_id)
 
 
 FINALIZE_KICK_BELOW = 100  # open jobs left in a task under which its final reports kick
@@ -221,7 +221,6 @@ def job_release(*, job_id: int, source: str, reason: str = "") -> TransitionResu
     )
     if result.won:
         log.info("job_released", job_id=job_id, source=source)
-        from jobs.tasks import kick_dispatch
 
         kick_dispatch()
     return result
@@ -272,8 +271,6 @@ def jobs_release(*, job_ids: Iterable[int], source: str, reason: str = "") -> in
     skipped. Returns how many were released."""
     n = _jobs_move(list(job_ids), JobState.DEFINED, (JobState.HELD,), source=source, reason=reason)
     if n:
-        from jobs.tasks import kick_dispatch
-
         log.info("jobs_released", count=n, source=source)
         kick_dispatch()
     return n
@@ -899,11 +896,9 @@ def _apply_events(
     if conflicts:
         _log_conflicts(conflicts)
     if retried:
-        from jobs.tasks import kick_dispatch
-
         kick_dispatch()
     if ended_tasks:
-        kick_finalize(_nearly_done(ended_tasks))
+        kick_finalize_tasks(_nearly_done(ended_tasks))
 
 
 def _place(places: dict[int, str], job: dict[str, Any]) -> str:
@@ -1074,11 +1069,9 @@ def attempts_interrupt(
         source=source,
     )
     if retry:
-        from jobs.tasks import kick_dispatch
-
         kick_dispatch()
     if fail:
-        kick_finalize(
+        kick_finalize_tasks(
             Job.objects.filter(pk__in=fail).order_by().values_list("task_id", flat=True).distinct()
         )
     return InterruptResult(attempts=n, retried=len(retry), failed=len(fail))

@@ -6,7 +6,6 @@ from celery import shared_task
 
 from jobs.executor import dispatch as run_dispatch
 from jobs.executor import republish_stale
-from wms.kicks import kick
 
 
 @shared_task(name="wms.dispatch", ignore_result=True)
@@ -17,7 +16,3 @@ def dispatch(beat: bool = False) -> int:
 @shared_task(name="wms.reconcile_queued", ignore_result=True)
 def reconcile_queued() -> int:
     return republish_stale()
-
-
-def kick_dispatch() -> None:
-    kick("wms.dispatch")

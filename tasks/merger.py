@@ -39,6 +39,7 @@ from files.models import File, FileStatus, FileType
 from jobs.models import FINAL_JOB_STATES, Job, JobState
 from tasks.models import MergeOnChildFailure, Task, TaskState
 from wms.choices import Mode
+from wms.kicks import kick_dispatch
 
 log = structlog.get_logger(__name__)
 
@@ -149,7 +150,6 @@ def task_merge_locked(*, task: Task, level0_complete: Any) -> MergeResult:
             jobs=len(result.created),
             levels=sorted({lv for lv, _, _ in planned}),
         )
-        from jobs.tasks import kick_dispatch
 
         kick_dispatch()
     elif result.blocked:

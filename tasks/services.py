@@ -26,7 +26,7 @@ from pilots.models import PilotState
 from tasks.models import ENDED_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
 from wms.choices import DeviceType, Mode, TransitionSource
 from wms.exceptions import Conflict, InvalidTransition, NotFound, ValidationFailed, WMSError
-from wms.kicks import kick
+from wms.kicks import kick_dispatch, kick_finalize, kick_split
 from wms.locations import ancestors
 from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
@@ -151,7 +151,7 @@ def task_create(
         data_out_uid=str(output.uid),
         owner=str(owner),
     )
-    kick("wms.split", task_id=task.pk)
+    kick_split(task_id=task.pk)
     return task
 
 
@@ -380,7 +380,7 @@ def task_add_inputs(
         inputs=[str(ds.uid) for ds in datasets],
         first_position=rows[0].position,
     )
-    kick("wms.split", task_id=task_id)
+    kick_split(task_id=task_id)
     return rows
 
 
@@ -561,9 +561,6 @@ def task_resume(*, task_id: int, source: str, reason: str = "") -> TransitionRes
         only_from=(TaskState.PAUSED,),
     )
     if result.won:
-        from jobs.tasks import kick_dispatch
-        from tasks.tasks import kick_split
-
         kick_split(task_id=task_id)
         kick_dispatch()
     return result
@@ -590,7 +587,7 @@ def task_cancel(*, task_id: int, source: str, reason: str = "") -> TransitionRes
         source=source,
         reason=reason or f"task {task_id} cancelled",
     )
-    kick("wms.finalize_tasks", task_id=task_id)
+    kick_finalize(task_id=task_id)
     return result
 
 
@@ -890,7 +887,6 @@ def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
                 else:
                     Task.objects.filter(pk=task_id).update(output_closed_at=None)
     log.info("task_failed_jobs_retried", task_id=task_id, jobs=len(ids), source=source)
-    from jobs.tasks import kick_dispatch
 
     kick_dispatch()
     return len(ids)

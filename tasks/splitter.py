@@ -34,6 +34,7 @@ from tasks.models import Task, TaskInput, TaskState
 from wms import db
 from wms.choices import TransitionSource
 from wms.exceptions import WMSError
+from wms.kicks import kick_dispatch, kick_split
 from wms.statemachine import apply_transition
 from wms.switches import service_tick, switch_enabled
 
@@ -254,8 +255,6 @@ def _split(task_id: int, dsm: DSMClient) -> SplitResult:
         _start(task.pk)
     if jobs_made:
         log.info("task_split", task_id=task.pk, jobs=jobs_made, files=files_used, more=more)
-        from jobs.tasks import kick_dispatch
-        from tasks.tasks import kick_split
 
         kick_dispatch()
         if more:

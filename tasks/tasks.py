@@ -6,7 +6,6 @@ from celery import shared_task
 
 from tasks.services import task_finalize, tasks_finalize_all
 from tasks.splitter import split_all, task_split
-from wms.kicks import kick
 
 
 @shared_task(name="wms.split", ignore_result=True, acks_late=True)
@@ -15,10 +14,6 @@ def split(task_id: int | None = None, beat: bool = False) -> int:
     if task_id is not None:
         return task_split(task_id=task_id).jobs
     return sum(r.jobs for r in split_all(beat=beat))
-
-
-def kick_split(*, task_id: int | None = None) -> None:
-    kick("wms.split", task_id=task_id)
 
 
 @shared_task(name="wms.finalize_tasks", ignore_result=True, acks_late=True)

@@ -19,6 +19,28 @@ from django.db import transaction
 log = structlog.get_logger(__name__)
 
 
+# The periodic services a kick can wake, by their Celery task names (registered by the apps:
+# tasks.tasks, jobs.tasks).
+SPLIT = "wms.split"
+DISPATCH = "wms.dispatch"
+FINALIZE = "wms.finalize_tasks"
+
+
+def kick_split(*, task_id: int | None = None) -> None:
+    """Split now (one task, or every task that may split)."""
+    kick(SPLIT, task_id=task_id)
+
+
+def kick_dispatch() -> None:
+    """Dispatch defined jobs now."""
+    kick(DISPATCH)
+
+
+def kick_finalize(*, task_id: int | None = None) -> None:
+    """Look now at whether a task (or every running task) has ended."""
+    kick(FINALIZE, task_id=task_id) if task_id is not None else kick(FINALIZE)
+
+
 def kick(task_name: str, **kwargs: Any) -> None:
     from django.conf import settings
 
