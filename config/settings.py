@@ -130,8 +130,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
 else:
+    # Persistent connections (per process/thread), checked before reuse: a connection the
+    # database dropped (a restart) is replaced at the next request, not handed out dead.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Seconds a new connection may take (libpq's connect_timeout, unless DATABASE_URL sets
+    # it): a database that accepts and never answers is an outage (503 with Retry-After),
+    # not a request that hangs until the web server kills its worker. 0: wait forever.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

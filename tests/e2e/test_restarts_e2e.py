@@ -1,0 +1,237 @@
+"""Issue 13, item 4, with real processes: the database or the broker restarted.
+
+The processes under test reach Postgres and RabbitMQ through a :class:`tests.relay.Relay`
+that the test cuts for a few seconds and restores (the machine's servers are never touched):
+
+- the web app under gunicorn (two workers, persistent database connections as configured):
+  a pilot's heartbeat, start and report calls answer only 2xx or 503 with ``Retry-After``
+  while the database is away, never 500, never a hang; once it is back they succeed again;
+- the calls that publish to the broker (a user's cancel, a final report's kick) keep working
+  while the broker is away (what they publish is best effort: the heartbeat carries the
+  command), ``/healthz`` answers 503 ``broker`` unavailable; once it is back, they publish;
+- the Celery worker with beat and the events consumer run on through either outage, with no
+  restart: the task's jobs are dispatched and the task finishes.
+
+A "refused" outage is a server restarting (nobody listens on the port); a "black-holed" one
+is a server that accepts connections and never answers (a hung host, a dropped route).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+
+from jobs.models import AttemptState, Job, JobState
+from pilots.services import pilot_register
+from tasks.models import Task
+from tasks.services import task_create
+from tests.e2e.conftest import _db_url, wait_until
+from tests.factories import DatasetFactory, JobFactory, UserFactory
+from tests.jobs.pilot_reports import output
+
+pytestmark = [pytest.mark.slow, pytest.mark.outage, pytest.mark.django_db(transaction=True)]
+
+CLIENT_TIMEOUT = 30  # seconds: what a pilot waits for an answer (its --http-timeout default)
+MAX_TRIES = 200  # a call retried more often than this means the outage never ended for it
+
+
+# --- a pilot's calls, retried as the agent does -------------------------------------------------
+
+
+@dataclass
+class Answer:
+    call: str
+    status: int
+    error: str = ""
+    retry_after: str | None = None
+    phase: str = ""  # what the relay was doing when the call was sent
+
+
+@dataclass
+class Caller:
+    """Sends calls the way a pilot does: on a 503 the same call again, with the same
+    ``Idempotency-Key``, until it is accepted. Records every answer and the phase of the
+    outage it was sent in; anything but 2xx or a 503 with ``Retry-After`` is a failure."""
+
+    url: str
+    headers: dict[str, str]
+    phase: str = "before"
+    answers: list[Answer] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def post(self, name: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        key = str(uuid.uuid4())
+        for _ in range(MAX_TRIES):
+            phase = self.phase
+            try:
+                response = requests.post(
+                    self.url + path,
+                    json=body,
+                    headers={**self.headers, "Idempotency-Key": key},
+                    timeout=CLIENT_TIMEOUT,
+                )
+            except requests.RequestException as exc:  # a hang or a dropped connection
+                self.fail(f"{name}: no answer ({type(exc).__name__}: {exc}) [{phase}]")
+                raise
+            data = response.json() if response.content else {}
+            answer = Answer(
+                name,
+                response.status_code,
+                data.get("error", "") if isinstance(data, dict) else "",
+                response.headers.get("Retry-After"),
+                phase,
+            )
+            with self.lock:
+                self.answers.append(answer)
+            if 200 <= response.status_code < 300:
+                return data
+            if response.status_code != 503 or not answer.retry_after:
+                self.fail(f"{name}: {response.status_code} {response.text[:300]} [{phase}]")
+                raise AssertionError(self.failures[-1])
+            threading.Event().wait(0.2)  # the agent backs off; a test need not wait long
+        self.fail(f"{name}: still refused after {MAX_TRIES} tries")
+        raise AssertionError(self.failures[-1])
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            self.failures.append(what)
+
+    def after(self, phase: str) -> list[Answer]:
+        with self.lock:
+            return [a for a in self.answers if a.phase == phase]
+
+
+def _pilot_caller(url: str, hostname: str) -> tuple[Any, Caller]:
+    pilot, token = pilot_register(hostname=hostname, device_type="cpu")
+    return pilot, Caller(url, {"Authorization": f"Pilot {token}"})
+
+
+def _run_job(caller: Caller, pilot_id: int, job: Job, *, finish: bool = True) -> None:
+    """What a pilot does with one job message: heartbeat, start, a running report, the final
+    report with its output, and a heartbeat."""
+    uuid_ = str(job.uuid)
+    caller.post("heartbeat", f"/api/v1/pilots/{pilot_id}/heartbeat/", {"state": "idle"})
+    started = caller.post("start", f"/api/v1/jobs/{uuid_}/start/", {"attempt": 0})
+    assert started["job_uuid"] == uuid_
+    caller.post(
+        "report",
+        f"/api/v1/jobs/{uuid_}/report/",
+        {"attempt": 0, "state": "running", "metrics": {"cpu_time": 1.5}},
+    )
+    if not finish:
+        return
+    caller.post(
+        "heartbeat",
+        f"/api/v1/pilots/{pilot_id}/heartbeat/",
+        {"state": "busy", "jobs": [{"job_uuid": uuid_, "attempt": 0, "cpu_time": 2.0}]},
+    )
+    done = caller.post(
+        "report",
+        f"/api/v1/jobs/{uuid_}/report/",
+        {
+            "attempt": 0,
+            "state": "finished",
+            "exit_code": 0,
+            "outputs": [output(job.task, f"out-{uuid_}.json")],
+        },
+    )
+    assert done["job_state"] == JobState.FINISHED, done
+
+
+def _queued_jobs(owner, n: int) -> tuple[Task, list[Job]]:
+    task = task_create(
+        owner=owner, executable="wms-payload-map", data_in_uid=DatasetFactory().uid, name="out"
+    )
+    return task, [JobFactory(task=task, state=JobState.QUEUED) for _ in range(n)]
+
+
+def _in_thread(target: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+# --- the web app, the database restarted ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+def test_the_database_restarted_pilots_get_only_503s_then_success(make_stack, db_relay, mode):
+    stack, out = make_stack(
+        cpu=0,
+        gpu=0,
+        worker=False,
+        web="gunicorn",  # two workers, as in production
+        env={"DATABASE_URL": _db_url(db_relay), "DATABASE_CONNECT_TIMEOUT": "2"},
+    )
+    owner = UserFactory()
+    task, jobs = _queued_jobs(owner, 12)
+    pilot, caller = _pilot_caller(stack.server_url, "wn.db-restart.example")
+
+    done: list[Job] = []
+
+    def pilot_loop() -> None:
+        for job in jobs:
+            _run_job(caller, pilot.pk, job)
+            done.append(job)
+
+    thread, errors = _in_thread(pilot_loop)
+    wait_until(lambda: len(done) >= 2 or errors, timeout=60, what="two jobs done", out=out)
+    assert not errors, errors
+
+    caller.phase = "cut"
+    db_relay.cut(mode)
+    wait_until(
+        lambda: len([a for a in caller.after("cut") if a.status == 503]) >= 6 or errors,
+        timeout=50,
+        what="503s while the database is away",
+        out=out,
+    )
+    db_relay.restore()
+    caller.phase = "restored"
+    thread.join(timeout=4 * CLIENT_TIMEOUT)
+    assert not thread.is_alive(), "the pilot's calls never ended"
+    assert not errors and not caller.failures, (errors, caller.failures, out.text()[-4000:])
+
+    # During the outage: only 503 database_unavailable, each with Retry-After.
+    during = caller.after("cut")
+    refused = [a for a in during if a.status == 503]
+    assert len(refused) >= 6
+    assert {a.error for a in refused} == {"database_unavailable"}
+    assert {a.retry_after for a in refused} == {"10"}
+    # After it: success, each call within a few tries (one stale connection per web worker).
+    after = caller.after("restored")
+    assert after and all(a.status in (200, 503) for a in after)
+    runs: list[int] = []
+    tries = 0
+    for a in after:
+        tries += 1
+        if a.status == 200:
+            runs.append(tries)
+            tries = 0
+    assert runs and max(runs) <= 3, runs
+    assert {a.call for a in caller.answers if a.status == 200} == {"heartbeat", "start", "report"}
+
+    # Every job ran once and finished; nothing was written twice.
+    for job in Job.objects.filter(task=task):
+        assert job.state == JobState.FINISHED
+        attempts = list(job.attempts.values_list("number", "state"))
+        assert attempts == [(0, AttemptState.FINISHED)], attempts
+        assert job.files.filter(type="output").count() == 1
+    stack.check_alive()
+    health = requests.get(stack.server_url + "/healthz", timeout=CLIENT_TIMEOUT)
+    assert health.status_code == 200, health.text
