@@ -285,6 +285,10 @@ LOGGING = configure_logging(fmt=WMS_LOG_FORMAT, level=WMS_LOG_LEVEL)
 WMS_BUS_PREFIX = env.str("WMS_BUS_PREFIX", default="wms")
 WMS_QUEUE_TYPE = env.str("WMS_QUEUE_TYPE", default="classic")  # classic | quorum
 WMS_PUBLISH_CONFIRM_TIMEOUT = env.float("WMS_PUBLISH_CONFIRM_TIMEOUT", default=30.0)
+# Seconds one attempt to connect to the broker may take (wms.bus: the publisher, the events
+# consumer); the publisher's retries stop after that long too. A broker that accepts and
+# never answers costs an API call that publishes (a cancel) seconds, not a hang.
+WMS_BROKER_CONNECT_TIMEOUT = env.float("WMS_BROKER_CONNECT_TIMEOUT", default=5.0)
 WMS_SERVER_URL = env.str("WMS_SERVER_URL", default="http://127.0.0.1:8000")
 
 # --- DSM ---

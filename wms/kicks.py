@@ -24,7 +24,8 @@ def kick(task_name: str, **kwargs: Any) -> None:
         from config.celery import app
 
         try:
-            app.send_task(task_name, kwargs=kwargs)
+            # one attempt (broker_connection_timeout): a kick is not worth a slow request
+            app.send_task(task_name, kwargs=kwargs, retry=False)
         except Exception as exc:  # broker down: the beat will catch up
             log.warning("kick_failed", celery_task=task_name, error=str(exc))
 

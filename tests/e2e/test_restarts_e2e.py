@@ -28,11 +28,12 @@ import pytest
 import requests
 
 from jobs.models import AttemptState, Job, JobState
+from pilots.models import CommandKind, PilotCommand
 from pilots.services import pilot_register
 from tasks.models import Task
 from tasks.services import task_create
-from tests.e2e.conftest import _db_url, wait_until
-from tests.factories import DatasetFactory, JobFactory, UserFactory
+from tests.e2e.conftest import _broker_url, _db_url, wait_until
+from tests.factories import DatasetFactory, JobFactory, UserFactory, api_token
 from tests.jobs.pilot_reports import output
 
 pytestmark = [pytest.mark.slow, pytest.mark.outage, pytest.mark.django_db(transaction=True)]
@@ -146,10 +147,12 @@ def _run_job(caller: Caller, pilot_id: int, job: Job, *, finish: bool = True) ->
 
 
 def _queued_jobs(owner, n: int) -> tuple[Task, list[Job]]:
+    dataset: Any = DatasetFactory()
     task = task_create(
-        owner=owner, executable="wms-payload-map", data_in_uid=DatasetFactory().uid, name="out"
+        owner=owner, executable="wms-payload-map", data_in_uid=dataset.uid, name="out"
     )
-    return task, [JobFactory(task=task, state=JobState.QUEUED) for _ in range(n)]
+    jobs: list[Any] = [JobFactory(task=task, state=JobState.QUEUED) for _ in range(n)]
+    return task, jobs
 
 
 def _in_thread(target: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
@@ -235,3 +238,73 @@ def test_the_database_restarted_pilots_get_only_503s_then_success(make_stack, db
     stack.check_alive()
     health = requests.get(stack.server_url + "/healthz", timeout=CLIENT_TIMEOUT)
     assert health.status_code == 200, health.text
+
+
+# --- the web app, the broker restarted -----------------------------------------------------------
+
+
+def _health(url: str) -> requests.Response:
+    return requests.get(url + "/healthz", timeout=CLIENT_TIMEOUT)
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+def test_the_broker_restarted_the_calls_that_publish_answer_then_publish_again(
+    make_stack, broker_relay, read_commands, mode
+):
+    """What the API publishes (a cancel's kill_job commands, the kicks of the splitter and the
+    finalizer) is published after commit, best effort: the broker away, the call still
+    answers 2xx, the command waits in the database and the pilot's heartbeat carries it; only
+    ``/healthz`` says 503. Once the broker is back, the next cancel publishes again."""
+    stack, out = make_stack(
+        cpu=0,
+        gpu=0,
+        worker=False,
+        web="gunicorn",
+        env={"CELERY_BROKER_URL": _broker_url(broker_relay), "WMS_HEALTHZ_BROKER_TTL": "0"},
+    )
+    owner = UserFactory()
+    _token, key = api_token(owner)
+    user = Caller(stack.server_url, {"Authorization": f"Token {key}"})
+    (t1, (a,)), (t2, (b,)), (t3, (c,)) = (_queued_jobs(owner, 1) for _ in range(3))
+    pilot, caller = _pilot_caller(stack.server_url, "wn.mq-restart.example")
+    for job in (a, b):
+        _run_job(caller, pilot.pk, job, finish=False)
+    assert _health(stack.server_url).status_code == 200
+
+    broker_relay.cut(mode)
+    user.phase = caller.phase = "cut"
+    done = caller.post(
+        "report",
+        f"/api/v1/jobs/{a.uuid}/report/",
+        {"attempt": 0, "state": "finished", "exit_code": 0, "outputs": [output(t1, "a.json")]},
+    )
+    assert done["job_state"] == JobState.FINISHED
+    user.post("cancel", f"/api/v1/tasks/{t2.pk}/cancel/", {})
+    kill = PilotCommand.objects.get(pilot=pilot, command=CommandKind.KILL_JOB)
+    assert kill.published_at is None  # not on the bus: the broker is away
+    beat = caller.post("heartbeat", f"/api/v1/pilots/{pilot.pk}/heartbeat/", {"state": "busy"})
+    assert [(x["command"], x["job_uuid"]) for x in beat["commands"]] == [("kill_job", str(b.uuid))]
+    health = _health(stack.server_url)
+    assert health.status_code == 503, health.text
+    assert health.headers["Retry-After"] == "10"
+    assert health.json()["database"] == "ok"
+    assert health.json()["broker"].startswith("unavailable")
+    during = caller.after("cut") + user.after("cut")
+    assert [a.status for a in during] == [200] * len(during), during  # nothing refused
+
+    broker_relay.restore()
+    user.phase = caller.phase = "restored"
+    wait_until(
+        lambda: _health(stack.server_url).status_code == 200,
+        timeout=30,
+        what="/healthz to see the broker again",
+        out=out,
+    )
+    _run_job(caller, pilot.pk, c, finish=False)
+    user.post("cancel", f"/api/v1/tasks/{t3.pk}/cancel/", {})
+    kill_c = PilotCommand.objects.get(pilot=pilot, job__uuid=c.uuid)
+    assert kill_c.published_at is not None, out.text()[-3000:]  # on the bus again
+    queued = read_commands(pilot.pk)
+    assert [m["job_uuid"] for m in queued if m["command"] == "kill_job"] == [str(c.uuid)]
+    assert not caller.failures and not user.failures
+    stack.check_alive()
