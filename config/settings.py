@@ -261,7 +261,14 @@ CELERY_RESULT_BACKEND = None
 CELERY_TIMEZONE = "UTC"
 CELERY_ENABLE_UTC = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# The broker away (a restart, an outage): the worker and beat reconnect by themselves, at
+# start-up too, and never give up (Celery's default gives up after 100 attempts, about an hour
+# of outage, and the worker then exits). 0 or unset: forever.
+CELERY_BROKER_CONNECTION_RETRY = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = (
+    env.int("WMS_BROKER_CONNECTION_MAX_RETRIES", default=0) or None
+)
 CELERY_TASK_DEFAULT_QUEUE = env.str("WMS_CONTROL_QUEUE", default="wms.control")
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BEAT_SCHEDULE: dict = {}

@@ -26,15 +26,24 @@ from typing import Any
 
 import pytest
 import requests
+from django.conf import settings
 
-from jobs.models import AttemptState, Job, JobState
+from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.models import CommandKind, PilotCommand
 from pilots.services import pilot_register
-from tasks.models import Task
+from tasks.models import Task, TaskState
 from tasks.services import task_create
 from tests.e2e.conftest import _broker_url, _db_url, wait_until
-from tests.factories import DatasetFactory, JobFactory, UserFactory, api_token
-from tests.jobs.pilot_reports import output
+from tests.e2e.test_pilots_e2e import _dataset, _task
+from tests.factories import (
+    DatasetFactory,
+    JobAttemptFactory,
+    JobFactory,
+    UserFactory,
+    api_token,
+)
+from tests.jobs.pilot_reports import output, publish, signed
+from wms.contract import StatusEvent
 
 pytestmark = [pytest.mark.slow, pytest.mark.outage, pytest.mark.django_db(transaction=True)]
 
@@ -308,3 +317,149 @@ def test_the_broker_restarted_the_calls_that_publish_answer_then_publish_again(
     assert [m["job_uuid"] for m in queued if m["command"] == "kill_job"] == [str(c.uuid)]
     assert not caller.failures and not user.failures
     stack.check_alive()
+
+
+# --- the worker with beat and the events consumer ------------------------------------------------
+
+
+def _probe_attempt() -> tuple[Any, JobAttempt]:
+    """A pilot (not a process) with a running attempt of its own: the test publishes signed
+    events as it on the bus, to see the worker's events consumer apply them."""
+    pilot, _token = pilot_register(hostname="wn.probe.example", device_type="gpu")
+    job: Any = JobFactory(state=JobState.RUNNING, pilot=pilot, device_type="gpu")
+    attempt: Any = JobAttemptFactory(job=job, pilot=pilot, number=0)
+    return pilot, attempt
+
+
+def _probe(pilot: Any, attempt: JobAttempt, value: float) -> None:
+    event = StatusEvent(
+        job_uuid=str(attempt.job.uuid),
+        attempt=0,
+        state="running",
+        pilot_id=pilot.pk,
+        metrics={"probe": value},
+    )
+    publish(signed(pilot, event))  # to the real broker: the queue is there, outage or not
+
+
+def _probed(attempt: JobAttempt, value: float) -> bool:
+    return JobAttempt.objects.get(pk=attempt.pk).metrics.get("probe") == value
+
+
+def _worker_ran_on(stack: Any, worker_pid: int) -> None:
+    """The worker is the process it was (never restarted) and nothing exited."""
+    stack.check_alive()
+    (worker,) = [c for c in stack.children if c.name == "worker"]
+    assert worker.proc.pid == worker_pid and worker.returncode is None
+
+
+def _finished(task_ids: list[int], n: int) -> None:
+    jobs = list(Job.objects.filter(task_id__in=task_ids))
+    assert len(jobs) == n
+    assert {j.state for j in jobs} == {JobState.FINISHED}
+    for job in jobs:
+        assert job.files.filter(type="output").count() == 1
+    assert set(Task.objects.filter(pk__in=task_ids).values_list("state", flat=True)) == {
+        TaskState.FINISHED
+    }
+
+
+def test_the_database_restarted_the_worker_beat_and_consumer_carry_on(
+    make_stack, db_relay, tmp_path
+):
+    """Every server process reaches Postgres through the relay, cut while the task's jobs are
+    being dispatched and run: the worker (splitter, executor, reaper, finalizer under beat)
+    and its events consumer meet the outage and go on by themselves once it ends."""
+    owner = UserFactory()
+    uid = _dataset(tmp_path, "e2e.dbrestart", 6)
+    stack, out = make_stack(
+        cpu=1,
+        gpu=0,
+        env={
+            "DATABASE_URL": _db_url(db_relay),
+            "DATABASE_CONNECT_TIMEOUT": "2",
+            "DJANGO_SECRET_KEY": settings.SECRET_KEY,  # the probe's bus key is signed with it
+        },
+    )
+    (worker,) = [c for c in stack.children if c.name == "worker"]
+    pilot, attempt = _probe_attempt()
+    _probe(pilot, attempt, 1.0)
+    wait_until(lambda: _probed(attempt, 1.0), timeout=30, what="the consumer", out=out)
+
+    task = _task(owner, uid, tmp_path, "dbrestart", args="--events 200 --sleep 1")
+    wait_until(
+        lambda: JobAttempt.objects.filter(job__task=task).exists(),
+        timeout=60,
+        what="a job to start",
+        out=out,
+    )
+    db_relay.cut()
+    _probe(pilot, attempt, 2.0)  # taken while the database is away: requeued, not lost
+    threading.Event().wait(6)  # an outage of a few seconds (beat runs every second)
+    assert not _probed(attempt, 2.0)
+    db_relay.restore()
+
+    wait_until(lambda: _probed(attempt, 2.0), timeout=60, what="the requeued event", out=out)
+    wait_until(
+        lambda: Task.objects.filter(pk=task.pk, state=TaskState.FINISHED).exists(),
+        timeout=120,
+        what="the task to finish after the outage",
+        out=out,
+    )
+    _finished([task.pk], 6)
+    _worker_ran_on(stack, worker.proc.pid)
+    assert "event_batch_requeued" in out.text()  # the consumer did meet the outage
+
+
+def test_the_broker_restarted_the_worker_beat_and_consumer_reconnect(
+    make_stack, broker_relay, tmp_path
+):
+    """The web app and the worker reach RabbitMQ through the relay (the pilots directly), cut
+    while a task runs: the worker's consumer, beat, the executor's publisher and the events
+    consumer reconnect by themselves; a task created after the outage is split, dispatched
+    and finished by the same worker."""
+    owner = UserFactory()
+    first = _dataset(tmp_path, "e2e.mqrestart1", 4)
+    second = _dataset(tmp_path, "e2e.mqrestart2", 4, seed=3000)
+    stack, out = make_stack(
+        cpu=1,
+        gpu=0,
+        env={
+            "CELERY_BROKER_URL": _broker_url(broker_relay),
+            "DJANGO_SECRET_KEY": settings.SECRET_KEY,  # the probe's bus key is signed with it
+        },
+    )
+    (worker,) = [c for c in stack.children if c.name == "worker"]
+    pilot, attempt = _probe_attempt()
+    _probe(pilot, attempt, 1.0)
+    wait_until(lambda: _probed(attempt, 1.0), timeout=30, what="the consumer", out=out)
+
+    task = _task(owner, first, tmp_path, "mqrestart1", args="--events 200 --sleep 1")
+    wait_until(
+        lambda: JobAttempt.objects.filter(job__task=task).exists(),
+        timeout=60,
+        what="a job to start",
+        out=out,
+    )
+    broker_relay.cut()
+    _probe(pilot, attempt, 2.0)  # waits in the queue until the consumer is back
+    threading.Event().wait(6)
+    assert not _probed(attempt, 2.0)
+    broker_relay.restore()
+
+    wait_until(lambda: _probed(attempt, 2.0), timeout=60, what="the consumer back", out=out)
+    later = _task(owner, second, tmp_path, "mqrestart2", args="--events 200")
+    wait_until(
+        lambda: (
+            Task.objects.filter(pk__in=[task.pk, later.pk], state=TaskState.FINISHED).count() == 2
+        ),
+        timeout=120,
+        what="both tasks to finish after the outage",
+        out=out,
+    )
+    _finished([task.pk, later.pk], 8)
+    _worker_ran_on(stack, worker.proc.pid)
+    log = out.text()
+    assert "events_consumer_reconnecting" in log  # both met the outage
+    assert "Connection to broker lost" in log
+    assert broker_relay.connections > 0
