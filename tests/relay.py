@@ -86,11 +86,9 @@ class Relay:
             self._listen()
 
     def close(self) -> None:
+        """Stop relaying for good: every connection closed, nobody listening."""
         self._closed = True
         self.cut("refuse")
-        self.restore_held()
-
-    def restore_held(self) -> None:
         with self._lock:
             held, self._held = self._held, set()
         for sock in held:
