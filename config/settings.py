@@ -130,8 +130,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
 else:
+    # Persistent connections (per process/thread), checked before reuse: a connection the
+    # database dropped (a restart) is replaced at the next request, not handed out dead.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Seconds a new connection may take (libpq's connect_timeout, unless DATABASE_URL sets
+    # it): a database that accepts and never answers is an outage (503 with Retry-After),
+    # not a request that hangs until the web server kills its worker. 0: wait forever.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -253,7 +261,14 @@ CELERY_RESULT_BACKEND = None
 CELERY_TIMEZONE = "UTC"
 CELERY_ENABLE_UTC = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# The broker away (a restart, an outage): the worker and beat reconnect by themselves, at
+# start-up too, and never give up (Celery's default gives up after 100 attempts, about an hour
+# of outage, and the worker then exits). 0 or unset: forever.
+CELERY_BROKER_CONNECTION_RETRY = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = (
+    env.int("WMS_BROKER_CONNECTION_MAX_RETRIES", default=0) or None
+)
 CELERY_TASK_DEFAULT_QUEUE = env.str("WMS_CONTROL_QUEUE", default="wms.control")
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BEAT_SCHEDULE: dict = {}
@@ -277,6 +292,10 @@ LOGGING = configure_logging(fmt=WMS_LOG_FORMAT, level=WMS_LOG_LEVEL)
 WMS_BUS_PREFIX = env.str("WMS_BUS_PREFIX", default="wms")
 WMS_QUEUE_TYPE = env.str("WMS_QUEUE_TYPE", default="classic")  # classic | quorum
 WMS_PUBLISH_CONFIRM_TIMEOUT = env.float("WMS_PUBLISH_CONFIRM_TIMEOUT", default=30.0)
+# Seconds one attempt to connect to the broker may take (wms.bus: the publisher, the events
+# consumer); the publisher's retries stop after that long too. A broker that accepts and
+# never answers costs an API call that publishes (a cancel) seconds, not a hang.
+WMS_BROKER_CONNECT_TIMEOUT = env.float("WMS_BROKER_CONNECT_TIMEOUT", default=5.0)
 WMS_SERVER_URL = env.str("WMS_SERVER_URL", default="http://127.0.0.1:8000")
 
 # --- DSM ---

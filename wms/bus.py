@@ -33,11 +33,14 @@ def broker_url() -> str:
     return settings.CELERY_BROKER_URL
 
 
-def new_connection(*, connect_timeout: float = 10) -> Connection:
-    """A fresh connection to the broker the Celery app uses (same URL, same folders)."""
+def new_connection(*, connect_timeout: float | None = None) -> Connection:
+    """A fresh connection to the broker the Celery app uses (same URL, same folders); one
+    attempt to connect takes at most ``WMS_BROKER_CONNECT_TIMEOUT`` seconds by default."""
     options = dict(getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {})
     # Confirms are handled per batch below, not message by message.
     options.pop("confirm_publish", None)
+    if connect_timeout is None:
+        connect_timeout = settings.WMS_BROKER_CONNECT_TIMEOUT
     return Connection(broker_url(), transport_options=options, connect_timeout=connect_timeout)
 
 
@@ -48,7 +51,13 @@ def _connection() -> Connection:
     if conn is None or getattr(_local, "key", None) != key:
         reset_connection()
         conn = new_connection()
-        conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5)
+        # bounded in time too: a broker that never answers costs a web request seconds
+        conn.ensure_connection(
+            max_retries=3,
+            interval_start=0.2,
+            interval_step=0.5,
+            timeout=settings.WMS_BROKER_CONNECT_TIMEOUT,
+        )
         topology().declare(conn)
         _local.conn, _local.key = conn, key
     return conn

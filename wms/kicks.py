@@ -38,7 +38,10 @@ def kick_dispatch() -> None:
 
 def kick_finalize(*, task_id: int | None = None) -> None:
     """Look now at whether a task (or every running task) has ended."""
-    kick(FINALIZE, task_id=task_id) if task_id is not None else kick(FINALIZE)
+    if task_id is None:
+        kick(FINALIZE)
+    else:
+        kick(FINALIZE, task_id=task_id)
 
 
 def kick(task_name: str, **kwargs: Any) -> None:
@@ -49,7 +52,8 @@ def kick(task_name: str, **kwargs: Any) -> None:
 
     def send() -> None:
         try:
-            current_app.send_task(task_name, kwargs=kwargs)
+            # one attempt (broker_connection_timeout): a kick is not worth a slow request
+            current_app.send_task(task_name, kwargs=kwargs, retry=False)
         except Exception as exc:  # broker down: the beat will catch up
             log.warning("kick_failed", celery_task=task_name, error=str(exc))
 

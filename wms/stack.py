@@ -389,11 +389,14 @@ class Stack:
             for i in range(self.config.pilots_per_device)
         ]
 
-    def start(self, *, pilots: bool = True, healthy_timeout: float = 60.0) -> None:
-        """Web app and worker with beat; once ``/healthz`` answers, the pilots (unless
-        ``pilots=False``), so that they register at once."""
+    def start(
+        self, *, pilots: bool = True, worker: bool = True, healthy_timeout: float = 60.0
+    ) -> None:
+        """Web app and worker with beat (unless ``worker=False``); once ``/healthz`` answers,
+        the pilots (unless ``pilots=False``), so that they register at once."""
         self.start_web()
-        self.start_worker()
+        if worker:
+            self.start_worker()
         self.wait_healthy(timeout=healthy_timeout)
         if pilots:
             self.start_pilots()

@@ -13,10 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings as django_settings
 
+from tests.relay import Relay
 from wms.services import pilot_registrar_ensure
 from wms.stack import Stack, StackConfig
 
@@ -50,11 +52,43 @@ def wait_until(cond: Callable[[], object], *, timeout: float, what: str, out: Li
         time.sleep(0.3)
 
 
-def _db_url() -> str:
+def _db_url(relay: Relay | None = None) -> str:
+    """The test database's URL; through ``relay`` (its port on 127.0.0.1) when given."""
     db = django_settings.DATABASES["default"]
     user = db.get("USER") or "postgres"
     auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{user}@"
-    return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+    host, port = db.get("HOST") or "127.0.0.1", db.get("PORT") or 5432
+    if relay is not None:
+        host, port = relay.host, relay.port
+    return f"postgres://{auth}{host}:{port}/{db['NAME']}"
+
+
+def _broker_url(relay: Relay | None = None) -> str:
+    """The broker's URL (``CELERY_BROKER_URL``); through ``relay`` when given."""
+    url = urlsplit(django_settings.CELERY_BROKER_URL)
+    if relay is None:
+        return url.geturl()
+    auth = url.netloc.rpartition("@")[0]
+    netloc = f"{auth}@{relay.host}:{relay.port}" if auth else f"{relay.host}:{relay.port}"
+    return url._replace(netloc=netloc).geturl()
+
+
+@pytest.fixture
+def db_relay():
+    """A :class:`tests.relay.Relay` to the test database's server (``_db_url(db_relay)``)."""
+    db = django_settings.DATABASES["default"]
+    with Relay(db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432)) as relay:
+        yield relay
+
+
+@pytest.fixture
+def broker_relay():
+    """A :class:`tests.relay.Relay` to the broker (``_broker_url(broker_relay)``)."""
+    url = urlsplit(django_settings.CELERY_BROKER_URL)
+    if url.scheme != "amqp":
+        pytest.skip("outage tests run on RabbitMQ (CELERY_BROKER_URL=amqp://...)")
+    with Relay(url.hostname or "127.0.0.1", url.port or 5672) as relay:
+        yield relay
 
 
 @pytest.fixture
@@ -68,7 +102,15 @@ def make_stack(tmp_path, bus_prefix, settings, request):
     settings.WMS_OUTPUT_ROOT = (tmp_path / "outputs").resolve().as_uri()
     settings.WMS_STORAGE_ROOTS = [tmp_path.resolve().as_uri()]
 
-    def make(*, cpu: int = 1, gpu: int = 1, slots: int = 1, env: dict | None = None, **cfg):
+    def make(
+        *,
+        cpu: int = 1,
+        gpu: int = 1,
+        slots: int = 1,
+        env: dict | None = None,
+        worker: bool = True,
+        **cfg,
+    ):
         token = pilot_registrar_ensure()
         devices = tuple(d for d, n in (("cpu", cpu), ("gpu", gpu)) if n)
         out = Lines()
@@ -100,7 +142,7 @@ def make_stack(tmp_path, bus_prefix, settings, request):
         )
         stack = Stack(config, env=child_env, out=out)
         stacks.append((stack, out))
-        stack.start()
+        stack.start(worker=worker)
         return stack, out
 
     yield make

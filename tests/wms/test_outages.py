@@ -25,6 +25,7 @@ import requests
 from django.test import Client
 
 from pilots.agent.client import RETRY, PilotClient
+from tests.relay import Relay
 from wms.stack import free_port
 
 pytestmark = pytest.mark.django_db
@@ -113,66 +114,13 @@ def test_healthz_answers_503_when_the_broker_is_down(client, broker_down):
 # --- the web app under gunicorn, with its database behind a relay that can be cut -------------
 
 
-class Relay:
-    """A TCP relay to Postgres: ``stop()`` is the database going away (listener closed, every
-    connection cut), ``start()`` it coming back on the same port."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = free_port()
-        self.sockets: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        self.listener: socket.socket | None = None
-
-    def start(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def stop(self) -> None:
-        assert self.listener is not None
-        with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with self.lock:
-            for sock in self.sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            self.sockets.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.sockets.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.fixture
 def live_web(tmp_path):
     """gunicorn (one sync worker) on the test database through a :class:`Relay`."""
     from django.conf import settings as django_settings
 
     db = django_settings.DATABASES["default"]
-    relay = Relay(db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432))
-    relay.start()
+    relay = Relay(db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432)).start()
     user = db.get("USER") or "postgres"
     auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{user}@"
     port = free_port()
@@ -222,8 +170,7 @@ def live_web(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        with contextlib.suppress(AssertionError):
-            relay.stop()
+        relay.close()
 
 
 def _callers(url: str):
@@ -275,7 +222,7 @@ def test_a_database_outage_answers_503_and_the_next_request_after_it_works(live_
         assert call().status_code == 200, name
     beat = Pilot.objects.get(pk=pilot.pk).last_heartbeat
 
-    relay.stop()  # the database goes away: its connections cut, nobody listening
+    relay.cut()  # the database goes away: its connections cut, nobody listening
     for name, call in callers.items():
         response = call()
         assert response.status_code == 503, (name, response.text)
@@ -291,7 +238,7 @@ def test_a_database_outage_answers_503_and_the_next_request_after_it_works(live_
     assert health.json()["broker"] == "ok"
     assert Pilot.objects.get(pk=pilot.pk).last_heartbeat == beat  # nothing written
 
-    relay.start()  # back on the same port
+    relay.restore()  # back on the same port
     for name, call in callers.items():
         assert call().status_code == 200, name
     assert requests.get(url + "/healthz", timeout=30).status_code == 200
