@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 
 from wms.contract import Command, JobMessage
 from wms.exceptions import BrokerError
-from wms.topology import Topology, rank_to_priority
+from wms.topology import Topology, broker_urls, rank_to_priority
 
 _local = threading.local()
 
@@ -34,11 +34,20 @@ def broker_url() -> str:
 
 
 def new_connection(*, connect_timeout: float = 10) -> Connection:
-    """A fresh connection to the broker the Celery app uses (same URL, same folders)."""
+    """A fresh connection to the broker the Celery app uses (same URL, same folders; a
+    failover list's URLs in turn, see :func:`ensure_connected`)."""
     options = dict(getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {})
     # Confirms are handled per batch below, not message by message.
     options.pop("confirm_publish", None)
     return Connection(broker_url(), transport_options=options, connect_timeout=connect_timeout)
+
+
+def ensure_connected(conn: Connection, *, rounds: int = 1, **retry: float) -> Connection:
+    """Connect ``conn``, trying every URL of a failover list (``CELERY_BROKER_URL`` may name a
+    cluster's nodes, ``amqp://h1//;amqp://h2//``) ``rounds`` times over: kombu switches to
+    the next URL after each failure and pauses only after a full round."""
+    urls = max(1, len(broker_urls(broker_url())))
+    return conn.ensure_connection(max_retries=rounds * urls - 1, **retry)
 
 
 def _connection() -> Connection:
@@ -48,7 +57,7 @@ def _connection() -> Connection:
     if conn is None or getattr(_local, "key", None) != key:
         reset_connection()
         conn = new_connection()
-        conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5)
+        ensure_connected(conn, rounds=4, interval_start=0.2, interval_step=0.5)
         topology().declare(conn)
         _local.conn, _local.key = conn, key
     return conn
