@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 SBIN = Path("/usr/lib/rabbitmq/bin")  # the scripts themselves, not the wrappers in /usr/sbin
 
@@ -43,7 +44,7 @@ class Node:
     dist_port: int
     base: Path
     proc: subprocess.Popen | None = None
-    log: object = None
+    log: IO[str] | None = None
     killed: bool = False
 
     @property
