@@ -4,8 +4,27 @@ import os
 
 from celery import Celery
 from celery.signals import setup_logging, worker_ready
+from celery.worker.consumer import Consumer as _Consumer
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+
+class Consumer(_Consumer):
+    """Celery's consumer less its native delayed delivery (``CELERY_WORKER_CONSUMER``).
+
+    Celery adds that step when its queues are quorum queues: it declares 28 ``celery_delayed_*``
+    queues and, at every (re)connection, sets them up on each URL of the failover list, retrying
+    a dead node's for some 15 s before the worker consumes again. The WMS sends no task with a
+    countdown or an ETA (its periodic work comes from beat), so it needs none of it.
+    """
+
+    class Blueprint(_Consumer.Blueprint):
+        default_steps = [
+            step
+            for step in _Consumer.Blueprint.default_steps
+            if not step.endswith(":DelayedDelivery")
+        ]
+
 
 app = Celery("wms")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -290,7 +290,25 @@ LOGGING = configure_logging(fmt=WMS_LOG_FORMAT, level=WMS_LOG_LEVEL)
 
 # --- Bus (RabbitMQ topology, DESIGN.md section 5) ---
 WMS_BUS_PREFIX = env.str("WMS_BUS_PREFIX", default="wms")
-WMS_QUEUE_TYPE = env.str("WMS_QUEUE_TYPE", default="classic")  # classic | quorum
+from wms.topology import QUEUE_TYPES, Topology  # noqa: E402
+
+# classic (one node; priorities from rank) | quorum (every queue replicated over a RabbitMQ
+# cluster, docs/deployment.md): the job, events and command queues and Celery's task queue.
+WMS_QUEUE_TYPE = env.str("WMS_QUEUE_TYPE", default="classic")
+if WMS_QUEUE_TYPE not in QUEUE_TYPES:
+    raise ImproperlyConfigured(f"WMS_QUEUE_TYPE: one of {QUEUE_TYPES}, not {WMS_QUEUE_TYPE!r}")
+# Celery's task queue (WMS_CONTROL_QUEUE) is of that type too; so would be any queue Celery
+# made for a name it does not know. With quorum queues Celery's workers use per-consumer
+# prefetch (quorum queues have no global QoS) and its pidbox (remote control) queues stay
+# classic, exclusive and transient: docs/deployment.md says why that is safe.
+CELERY_TASK_QUEUES = [
+    Topology(WMS_BUS_PREFIX, WMS_QUEUE_TYPE).control_queue(CELERY_TASK_DEFAULT_QUEUE)
+]
+CELERY_TASK_DEFAULT_QUEUE_TYPE = WMS_QUEUE_TYPE
+CELERY_TASK_CREATE_MISSING_QUEUE_TYPE = WMS_QUEUE_TYPE
+CELERY_WORKER_DETECT_QUORUM_QUEUES = True
+# without Celery's native delayed delivery (no WMS task has a countdown or an ETA)
+CELERY_WORKER_CONSUMER = "config.celery:Consumer"
 WMS_PUBLISH_CONFIRM_TIMEOUT = env.float("WMS_PUBLISH_CONFIRM_TIMEOUT", default=30.0)
 # Seconds one attempt to connect to the broker may take (wms.bus: the publisher, the events
 # consumer); the publisher's retries stop after that long too. A broker that accepts and

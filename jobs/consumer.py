@@ -385,7 +385,7 @@ def run(*, stop: threading.Event, batch_size: int | None = None) -> None:
     while not stop.is_set():
         conn = bus.new_connection()
         try:
-            conn.ensure_connection(max_retries=1)
+            bus.ensure_connected(conn, rounds=2)
             bus.topology().declare(conn, queues=[bus.topology().events_queue()])
             delay = 1.0
             consume(conn, stop=stop, batch_size=batch_size)

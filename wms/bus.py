@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 
 from wms.contract import Command, JobMessage
 from wms.exceptions import BrokerError
-from wms.topology import Topology, rank_to_priority
+from wms.topology import Topology, broker_urls, rank_to_priority
 
 _local = threading.local()
 
@@ -34,14 +34,23 @@ def broker_url() -> str:
 
 
 def new_connection(*, connect_timeout: float | None = None) -> Connection:
-    """A fresh connection to the broker the Celery app uses (same URL, same folders); one
-    attempt to connect takes at most ``WMS_BROKER_CONNECT_TIMEOUT`` seconds by default."""
+    """A fresh connection to the broker the Celery app uses (same URL, same folders; a
+    failover list's URLs in turn, see :func:`ensure_connected`); one attempt to connect
+    takes at most ``WMS_BROKER_CONNECT_TIMEOUT`` seconds by default."""
     options = dict(getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {})
     # Confirms are handled per batch below, not message by message.
     options.pop("confirm_publish", None)
     if connect_timeout is None:
         connect_timeout = settings.WMS_BROKER_CONNECT_TIMEOUT
     return Connection(broker_url(), transport_options=options, connect_timeout=connect_timeout)
+
+
+def ensure_connected(conn: Connection, *, rounds: int = 1, **retry: float) -> Connection:
+    """Connect ``conn``, trying every URL of a failover list (``CELERY_BROKER_URL`` may name a
+    cluster's nodes, ``amqp://h1//;amqp://h2//``) ``rounds`` times over: kombu switches to
+    the next URL after each failure and pauses only after a full round."""
+    urls = max(1, len(broker_urls(broker_url())))
+    return conn.ensure_connection(max_retries=rounds * urls - 1, **retry)
 
 
 def _connection() -> Connection:
@@ -51,12 +60,15 @@ def _connection() -> Connection:
     if conn is None or getattr(_local, "key", None) != key:
         reset_connection()
         conn = new_connection()
-        # bounded in time too: a broker that never answers costs a web request seconds
-        conn.ensure_connection(
-            max_retries=3,
+        # bounded in time too (a broker that never answers costs a web request seconds),
+        # with time for one attempt on each node of a failover list
+        urls = max(1, len(broker_urls(broker_url())))
+        ensure_connected(
+            conn,
+            rounds=2,
             interval_start=0.2,
             interval_step=0.5,
-            timeout=settings.WMS_BROKER_CONNECT_TIMEOUT,
+            timeout=settings.WMS_BROKER_CONNECT_TIMEOUT * urls,
         )
         topology().declare(conn)
         _local.conn, _local.key = conn, key

@@ -90,6 +90,12 @@ class StackConfig:
     broker_options: Mapping[str, str] = field(default_factory=dict)  # filesystem folders
     web: str = "runserver"  # "runserver" (serves the admin's static files in DEBUG) | "gunicorn"
     worker_concurrency: int = 2
+    # a production-like layout (docs/deployment.md): several web processes (pilot i reports
+    # to web i mod n), several workers, and beat as processes of their own (0: beat runs in
+    # the first worker, ``-B``)
+    web_processes: int = 1
+    workers: int = 1
+    beats: int = 0
     pilots_per_device: int = 1
     devices: tuple[str, ...] = DEVICE_TYPES
     pilot_slots: int = 1
@@ -149,6 +155,8 @@ class Stack:
     ) -> None:
         self.config = config
         self.port = config.port or free_port(config.host)
+        # the other web processes' ports (the first is ``port``)
+        self.ports = [self.port] + [free_port(config.host) for _ in range(config.web_processes - 1)]
         self.out = out or sys.stdout
         self._env_overrides = dict(env or {})
         self._lock = threading.Lock()
@@ -164,6 +172,11 @@ class Stack:
     @property
     def server_url(self) -> str:
         return f"http://{self.addr}"
+
+    @property
+    def server_urls(self) -> list[str]:
+        """Every web process's URL (the first is :attr:`server_url`)."""
+        return [f"http://{self.config.host}:{p}" for p in self.ports]
 
     @property
     def manage(self) -> list[str]:
@@ -182,7 +195,8 @@ class Stack:
         env.update(extra or {})
         return env
 
-    def web_argv(self) -> list[str]:
+    def web_argv(self, index: int = 0) -> list[str]:
+        addr = f"{self.config.host}:{self.ports[index]}"
         if self.config.web == "gunicorn":
             return [
                 self.config.python,
@@ -190,15 +204,16 @@ class Stack:
                 "gunicorn",
                 "config.wsgi:application",
                 "--bind",
-                self.addr,
+                addr,
                 "--workers",
                 "2",
                 "--access-logfile",
                 "-",
             ]
-        return [*self.manage, "runserver", "--noreload", self.addr]
+        return [*self.manage, "runserver", "--noreload", addr]
 
-    def worker_argv(self) -> list[str]:
+    def worker_argv(self, index: int = 0) -> list[str]:
+        beat = self.config.beats == 0 and index == 0
         return [
             self.config.python,
             "-m",
@@ -206,18 +221,39 @@ class Stack:
             "-A",
             "config",
             "worker",
-            "-B",
+            *(
+                ["-B", "--schedule", str(self.config.var_dir / "celerybeat-schedule")]
+                if beat
+                else []
+            ),
             "-Q",
             self.config.control_queue,
             "--concurrency",
             str(self.config.worker_concurrency),
             "--loglevel",
             "INFO",
-            "--schedule",
-            str(self.config.var_dir / "celerybeat-schedule"),
             "--hostname",
-            f"wms-{self.port}@%h",
+            f"wms-{self.port}{f'-{index + 1}' if index else ''}@%h",
         ]
+
+    def beat_argv(self, index: int = 0) -> list[str]:
+        """A beat of its own (``beats`` > 0), with its own schedule file."""
+        return [
+            self.config.python,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(self.config.var_dir / f"celerybeat-schedule-{index + 1}"),
+        ]
+
+    @staticmethod
+    def _nth(name: str, index: int) -> str:
+        return name if index == 0 else f"{name}-{index + 1}"
 
     def pilot_name(self, device_type: str, index: int) -> str:
         suffix = f"-{index + 1}" if self.config.pilots_per_device > 1 else ""
@@ -244,7 +280,7 @@ class Stack:
             "pilots.agent",
             *secrets,
             "--server-url",
-            self.server_url,
+            self.server_urls[index % len(self.server_urls)],
             "--broker-url",
             broker_url,
             "--device-type",
@@ -369,13 +405,27 @@ class Stack:
         self.children.append(child)
         return child
 
-    def start_web(self) -> Child:
-        if not port_is_free(self.config.host, self.port):
-            raise StackError(f"{self.addr} is already in use")
-        return self.spawn("web", self.web_argv())
+    def start_web(self) -> list[Child]:
+        for port in self.ports:
+            if not port_is_free(self.config.host, port):
+                raise StackError(f"{self.config.host}:{port} is already in use")
+        return [
+            self.spawn(self._nth("web", i), self.web_argv(i))
+            for i in range(self.config.web_processes)
+        ]
 
-    def start_worker(self) -> Child:
-        return self.spawn("worker", self.worker_argv())
+    def start_worker(self) -> list[Child]:
+        """The workers, and the beats of their own if ``beats`` > 0."""
+        return [
+            *(
+                self.spawn(self._nth("worker", i), self.worker_argv(i))
+                for i in range(self.config.workers)
+            ),
+            *(
+                self.spawn(self._nth("beat", i), self.beat_argv(i))
+                for i in range(self.config.beats)
+            ),
+        ]
 
     def start_pilots(self) -> list[Child]:
         return [
@@ -413,9 +463,13 @@ class Stack:
             raise StackError(", ".join(f"{c.name} exited with code {c.returncode}" for c in dead))
 
     def wait_healthy(self, timeout: float = 60.0, path: str = "/healthz") -> None:
-        """Until ``GET /healthz`` answers 200; StackError if a child dies or time runs out."""
+        """Until ``GET /healthz`` answers 200 on every web process; StackError if a child dies
+        or time runs out."""
         deadline = time.monotonic() + timeout
-        url = self.server_url + path
+        for base in self.server_urls:
+            self._wait_healthy(base + path, deadline, timeout)
+
+    def _wait_healthy(self, url: str, deadline: float, timeout: float) -> None:
         last = ""
         while time.monotonic() < deadline:
             self.check_alive()
@@ -512,13 +566,17 @@ class Stack:
             c.reader.join(timeout=2)
 
     def stop(self) -> None:
-        """Stop every child: pilots and one-shot children, then the worker, then the web app."""
-        services = {"worker", "web"}
-        first = [c for c in self.children if c.name not in services]
+        """Stop every child: pilots and one-shot children, then the beats and workers, then
+        the web app."""
+
+        def kind(child: Child) -> str:
+            return child.name.split("-")[0]
+
+        first = [c for c in self.children if kind(c) not in ("worker", "beat", "web")]
         order = [
             first,
-            [c for c in self.children if c.name == "worker"],
-            [c for c in self.children if c.name == "web"],
+            [c for c in self.children if kind(c) in ("worker", "beat")],
+            [c for c in self.children if kind(c) == "web"],
         ]
         for group in order:
             if any(c.returncode is None for c in group):

@@ -11,13 +11,22 @@ production; tests use a per-run prefix and delete what they declare):
 ``<p>.pilot.<id>``      a pilot's durable command queue, bound by ``pilot.<id>``
 ``<p>.events``          durable direct exchange for pilot status events, routing key ``event``
 ``<p>.events``          durable queue of those events, consumed by a WMS worker
+``<control>``           Celery's task queue (``WMS_CONTROL_QUEUE``), declared by Celery from
+                        :meth:`Topology.control_queue`
 ======================  ======================================================================
+
+With ``queue_type="quorum"`` every one of these queues is a quorum queue (``x-queue-type:
+quorum``, replicated over the RabbitMQ cluster) and none has ``x-max-priority``: RabbitMQ 3.x
+refuses priorities on quorum queues (docs/deployment.md says how rank orders the work then).
+
+A broker URL may be a failover list, ``amqp://h1//;amqp://h2//;amqp://h3//`` (kombu's and
+Celery's syntax): a client connects to the first that answers (:func:`broker_urls`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from kombu import Connection, Exchange, Queue
 
@@ -97,6 +106,18 @@ class Topology:
             queue_arguments=self._queue_args(priority=False),
         )
 
+    def control_queue(self, name: str) -> Queue:
+        """Celery's task queue ``name`` (its exchange and routing key are its name, as Celery
+        makes its default queue), of this topology's type: Celery declares it from
+        ``CELERY_TASK_QUEUES``."""
+        return Queue(
+            name,
+            exchange=Exchange(name, type="direct", durable=True),
+            routing_key=name,
+            durable=True,
+            queue_arguments=self._queue_args(priority=False),
+        )
+
     def server_queues(self) -> list[Queue]:
         return [*(self.job_queue(d) for d in DEVICE_TYPES), self.events_queue()]
 
@@ -124,11 +145,17 @@ class Topology:
                 continue
 
 
-# --- broker URLs: the password apart (it goes to a pilot in a file or on stdin, never argv) ---
+# --- broker URLs: failover lists; the password apart (it goes to a pilot in a file or on stdin,
+# never argv) ---
 
 
-def url_password(url: str) -> str:
-    """The password inside a URL (``amqp://user:PASSWORD@host/``), or ""."""
+def broker_urls(url: str) -> list[str]:
+    """The URLs of a failover list (``amqp://h1//;amqp://h2//``), in order; one URL is a list
+    of one. Blanks around the separators are dropped."""
+    return [u.strip() for u in url.split(";") if u.strip()]
+
+
+def _one_password(url: str) -> str:
     _, sep, rest = url.partition("://")
     creds, at, _ = rest.rpartition("@")
     if not sep or not at or ":" not in creds:
@@ -136,13 +163,59 @@ def url_password(url: str) -> str:
     return unquote(creds.split(":", 1)[1])
 
 
+def url_password(url: str) -> str:
+    """The password inside a URL (``amqp://user:PASSWORD@host/``), or ""; of a failover list,
+    the first one found."""
+    for one in broker_urls(url):
+        password = _one_password(one)
+        if password:
+            return password
+    return ""
+
+
+def _without_password(url: str) -> str:
+    if not _one_password(url):
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
+
+
 def split_password(url: str) -> tuple[str, str]:
     """``amqp://u:pw@h//`` -> (``amqp://u@h//``, ``pw``): the URL a command line may show and
     the password to hand over in a file or on standard input (the pilot reads it so and
-    quotes it back into the URL it connects with)."""
-    password = url_password(url)
-    if not password:
+    quotes it back into the URL it connects with). A failover list gives the list without
+    its passwords, and its one password: ValueError if its URLs hold different ones (a
+    pilot takes one broker password)."""
+    urls = broker_urls(url)
+    passwords = {p for p in map(_one_password, urls) if p}
+    if len(passwords) > 1:
+        raise ValueError("the broker URLs of a failover list hold different passwords")
+    if not passwords:
         return url, ""
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    return f"{scheme}://{creds.split(':', 1)[0]}@{host}", password
+    return ";".join(map(_without_password, urls)), passwords.pop()
+
+
+def with_password(url: str, password: str) -> str:
+    """The reverse of :func:`split_password`: ``password`` put (quoted) into every URL of
+    ``url`` that names a user."""
+    if not password:
+        return url
+    out = []
+    for one in broker_urls(url):
+        scheme, sep, rest = one.partition("://")
+        user, at, host = rest.rpartition("@")
+        out.append(f"{scheme}{sep}{user}:{quote(password, safe='')}@{host}" if at else one)
+    return ";".join(out)
+
+
+def hide_password(url: str) -> str:
+    """The URL(s) with every password shown as ``***`` (for logs and ``--print-config``)."""
+    out = []
+    for one in broker_urls(url) or [url]:
+        scheme, sep, rest = one.partition("://")
+        creds, at, host = rest.rpartition("@")
+        if sep and at and ":" in creds:
+            one = f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        out.append(one)
+    return ";".join(out)

@@ -27,7 +27,8 @@ def database_status() -> str:
 
 
 def broker_status() -> str:
-    """``ok``, or what failed. One connection attempt, no retry; the verdict is kept for
+    """``ok``, or what failed. One connection attempt (per URL of a failover list: ``ok``
+    when one node of a cluster answers), no retry; the verdict is kept for
     ``WMS_HEALTHZ_BROKER_TTL`` seconds per process thread, so that frequent probes do not
     open a broker connection each."""
     url = bus.broker_url()
@@ -38,7 +39,7 @@ def broker_status() -> str:
         return cached[2]
     conn = bus.new_connection(connect_timeout=3)
     try:
-        conn.ensure_connection(max_retries=0)
+        bus.ensure_connected(conn)  # each URL of a failover list once
         verdict = "ok"
     except Exception as exc:  # refused, timed out, bad credentials: all "unavailable"
         verdict = f"unavailable ({type(exc).__name__})"

@@ -54,7 +54,7 @@ from pilots.agent.sandbox import PayloadSandbox, SandboxError, from_config, is_d
 from pilots.agent.spool import ReportSender, Spool
 from pilots.agent.watchdog import SLOT_STUCK, SlotWatchdog
 from wms.contract import JOB, VERSION, Command, ContractError, JobMessage, decode_job
-from wms.topology import Topology
+from wms.topology import QUEUE_TYPES, Topology, broker_urls
 
 EXIT_OK = 0  # drained, shut down, idle
 EXIT_FAILED = 1  # could not start (registration, broker, work dir)
@@ -359,8 +359,14 @@ class Agent:
         # the server's answer wins over the local configuration
         if body.get("device_type") in ("cpu", "gpu"):
             self.device_type = body["device_type"]
+        prefix, queue_type = self.topology.prefix, self.topology.queue_type
         if isinstance(body.get("bus_prefix"), str) and body["bus_prefix"]:
-            self.topology = Topology(body["bus_prefix"], self.cfg.queue_type)
+            prefix = body["bus_prefix"]
+        if body.get("queue_type") in QUEUE_TYPES:  # a server older than it names none
+            if body["queue_type"] != queue_type:
+                log.info(kv("queue_type_from_server", pilot=queue_type, server=body["queue_type"]))
+            queue_type = body["queue_type"]
+        self.topology = Topology(prefix, queue_type)
         self._set_heartbeat_interval(body.get("heartbeat_interval"))
         expected = {
             "job_queue": self.topology.job_queue_name(self.device_type),
@@ -376,6 +382,7 @@ class Agent:
                 pilot_id=pilot_id,
                 device_type=self.device_type,
                 bus_prefix=self.topology.prefix,
+                queue_type=self.topology.queue_type,
                 heartbeat_interval=self.heartbeat_interval,
                 **{k: v for k, v in payload.items() if k != "device_type"},
             )
@@ -404,7 +411,9 @@ class Agent:
         conn = self._new_connection()
         try:
             conn.ensure_connection(
-                max_retries=max(1, self.cfg.register_retries),
+                # each retry tries the next URL of a failover list; a pause after each round
+                max_retries=max(1, self.cfg.register_retries)
+                * len(broker_urls(self.cfg.broker_url)),
                 interval_start=1,
                 interval_step=2,
                 interval_max=30,
@@ -530,7 +539,10 @@ class Agent:
         try:
             if self._conn is None:
                 self._conn = self._new_connection()
-                self._conn.ensure_connection(max_retries=1)
+                # every URL of a failover list once (one URL: tried twice)
+                self._conn.ensure_connection(
+                    max_retries=max(1, len(broker_urls(self.cfg.broker_url)) - 1)
+                )
             channel = self._conn.default_channel
             queue = self._job_queue
             if queue is None or queue.channel is not channel:  # bound once per channel

@@ -18,6 +18,7 @@ from kombu.message import Message
 from pilots.agent.client import Backoff
 from pilots.agent.logs import kv, log
 from wms.contract import VERSION, Command, ContractError, decode_command
+from wms.topology import broker_urls
 
 REMEMBERED_IDS = 10_000
 
@@ -138,7 +139,8 @@ class CommandConsumer:
                 heartbeat=60,
             )
             try:
-                conn.ensure_connection(max_retries=1)
+                # every URL of a failover list once (one URL: tried twice)
+                conn.ensure_connection(max_retries=max(1, len(broker_urls(self.broker_url)) - 1))
                 with Consumer(conn, queues=[self.queue], on_message=self._on_message) as consumer:
                     consumer.qos(prefetch_count=10)
                     self.ready.set()

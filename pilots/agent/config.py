@@ -30,9 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote
 
-from wms.topology import url_password
+from wms.topology import broker_urls, hide_password, url_password, with_password
 
 ENV_PREFIX = "WMS_PILOT_"
 BROKER_PREFIX = "broker_"  # broker_<transport option>, except broker_url
@@ -98,12 +97,9 @@ class PilotConfig:
     @property
     def broker_connect_url(self) -> str:
         """The broker URL with the password of ``broker_password`` in it (for kombu only:
-        never logged, never on a command line)."""
-        if not self.broker_password:
-            return self.broker_url
-        scheme, sep, rest = self.broker_url.partition("://")
-        user, _, host = rest.rpartition("@")
-        return f"{scheme}{sep}{user}:{quote(self.broker_password, safe='')}@{host}"
+        never logged, never on a command line). A failover list (``amqp://u@h1//;amqp://u@h2//``)
+        gets it in each of its URLs."""
+        return with_password(self.broker_url, self.broker_password)
 
     def secret_files(self) -> list[Path]:
         """The files the secrets were read from (payloads must not see them)."""
@@ -123,11 +119,7 @@ class PilotConfig:
 
 
 def _hide_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return hide_password(url)
 
 
 # --- parsing of one value ---------------------------------------------------------------------
@@ -221,7 +213,12 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("server_url", _url, "base URL of the WMS (the /api/v1/ calls go under it)", "URL"),
-    Option("broker_url", _text, "RabbitMQ URL (kombu syntax: amqp://user:pass@host:5672/vhost)"),
+    Option(
+        "broker_url",
+        _text,
+        "RabbitMQ URL (kombu syntax: amqp://user@host:5672/vhost); a cluster's nodes as a"
+        " failover list separated by ';' (amqp://user@mq1//;amqp://user@mq2//)",
+    ),
     Option(
         "register_token",
         _text,
@@ -262,7 +259,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("report_interval", _number(float, positive=True), "seconds between running reports"),
     Option("grace_period", _number(float, minimum=0), "seconds from SIGTERM to SIGKILL on a kill"),
     Option("bus_prefix", _text, "prefix of the exchange and queue names (the server's wins)"),
-    Option("queue_type", _choice("classic", "quorum"), "RabbitMQ queue type, as the server's"),
+    Option(
+        "queue_type",
+        _choice("classic", "quorum"),
+        "RabbitMQ queue type, as the server's (its registration answer names it and wins)",
+    ),
     Option("poll_interval", _number(float, positive=True), "longest wait between empty polls"),
     Option("stage_in", _choice("inplace", "copy"), "file inputs: used in place or copied"),
     Option(
@@ -534,10 +535,10 @@ def read_secrets(config: PilotConfig, stdin: TextIO) -> PilotConfig:
     if config.broker_password:
         if url_password(config.broker_url):
             raise ConfigError("broker_url holds a password and broker_password gives one too")
-        if "@" not in config.broker_url.partition("://")[2]:
+        if any("@" not in url.partition("://")[2] for url in broker_urls(config.broker_url)):
             raise ConfigError(
                 "a broker password is given but broker_url names no user "
-                "(amqp://USER@host:5672/vhost)"
+                "(amqp://USER@host:5672/vhost; each URL of a failover list names one)"
             )
     return config
 

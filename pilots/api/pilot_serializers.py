@@ -81,6 +81,11 @@ class PilotRegistrationSerializer(serializers.Serializer):
     job_queue = serializers.CharField(help_text="The queue of the pilot's device type.")
     command_queue = serializers.CharField(help_text="The pilot's own command queue.")
     bus_prefix = serializers.CharField(help_text="Prefix of every exchange and queue name.")
+    queue_type = serializers.ChoiceField(
+        choices=[("classic", "classic"), ("quorum", "quorum")],
+        help_text="The type of those queues (`WMS_QUEUE_TYPE`): the pilot declares its queues "
+        "with it (RabbitMQ refuses a queue redeclared with other arguments).",
+    )
     heartbeat_interval = serializers.IntegerField(help_text="Seconds between heartbeats.")
 
 

@@ -131,6 +131,7 @@ class PilotRegisterView(APIView):
             "job_queue": topology.job_queue_name(pilot.device_type),
             "command_queue": topology.command_queue(pilot.pk).name,
             "bus_prefix": topology.prefix,
+            "queue_type": topology.queue_type,
             "heartbeat_interval": settings.WMS_HEARTBEAT_INTERVAL,
         }
         return Response(PilotRegistrationSerializer(body).data, status=status.HTTP_201_CREATED)

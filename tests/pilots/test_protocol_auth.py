@@ -63,6 +63,7 @@ def test_a_user_allowed_to_add_pilots_registers_one(settings, bus_prefix):
         "job_queue": f"{bus_prefix}.jobs.gpu",
         "command_queue": f"{bus_prefix}.pilot.{pilot.pk}",
         "bus_prefix": bus_prefix,
+        "queue_type": "classic",
         "heartbeat_interval": 17,
     }
     assert pilot.token_hash == hash_token(body["token"])

@@ -40,6 +40,7 @@ class FakeWMS:
         spool_dir: Any = None,
     ) -> None:
         self.bus_prefix = bus_prefix
+        self.queue_type: str | None = None  # named in the registration answer when set
         self.next_pilot_id = pilot_id
         self.heartbeat_interval = heartbeat_interval
         self.spool_dir = spool_dir
@@ -135,6 +136,7 @@ class FakeWMS:
                 "job_queue": f"{self.bus_prefix}.jobs.{body.get('device_type', 'cpu')}",
                 "command_queue": f"{self.bus_prefix}.pilot.{pilot_id}",
                 "bus_prefix": self.bus_prefix,
+                **({"queue_type": self.queue_type} if self.queue_type else {}),
                 "heartbeat_interval": self.heartbeat_interval,
             }
         scheme, _, token = auth.partition(" ")
