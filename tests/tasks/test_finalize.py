@@ -234,7 +234,9 @@ def test_a_finished_report_kicks_the_finalizer(
     from config.celery import app
 
     sent = []
-    monkeypatch.setattr(app, "send_task", lambda name, kwargs: sent.append((name, kwargs)))
+    monkeypatch.setattr(
+        app, "send_task", lambda name, kwargs, **_options: sent.append((name, kwargs))
+    )
     settings.WMS_KICKS_ENABLED = True
     task = _task(user, 1)
     (job,) = Job.objects.filter(task=task)
