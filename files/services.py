@@ -13,6 +13,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from files.build import NewFile, files_build
 from files.models import (
     Dataset,
     DatasetEntry,
@@ -324,7 +325,8 @@ def file_create(
     status: str = FileStatus.PENDING,
     url: str = "",
 ) -> File:
-    """Create one FILE_DAT row (a job's input, output or log file)."""
+    """Create one FILE_DAT row (a job's input, output or log file), checked; built by
+    ``files.build.files_build`` as every FILE_DAT row."""
     if type not in FileType.values:
         raise ValidationFailed({"type": [f"Must be one of {FileType.values}."]})
     if check_sum and not checksums.is_valid(check_sum):
@@ -333,22 +335,31 @@ def file_create(
         raise ValidationFailed({"size": ["Must be a non-negative integer."]})
     if status not in FileStatus.values:
         raise ValidationFailed({"status": [f"Must be one of {FileStatus.values}."]})
+    row = NewFile(
+        file_name=file_name,
+        type=type,
+        size=size,
+        status=status,
+        check_sum=check_sum,
+        url=url,
+        job_id=job_id,
+        task_id=task_id,
+        dataset_id=dataset.pk if dataset is not None else None,
+        entry_id=entry.pk if entry is not None else None,
+    )
     try:
         with transaction.atomic():
-            return File.objects.create(
-                file_name=file_name,
-                type=type,
-                job_id=job_id,
-                task_id=task_id,
-                dataset=dataset,
-                entry=entry,
-                size=size,
-                check_sum=check_sum,
-                status=status,
-                url=url,
-            )
+            [pk] = files_build([row])
     except IntegrityError as exc:
         raise Conflict(f"File {file_name!r} already has a job in this task.") from exc
+    return File.objects.get(pk=pk)
+
+
+def files_mark_intermediate(*, job_ids: Sequence[int]) -> int:
+    """The outputs of these jobs are read by a merge job: not final outputs of their task."""
+    return File.objects.filter(job_id__in=job_ids, type=FileType.OUTPUT).update(
+        intermediate=True, updated_at=timezone.now()
+    )
 
 
 @transaction.atomic

@@ -47,7 +47,12 @@ def copy_rows(
     """Stream rows into the model's table with COPY (PostgreSQL only). Columns are db columns."""
     table = connection.ops.quote_name(model._meta.db_table)
     cols = ", ".join(connection.ops.quote_name(c) for c in columns)
-    with connection.cursor() as cur, cur.cursor.copy(f"COPY {table} ({cols}) FROM STDIN") as cp:
+    # The driver's own cursor: its errors are made Django's (IntegrityError, ...) here.
+    with (
+        connection.cursor() as cur,
+        connection.wrap_database_errors,
+        cur.cursor.copy(f"COPY {table} ({cols}) FROM STDIN") as cp,
+    ):
         for row in rows:
             cp.write_row(row)
 
