@@ -146,19 +146,9 @@ def datasets_register(
 
 
 def _kick_splitter(dataset_uid: uuid.UUID) -> None:
-    """After commit, ask the splitter to look at the tasks reading this dataset."""
-    from tasks.models import ACTIVE_TASK_STATES, TaskInput
-
-    for task_id in (
-        TaskInput.objects.filter(
-            dataset_uid=dataset_uid,
-            split_done_at__isnull=True,
-            task__state__in=ACTIVE_TASK_STATES,
-        )
-        .values_list("task_id", flat=True)
-        .distinct()
-    ):
-        kick("wms.split", task_id=task_id)
+    """After commit, ask the splitter to look at the tasks reading this dataset: a kick by
+    name (``wms.split_dataset``, in the tasks app), which finds them itself."""
+    kick("wms.split_dataset", dataset_uid=str(dataset_uid))
 
 
 def _clean_entry(raw: Mapping[str, Any], index: int, roots: Sequence[str]) -> dict[str, Any]:
