@@ -21,8 +21,8 @@ from files.dsm import MAX_FIND, get_dsm
 from files.models import File, FileStatus, FileType
 from files.storage import check_output_place, owner_place
 from jobs.executor import unqueue_task
-from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
-from pilots.models import PilotState
+from jobs.models import OPEN_JOB_STATES, Job, JobState
+from jobs.selectors import task_kills_pending
 from tasks.models import ENDED_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
 from wms.choices import DeviceType, Mode, TransitionSource
 from wms.exceptions import Conflict, InvalidTransition, NotFound, ValidationFailed, WMSError
@@ -606,22 +606,8 @@ class FinalizeResult:
 
 
 def _kills_pending(task_id: int) -> bool:
-    """Is a killed attempt of this task possibly still running (and writing outputs)?
-
-    A cancelled attempt stays "may run" until its pilot's final report acknowledges the kill
-    (``kill_acked_at``) or its pilot is gone (terminated, or lost: the reaper's call).
-    """
-    return (
-        JobAttempt.objects.filter(
-            job__task_id=task_id,
-            state=AttemptState.CANCELLED,
-            kill_requested_at__isnull=False,
-            kill_acked_at__isnull=True,
-            pilot__isnull=False,
-        )
-        .exclude(pilot__state__in=(PilotState.TERMINATED, PilotState.LOST))
-        .exists()
-    )
+    """Is a killed attempt of this task possibly still running? (``jobs.selectors``)"""
+    return task_kills_pending(task_id=task_id)
 
 
 def _input_fully_split(task: Task, dsm: Any) -> tuple[bool, str]:
