@@ -911,17 +911,15 @@ def _store_files(files: list[_FileRow], now: Any) -> None:
     # ``http`` DSM's datasets may have none), in one query.
     local_dataset = Dataset.objects.filter(uid=OuterRef("data_out_uid")).values("id")[:1]
     dataset_ids: dict[uuid.UUID, int | None] = {}
-    places: dict[uuid.UUID, str] = {}
     out_uids: dict[int, uuid.UUID | None] = {}
-    for task_id, uid, dataset_id, out_url in (
+    for task_id, uid, dataset_id in (
         Task.objects.filter(pk__in={f.task_id for f in files})
         .annotate(out_dataset_id=Subquery(local_dataset))
-        .values_list("id", "data_out_uid", "out_dataset_id", "data_out_url")
+        .values_list("id", "data_out_uid", "out_dataset_id")
     ):
         out_uids[task_id] = uid
         if uid is not None:
             dataset_ids[uid] = dataset_id
-            places[uid] = _place({}, {"task_id": task_id, "task__data_out_url": out_url})
     for f in files:
         f.dataset_uid = out_uids.get(f.task_id)
     entries = _register_outputs(files, now)
