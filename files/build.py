@@ -42,12 +42,18 @@ class NewFile(NamedTuple):
 
 # The table's columns, in the order of NewFile's fields (all of them are plain columns).
 _COLUMNS = ("id", *NewFile._fields, "created_at", "updated_at")
+_JOB = NewFile._fields.index("job_id")
 
 
 def files_build(
-    rows: Sequence[NewFile], *, now: datetime | None = None, batch_size: int = 5000
+    rows: Sequence[NewFile],
+    *,
+    job_ids: Sequence[int | None] | None = None,
+    now: datetime | None = None,
+    batch_size: int = 5000,
 ) -> list[int]:
-    """Insert ``rows`` as FILE_DAT rows; their ids, in the order of ``rows``.
+    """Insert ``rows`` as FILE_DAT rows; their ids, in the order of ``rows``. ``job_ids``
+    (one per row) stand for the rows' ``job_id``: rows made before their jobs had ids.
 
     Nothing is checked here: the callers hand over what they checked already (a report's
     files passed ``jobs.events``; inputs come from the DSM's catalogue). The unique constraint
@@ -55,16 +61,24 @@ def files_build(
     if not rows:
         return []
     now = now or timezone.now()
+    if job_ids is None:
+        job_ids = [row.job_id for row in rows]
     if db.copy_supported():
         ids = db.allocate_ids(File, len(rows))
         db.copy_rows(
             File,
             _COLUMNS,
-            ((fid, *row, now, now) for fid, row in zip(ids, rows, strict=True)),
+            (
+                (fid, *row[:_JOB], job_id, *row[_JOB + 1 :], now, now)
+                for fid, job_id, row in zip(ids, job_ids, rows, strict=True)
+            ),
         )
         return ids
     made = File.objects.bulk_create(
-        [File(**row._asdict(), created_at=now, updated_at=now) for row in rows],
+        [
+            File(**{**row._asdict(), "job_id": job_id}, created_at=now, updated_at=now)
+            for job_id, row in zip(job_ids, rows, strict=True)
+        ],
         batch_size=batch_size,
     )
     return [f.pk for f in made]

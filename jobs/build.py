@@ -2,8 +2,8 @@
 
 Its callers are the splitter (map jobs, 10^5 at a time) and the merger (merge jobs): they say
 what the jobs are (:class:`JobSpec`, values they read from their task) and which files each one
-reads (``files.build.NewFile`` rows without a job, which this module fills in); the input rows
-themselves are built by ``files.build.files_build``.
+reads (``files.build.NewFile`` rows without a job: this module gives them theirs); the input
+rows themselves are built by ``files.build.files_build``.
 
 On PostgreSQL the job ids are taken from the table's sequence in one query, the input rows
 written first (they name their jobs; the foreign keys are checked at commit), then the jobs
@@ -72,7 +72,8 @@ def jobs_build(
     children: Sequence[Sequence[int]] | None = None,
 ) -> list[int]:
     """One ``defined`` job per item of ``inputs`` (its input files, maybe none), in bulk; the
-    new jobs' ids in that order. Each input row's ``job_id`` and ``task_id`` are set here.
+    new jobs' ids in that order. Each input row's ``job_id`` is its new job's (the rows name
+    their task themselves).
 
     ``children`` (merge jobs): for each new job, the jobs whose outputs it reads; they get it
     as their ``parent_job`` (one UPDATE per job, guarded by ``parent_job IS NULL``: a child
@@ -96,18 +97,16 @@ def jobs_build(
     return ids
 
 
-def _with_job(rows: Sequence[NewFile], job_id: int, task_id: int) -> list[NewFile]:
-    return [r._replace(job_id=job_id, task_id=task_id) for r in rows]
-
-
 def _copy_jobs(spec: JobSpec, inputs: Sequence[Sequence[NewFile]], now) -> list[int]:
     ids = db.allocate_ids(Job, len(inputs))
     files: list[NewFile] = []
+    owners: list[int] = []  # each row's job
     starts: list[int] = []  # index of each job's first input in ``files``
     for job_id, rows in zip(ids, inputs, strict=True):
         starts.append(len(files))
-        files.extend(_with_job(rows, job_id, spec.task_id))
-    file_ids = files_build(files, now=now)
+        files.extend(rows)
+        owners.extend([job_id] * len(rows))
+    file_ids = files_build(files, job_ids=owners, now=now)
     s = spec
     db.copy_rows(
         Job,
@@ -163,13 +162,10 @@ def _insert_jobs(spec: JobSpec, inputs: Sequence[Sequence[NewFile]], now) -> lis
         batch_size=settings.WMS_SPLIT_BATCH,
     )
     ids = [j.pk for j in jobs]
-    files = [
-        r
-        for job_id, rows in zip(ids, inputs, strict=True)
-        for r in _with_job(rows, job_id, s.task_id)
-    ]
+    files = [r for rows in inputs for r in rows]
     if files:
-        files_build(files, now=now, batch_size=settings.WMS_SPLIT_BATCH)
+        owners = [job_id for job_id, rows in zip(ids, inputs, strict=True) for _ in rows]
+        files_build(files, job_ids=owners, now=now, batch_size=settings.WMS_SPLIT_BATCH)
         # JOB_DAT.file_in_id: each new job's first input, set by ONE UPDATE.
         first_input = (
             File.objects.filter(job_id=OuterRef("pk"), type=FileType.INPUT)

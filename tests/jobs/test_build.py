@@ -34,7 +34,7 @@ def spec_of(task, **changes):
     return JobSpec(**{**values, **changes})
 
 
-def input_of(entry):
+def input_of(entry, task):
     return NewFile(
         file_name=entry.name,
         type=FileType.INPUT,
@@ -43,7 +43,7 @@ def input_of(entry):
         check_sum=entry.check_sum,
         url=f"file:///data/{entry.name}",
         job_id=None,
-        task_id=None,
+        task_id=task.pk,
         dataset_id=entry.dataset_id,
         entry_id=entry.pk,
     )
@@ -52,7 +52,7 @@ def input_of(entry):
 def test_jobs_take_the_spec_and_their_inputs(bulk_path):
     task = TaskFactory(executable="wms-payload-map", args="--events 10", rank=12, max_retries=5)
     entries = DatasetEntryFactory.create_batch(5)
-    groups = [[input_of(e) for e in entries[:2]], [input_of(e) for e in entries[2:]]]
+    groups = [[input_of(e, task) for e in entries[:2]], [input_of(e, task) for e in entries[2:]]]
 
     ids = jobs_build(spec=spec_of(task, device_type="gpu"), inputs=groups)
 
@@ -131,7 +131,7 @@ def test_the_spec_parent_is_every_new_jobs_parent(bulk_path):
 def test_an_input_file_gets_one_job_per_task_whatever_the_path(bulk_path):
     task = TaskFactory()
     entry = DatasetEntryFactory()
-    jobs_build(spec=spec_of(task), inputs=[[input_of(entry)]])
+    jobs_build(spec=spec_of(task), inputs=[[input_of(entry, task)]])
     with pytest.raises(IntegrityError), transaction.atomic():
-        jobs_build(spec=spec_of(task), inputs=[[input_of(entry)]])
+        jobs_build(spec=spec_of(task), inputs=[[input_of(entry, task)]])
     assert Job.objects.filter(task=task).count() == 1
