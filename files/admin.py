@@ -7,6 +7,8 @@ edited here: FILE_DAT rows are written by the jobs that own them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django import forms
 from django.contrib import admin
 from django.template.defaultfilters import filesizeformat
@@ -22,8 +24,6 @@ from files.models import (
     File,
 )
 from files.storage import check_url_under, output_root, storage_roots
-from jobs.models import Job
-from tasks.models import ACTIVE_TASK_STATES, Task
 from wms import checksums
 from wms.admin import (
     ADMIN_SOURCE,
@@ -149,23 +149,24 @@ class DatasetAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
         )
 
 
+# Why the admin may not close a dataset, added by the apps that know (the tasks app: "the
+# output dataset of a task that may still run jobs"): each takes the dataset and answers a
+# reason, or None. files imports no app above it, so they register here (their admin module).
+CLOSE_REFUSALS: list[Callable[[Dataset], str | None]] = []
+
+
 def _admin_close(ds: Dataset, reason: str):
-    """The admin's close. The output dataset of a task that may still run jobs is refused
-    (its jobs' outputs and logs still go there; the WMS closes it when the task ends: cancel
-    the task instead). Once the task ended, an operator may close it by hand (e.g. when a
-    pilot never acknowledged a kill and the finalizer still waits)."""
-    if ds.role == DatasetRole.OUTPUT:
-        active = (
-            Task.objects.filter(data_out_uid=ds.uid, state__in=ACTIVE_TASK_STATES)
-            .values_list("pk", flat=True)
-            .first()
-        )
-        if active is not None:
-            raise Conflict(
-                f"{ds.name} is the output dataset of task {active}, which may still run jobs: "
-                "the WMS closes it when the task ends (cancel the task to end it now)."
-            )
+    """The admin's close, unless one of ``CLOSE_REFUSALS`` refuses it (409)."""
+    for refusal in CLOSE_REFUSALS:
+        why = refusal(ds)
+        if why:
+            raise Conflict(why)
     return services.dataset_close(dataset=ds, source=ADMIN_SOURCE, reason=reason)
+
+
+def _related(model, field: str):
+    """The model a foreign key points at (files names the apps above it by relation only)."""
+    return model._meta.get_field(field).related_model
 
 
 ENTRY_ADD_FIELDS = ("dataset", "name", "size", "check_sum", "url")
@@ -303,11 +304,11 @@ class FileAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
     @admin.display(description="job", ordering="job_id")
     def job_link(self, obj):
-        return admin_link(Job, obj.job_id, f"job {obj.job_id}")
+        return admin_link(_related(File, "job"), obj.job_id, f"job {obj.job_id}")
 
     @admin.display(description="task", ordering="task_id")
     def task_link(self, obj):
-        return admin_link(Task, obj.task_id, obj.task if obj.task_id else None)
+        return admin_link(_related(File, "task"), obj.task_id, obj.task if obj.task_id else None)
 
     @admin.display(description="dataset", ordering="dataset_id")
     def dataset_link(self, obj):

@@ -13,6 +13,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from files.build import NewFile, files_build
 from files.models import (
     Dataset,
     DatasetEntry,
@@ -25,7 +26,7 @@ from files.models import (
 from files.storage import check_url_under, storage_roots
 from wms import checksums, db
 from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed
-from wms.kicks import kick_split
+from wms.kicks import kick_split_dataset
 from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
@@ -145,19 +146,9 @@ def datasets_register(
 
 
 def _kick_splitter(dataset_uid: uuid.UUID) -> None:
-    """After commit, ask the splitter to look at the tasks reading this dataset."""
-    from tasks.models import ACTIVE_TASK_STATES, TaskInput
-
-    for task_id in (
-        TaskInput.objects.filter(
-            dataset_uid=dataset_uid,
-            split_done_at__isnull=True,
-            task__state__in=ACTIVE_TASK_STATES,
-        )
-        .values_list("task_id", flat=True)
-        .distinct()
-    ):
-        kick_split(task_id=task_id)
+    """After commit, ask the splitter to look at the tasks reading this dataset: a kick by
+    name (``wms.split_dataset``, in the tasks app), which finds them itself."""
+    kick_split_dataset(dataset_uid=str(dataset_uid))
 
 
 def _clean_entry(raw: Mapping[str, Any], index: int, roots: Sequence[str]) -> dict[str, Any]:
@@ -324,7 +315,8 @@ def file_create(
     status: str = FileStatus.PENDING,
     url: str = "",
 ) -> File:
-    """Create one FILE_DAT row (a job's input, output or log file)."""
+    """Create one FILE_DAT row (a job's input, output or log file), checked; built by
+    ``files.build.files_build`` as every FILE_DAT row."""
     if type not in FileType.values:
         raise ValidationFailed({"type": [f"Must be one of {FileType.values}."]})
     if check_sum and not checksums.is_valid(check_sum):
@@ -333,22 +325,31 @@ def file_create(
         raise ValidationFailed({"size": ["Must be a non-negative integer."]})
     if status not in FileStatus.values:
         raise ValidationFailed({"status": [f"Must be one of {FileStatus.values}."]})
+    row = NewFile(
+        file_name=file_name,
+        type=type,
+        size=size,
+        status=status,
+        check_sum=check_sum,
+        url=url,
+        job_id=job_id,
+        task_id=task_id,
+        dataset_id=dataset.pk if dataset is not None else None,
+        entry_id=entry.pk if entry is not None else None,
+    )
     try:
         with transaction.atomic():
-            return File.objects.create(
-                file_name=file_name,
-                type=type,
-                job_id=job_id,
-                task_id=task_id,
-                dataset=dataset,
-                entry=entry,
-                size=size,
-                check_sum=check_sum,
-                status=status,
-                url=url,
-            )
+            [pk] = files_build([row])
     except IntegrityError as exc:
         raise Conflict(f"File {file_name!r} already has a job in this task.") from exc
+    return File.objects.get(pk=pk)
+
+
+def files_mark_intermediate(*, job_ids: Sequence[int]) -> int:
+    """The outputs of these jobs are read by a merge job: not final outputs of their task."""
+    return File.objects.filter(job_id__in=job_ids, type=FileType.OUTPUT).update(
+        intermediate=True, updated_at=timezone.now()
+    )
 
 
 @transaction.atomic

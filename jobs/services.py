@@ -25,10 +25,9 @@ from django.db import transaction
 from django.db.models import F, OuterRef, Subquery
 from django.utils import timezone
 
+from files.build import NewFile, files_build
 from files.dsm import get_dsm
-from files.dsm.local import LocalDSMClient
 from files.models import Dataset, File, FileStatus, FileType
-from files.services import dataset_add_files
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event, outputs_outside
 from jobs.executor import MESSAGE_COLUMNS, build_messages
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState, task_model
@@ -54,32 +53,6 @@ from wms.locations import LocationError, canonical_url
 from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
 
 log = structlog.get_logger(__name__)
-
-
-@transaction.atomic
-def job_create(
-    *,
-    task: Any,  # a tasks.Task (jobs does not import tasks)
-    parent_job: Job | None = None,
-    mode: str | None = None,
-    args: str | None = None,
-) -> Job:
-    """One job of a task, inheriting the task's executable, args, rank, device and retries.
-
-    The splitter creates jobs in bulk; this is the single path (merge jobs, admin, tests).
-    """
-    job = Job.objects.create(
-        task=task,
-        parent_job=parent_job,
-        executable=task.executable,
-        args=task.args if args is None else args,
-        rank=task.rank,
-        retries=task.max_retries,
-        device_type=task.device_type,
-        mode=mode or task.mode,
-    )
-    log.info("job_created", job_id=job.pk, task_id=task.pk)
-    return job
 
 
 def job_transition(*, job_id: int, target: str, source: str, reason: str = "") -> TransitionResult:
@@ -592,20 +565,12 @@ def _end_attempt(att: _Attempt, ev: StatusEvent, now: Any, *, state: str | None 
     att.ended = True
 
 
-def _register_outputs(
-    files: list[_FileRow],
-    now: Any,
-    dataset_ids: Mapping[uuid.UUID, int | None],
-    places: Mapping[uuid.UUID, str],
-) -> dict[tuple[uuid.UUID, str], int | None]:
+def _register_outputs(files: list[_FileRow], now: Any) -> dict[tuple[uuid.UUID, str], int | None]:
     """Register the files in their tasks' output datasets through the DSM; one call per
     dataset. Returns (dataset uid, name) → local catalogue entry id (None with an external
-    DSM). A closed dataset leaves its files ``failed``; a name already there (a write of an
-    external DSM whose answer was lost) is taken as registered.
-
-    With the local DSM the catalogue's service is called directly with the dataset's id
-    (``dataset_ids``, read with the tasks): what ``LocalDSMClient.register_files`` does,
-    without reading the dataset's row again."""
+    DSM, whose ids are not the local catalogue's). A closed dataset leaves its files
+    ``failed``; a name already there (a write of an external DSM whose answer was lost) is
+    taken as registered."""
     by_dataset: dict[uuid.UUID, list[_FileRow]] = defaultdict(list)
     for f in files:
         if f.register and f.dataset_uid is not None:
@@ -615,20 +580,10 @@ def _register_outputs(
         return entries
     dsm = get_dsm()
     try:
-        local = isinstance(dsm, LocalDSMClient)
+        local = dsm.catalogue_is_local
 
         def register(uid: uuid.UUID, specs: list[dict[str, Any]]) -> list[tuple[int, str]]:
-            if not local:
-                return [(info.id, info.name) for info in dsm.register_files(uid, specs)]
-            dataset_id = dataset_ids.get(uid)
-            if dataset_id is None:
-                raise NotFound(f"Dataset {uid} does not exist.")
-            added = dataset_add_files(
-                dataset=Dataset(pk=dataset_id, uid=uid),
-                files=specs,
-                url_roots=(places.get(uid) or "",),  # checked by the report already
-            )
-            return [(e.pk, e.name) for e in added]
+            return [(info.id, info.name) for info in dsm.register_files(uid, specs)]
 
         for uid, group in by_dataset.items():
             specs = [
@@ -920,24 +875,22 @@ def _store_files(files: list[_FileRow], now: Any) -> None:
     # ``http`` DSM's datasets may have none), in one query.
     local_dataset = Dataset.objects.filter(uid=OuterRef("data_out_uid")).values("id")[:1]
     dataset_ids: dict[uuid.UUID, int | None] = {}
-    places: dict[uuid.UUID, str] = {}
     out_uids: dict[int, uuid.UUID | None] = {}
-    for task_id, uid, dataset_id, out_url in (
+    for task_id, uid, dataset_id in (
         task_model()
         .objects.filter(pk__in={f.task_id for f in files})
         .annotate(out_dataset_id=Subquery(local_dataset))
-        .values_list("id", "data_out_uid", "out_dataset_id", "data_out_url")
+        .values_list("id", "data_out_uid", "out_dataset_id")
     ):
         out_uids[task_id] = uid
         if uid is not None:
             dataset_ids[uid] = dataset_id
-            places[uid] = _place({}, {"task_id": task_id, "task__data_out_url": out_url})
     for f in files:
         f.dataset_uid = out_uids.get(f.task_id)
-    entries = _register_outputs(files, now, dataset_ids, places)
-    rows = File.objects.bulk_create(
+    entries = _register_outputs(files, now)
+    rows = files_build(
         [
-            File(
+            NewFile(
                 file_name=f.name,
                 type=f.type,
                 size=f.size,
@@ -954,20 +907,19 @@ def _store_files(files: list[_FileRow], now: Any) -> None:
                 else None,
                 time_start=f.started_at,
                 time_end=now,
-                created_at=now,
-                updated_at=now,
             )
             for f in files
         ],
+        now=now,
         batch_size=1000,
     )
     file_out: dict[int, int] = {}
     file_log: dict[int, int] = {}
-    for f, row in zip(files, rows, strict=True):
+    for f, row_id in zip(files, rows, strict=True):
         if f.type == FileType.LOG:
-            file_log[f.job_id] = row.pk
+            file_log[f.job_id] = row_id
         elif f.status == FileStatus.READY:
-            file_out.setdefault(f.job_id, row.pk)
+            file_out.setdefault(f.job_id, row_id)
     both = [(j, out, file_log[j]) for j, out in file_out.items() if j in file_log]
     db.update_rows(Job, ("file_out", "file_log"), both)
     db.update_rows(Job, ("file_out",), [(j, o) for j, o in file_out.items() if j not in file_log])

@@ -6,18 +6,9 @@ from django.db import models
 from django.utils import timezone
 
 from wms.choices import DeviceType
+from wms.choices import PilotState as PilotState  # the states live in wms (named by jobs too)
 from wms.models import TransitionLog
 from wms.statemachine import StateMachine
-
-
-class PilotState(models.TextChoices):
-    REGISTERED = "registered", "registered"
-    IDLE = "idle", "idle"
-    BUSY = "busy", "busy"
-    DRAINING = "draining", "draining"
-    TERMINATED = "terminated", "terminated"
-    LOST = "lost", "lost"
-
 
 PS = PilotState
 PILOT_MACHINE = StateMachine(

@@ -14,11 +14,12 @@ from django.contrib.admin.views.main import ChangeList
 from django.utils.html import format_html, format_html_join
 
 import jobs.models
+from files.admin import CLOSE_REFUSALS
 from files.dsm import get_dsm
-from files.models import Dataset
+from files.models import Dataset, DatasetRole
 from jobs.models import Job, JobState
 from tasks import services
-from tasks.models import Task, TaskInput, TaskState, TaskTransition
+from tasks.models import ACTIVE_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
 from tasks.selectors import task_job_counts, tasks_job_counts
 from wms.admin import (
     ADMIN_SOURCE,
@@ -523,3 +524,26 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
 @admin.register(TaskTransition)
 class TaskTransitionAdmin(TransitionLogAdmin):
     state_choices = TaskState.choices
+
+
+def _output_of_active_task(ds: Dataset) -> str | None:
+    """The dataset admin's close of the output dataset of a task that may still run jobs is
+    refused (its jobs' outputs and logs still go there; the WMS closes it when the task ends:
+    cancel the task instead). Once the task ended, an operator may close it by hand (e.g. when
+    a pilot never acknowledged a kill and the finalizer still waits)."""
+    if ds.role != DatasetRole.OUTPUT:
+        return None
+    active = (
+        Task.objects.filter(data_out_uid=ds.uid, state__in=ACTIVE_TASK_STATES)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if active is None:
+        return None
+    return (
+        f"{ds.name} is the output dataset of task {active}, which may still run jobs: "
+        "the WMS closes it when the task ends (cancel the task to end it now)."
+    )
+
+
+CLOSE_REFUSALS.append(_output_of_active_task)

@@ -27,7 +27,6 @@ created (the merger runs first; a merge it creates is an open job). The rules
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,10 @@ from typing import Any
 import structlog
 from django.utils import timezone
 
+from files.build import NewFile
 from files.models import File, FileStatus, FileType
+from files.services import files_mark_intermediate
+from jobs.build import JobSpec, jobs_build
 from jobs.models import FINAL_JOB_STATES, Job, JobState
 from tasks.models import MergeOnChildFailure, Task, TaskState
 from wms.choices import Mode
@@ -158,68 +160,51 @@ def task_merge_locked(*, task: Task, level0_complete: Any) -> MergeResult:
 
 
 def _create_merges(task: Task, planned: list[_Planned]) -> list[int]:
-    """One merge job per group, its input FILE_DAT rows, the members' parent (one UPDATE per
-    group) and their outputs marked intermediate; a handful of queries per group."""
-    now = timezone.now()
-    jobs = Job.objects.bulk_create(
-        [
-            Job(
-                uuid=uuid.uuid4(),
-                task_id=task.pk,
-                executable=task.merge_executable,
-                args=task.merge_args,
-                rank=task.rank,
-                retries=task.max_retries,
-                device_type=task.device_type,
-                mode=Mode.MERGE,
-                level=level,
-                state=JobState.DEFINED,
-                created_at=now,
-                updated_at=now,
-                state_changed_at=now,
-            )
-            for level, _, _ in planned
-        ]
-    )
+    """One merge job per group, built by ``jobs.build`` (one call per level) with its input
+    FILE_DAT rows (the members' ready outputs) and the members as its children; the members'
+    outputs are then marked intermediate."""
     done_ids = [m.id for _, _, done in planned for m in done]
     outputs: dict[int | None, list[File]] = defaultdict(list)  # File.job_id is nullable
     for f in File.objects.filter(
         job_id__in=done_ids, type=FileType.OUTPUT, status=FileStatus.READY
     ).order_by("id"):
         outputs[f.job_id].append(f)
-    inputs = File.objects.bulk_create(
-        [
-            File(
-                file_name=f.file_name,
-                type=FileType.INPUT,
-                size=f.size,
-                check_sum=f.check_sum,
-                status=FileStatus.READY,
-                url=f.url,
-                job_id=job.pk,
-                task_id=task.pk,
-                dataset_id=f.dataset_id,
-                entry_id=f.entry_id,
-                created_at=now,
-                updated_at=now,
-            )
-            for job, (_, _, done) in zip(jobs, planned, strict=True)
-            for m in done
-            for f in outputs[m.id]
-        ]
-    )
-    first_input: dict[int | None, int] = {}  # by File.job_id (nullable)
-    for f in inputs:
-        first_input.setdefault(f.job_id, f.pk)
-    for job, (_, group, _) in zip(jobs, planned, strict=True):
-        moved = Job.objects.filter(pk__in=[m.id for m in group], parent_job__isnull=True).update(
-            parent_job_id=job.pk, updated_at=now
+    by_level: dict[int, list[tuple[list[_Member], list[_Member]]]] = defaultdict(list)
+    for level, group, done in planned:  # planned is in level order already
+        by_level[level].append((group, done))
+    created: list[int] = []
+    for level, groups in by_level.items():
+        spec = JobSpec(
+            task_id=task.pk,
+            executable=task.merge_executable,
+            args=task.merge_args,
+            rank=task.rank,
+            retries=task.max_retries,
+            device_type=task.device_type,
+            mode=Mode.MERGE,
+            level=level,
         )
-        if moved != len(group):  # the task lock makes this impossible; never merge twice
-            raise RuntimeError(f"merge group of task {task.pk} was already merged")
-        if job.pk in first_input:
-            Job.objects.filter(pk=job.pk).update(file_in_id=first_input[job.pk])
-    File.objects.filter(job_id__in=done_ids, type=FileType.OUTPUT).update(
-        intermediate=True, updated_at=now
-    )
-    return [j.pk for j in jobs]
+        inputs = [
+            [
+                NewFile(
+                    file_name=f.file_name,
+                    type=FileType.INPUT,
+                    size=f.size,
+                    status=FileStatus.READY,
+                    check_sum=f.check_sum,
+                    url=f.url,
+                    job_id=None,
+                    task_id=task.pk,
+                    dataset_id=f.dataset_id,
+                    entry_id=f.entry_id,
+                )
+                for m in done
+                for f in outputs[m.id]
+            ]
+            for _, done in groups
+        ]
+        created += jobs_build(
+            spec=spec, inputs=inputs, children=[[m.id for m in group] for group, _ in groups]
+        )
+    files_mark_intermediate(job_ids=done_ids)
+    return created

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Count, QuerySet
 
 from jobs.models import Job, JobState
-from tasks.models import Task
+from tasks.models import ACTIVE_TASK_STATES, Task, TaskInput
 
 
 def task_job_counts(*, task_id: int) -> dict[str, int]:
@@ -36,3 +37,17 @@ def tasks_visible_to(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Task
     if getattr(user, "is_staff", False):
         return Task.objects.all()
     return Task.objects.filter(owner_id=user.pk)
+
+
+def tasks_reading(*, dataset_uid: uuid.UUID | str) -> list[int]:
+    """The active tasks that read this dataset and are not done with it (the splitter's
+    business when it gains files or closes)."""
+    return list(
+        TaskInput.objects.filter(
+            dataset_uid=dataset_uid,
+            split_done_at__isnull=True,
+            task__state__in=ACTIVE_TASK_STATES,
+        )
+        .values_list("task_id", flat=True)
+        .distinct()
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from files.dsm import MAX_FIND, get_dsm
 from files.models import File, FileStatus, FileType
 from files.storage import check_output_place, owner_place
 from jobs.executor import unqueue_task
-from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
-from pilots.models import PilotState
+from jobs.models import OPEN_JOB_STATES, Job, JobState
+from jobs.selectors import task_kills_pending
 from tasks.models import ENDED_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
+from wms import db
 from wms.choices import DeviceType, Mode, TransitionSource
 from wms.exceptions import Conflict, InvalidTransition, NotFound, ValidationFailed, WMSError
 from wms.kicks import kick_dispatch, kick_finalize, kick_split
@@ -40,7 +42,6 @@ def _get(task_id: int) -> Task:
         raise NotFound(f"Task {task_id} does not exist.") from exc
 
 
-@transaction.atomic
 def task_create(
     *,
     owner: User,
@@ -86,10 +87,13 @@ def task_create(
     other task's place (neither equal to, inside, nor around one): else 400 naming
     ``data_out_url`` and nothing is written. It is stored in its canonical form. Empty, it
     defaults to ``<WMS_OUTPUT_ROOT>/<username>/task-<id>``.
+
+    The DSM is never called inside a transaction: the inputs are resolved, the task's id
+    reserved (``wms.db.reserve_ids``) and its output dataset registered first (with a uid
+    made from the id, :func:`output_dataset_uid`: a registration whose answer was lost is
+    found again), then the task and its inputs are written in ONE short transaction. Should
+    that fail, the output dataset, which no task points at, is closed (it takes no files).
     """
-    # Task creations of one owner are serialised (the owner's row locked until commit): two
-    # of them cannot both take overlapping places. Another owner's tasks are in another folder.
-    get_user_model().objects.select_for_update().filter(pk=owner.pk).values_list("pk").first()
     if data_out_url:
         data_out_url = check_output_place(data_out_url, owner=owner)
         _check_place_free(data_out_url)
@@ -125,24 +129,28 @@ def task_create(
         merge_max_level=merge_max_level,
         merge_on_child_failure=merge_on_child_failure,
     )
-    try:
+    try:  # every check that needs no row of its own, before anything is registered
         task.full_clean(exclude=["owner"])
     except DjangoValidationError as exc:
         raise ValidationFailed(exc.message_dict) from exc
-    task.save(force_insert=True)
-    TaskInput.objects.bulk_create(
-        [TaskInput(task=task, position=i, dataset_uid=ds.uid) for i, ds in enumerate(datasets)]
-    )
     # The output dataset, in the DSM, named after the task (its id makes the name unique);
     # the outputs go under data_out_url, by default a folder of the task in its owner's.
+    [task.pk] = db.reserve_ids(Task)
     if not task.data_out_url:
         task.data_out_url = _default_place(owner, task.pk)
     with get_dsm() as dsm:
         output = _register_output_dataset(
-            dsm, f"{(task.name or 'task')[:200]}.{task.pk}", location=task.data_out_url
+            dsm,
+            f"{(task.name or 'task')[:200]}.{task.pk}",
+            location=task.data_out_url,
+            uid=output_dataset_uid(task.pk),
         )
     task.data_out_uid = output.uid
-    task.save(update_fields=["data_out_url", "data_out_uid", "updated_at"])
+    try:
+        _write_task(task, owner, datasets)
+    except BaseException:
+        _abandon_output(output, task.pk)
+        raise
     log.info(
         "task_created",
         task_id=task.pk,
@@ -151,8 +159,32 @@ def task_create(
         data_out_uid=str(output.uid),
         owner=str(owner),
     )
-    kick_split(task_id=task.pk)
     return task
+
+
+@transaction.atomic
+def _write_task(task: Task, owner: User, datasets: Sequence[Any]) -> None:
+    """The task's row and its inputs, in one short transaction (no DSM call in it)."""
+    # Task creations of one owner are serialised (the owner's row locked until commit): two
+    # of them cannot both take overlapping places. Another owner's tasks are in another folder.
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).values_list("pk").first()
+    _check_place_free(task.data_out_url)
+    task.save(force_insert=True)
+    TaskInput.objects.bulk_create(
+        [TaskInput(task=task, position=i, dataset_uid=ds.uid) for i, ds in enumerate(datasets)]
+    )
+    kick_split(task_id=task.pk)
+
+
+def _abandon_output(output: Any, task_id: int) -> None:
+    """The task was not written: its output dataset is closed, so that it takes no file
+    (its name, after an id no task will have, is never taken again). Best effort."""
+    log.warning("task_create_failed", task_id=task_id, data_out_uid=str(output.uid))
+    try:
+        with get_dsm() as dsm:
+            dsm.close_dataset(output.uid, source="system", reason=f"task {task_id} was not created")
+    except Exception as exc:  # the task's own error is the one to raise
+        log.warning("output_dataset_not_closed", data_out_uid=str(output.uid), error=str(exc))
 
 
 def _overlapping_place(place: str) -> str | None:
@@ -195,19 +227,49 @@ def _default_place(owner: User, task_id: int) -> str:
 OUTPUT_NAME_ATTEMPTS = 5
 
 
-def _register_output_dataset(dsm: Any, base: str, *, location: str) -> Any:
-    """Register a task's output dataset ``<base>.out`` in the DSM. The name is reserved for
-    the WMS in its own catalogue, but an external DSM may hold it already (other clients):
-    then ``<base>.<random>.out``, a few times, rather than refusing the task."""
-    name = f"{base}.out"
+def output_dataset_uid(task_id: int, retry: int = 0) -> uuid.UUID:
+    """The uid of a task's output dataset (``retry`` n > 0: the one a retry of its failed
+    jobs registers as ``.out.r<n>``): made from the task's id, so registering it again finds
+    the same dataset. Namespaced by this WMS's secret key: two WMS sharing a DSM never meet."""
+    site = hashlib.sha256(f"wms-output:{settings.SECRET_KEY}".encode()).hexdigest()
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"wms:{site}/tasks/{task_id}/out/{retry}")
+
+
+def _register_output_dataset(
+    dsm: Any, base: str, *, location: str, uid: uuid.UUID, suffix: str = ".out"
+) -> Any:
+    """Register a task's output dataset ``<base><suffix>`` (suffix ``.out``, or ``.out.r<n>``
+    for a retry's) with ``uid``, idempotently: if the DSM has that uid already as an open,
+    empty output dataset at ``location`` (a registration whose answer was lost, or an earlier
+    try of the same change that failed after it), that dataset is the one. The name is
+    reserved for the WMS in its own catalogue, but an external DSM may hold it already
+    (other clients): then ``<base>.<random><suffix>``, a few times, rather than refusing the
+    task; and a uid held by some other dataset gives way to a random one."""
+    name = f"{base}{suffix}"
     for attempt in range(OUTPUT_NAME_ATTEMPTS + 1):
         try:
-            return dsm.register_dataset(name, role="output", location=location)
+            return dsm.register_dataset(name, role="output", location=location, uid=uid)
         except Conflict:
+            try:
+                found = dsm.get_dataset(uid)
+            except NotFound:
+                found = None
+            if (
+                found is not None
+                and found.role == "output"
+                and found.is_open
+                and found.file_count == 0
+                and found.location == location
+            ):
+                return found  # ours, from an earlier try
             if attempt == OUTPUT_NAME_ATTEMPTS:
                 raise
-            log.warning("output_dataset_name_taken", name=name)
-            name = f"{base}.{uuid.uuid4().hex[:8]}.out"
+            if found is not None:
+                log.warning("output_dataset_uid_taken", uid=str(uid))
+                uid = uuid.uuid4()
+            else:
+                log.warning("output_dataset_name_taken", name=name)
+                name = f"{base}.{uuid.uuid4().hex[:8]}{suffix}"
     raise AssertionError("unreachable")
 
 
@@ -336,7 +398,6 @@ def _messages(detail: Any) -> list[str]:
     return [str(detail)]
 
 
-@transaction.atomic
 def task_add_inputs(
     *,
     task_id: int,
@@ -346,42 +407,77 @@ def task_add_inputs(
     """Append datasets to a task's series of inputs (a list of uids or a name pattern).
 
     Only while the task may still split: ``defined``, ``running`` or ``paused`` (else 409).
-    The task row is locked first, so this and the finalizer never cross: a task that ended
-    before takes no more inputs, and a task given one does not end before it is split.
+    The datasets are resolved through the DSM first, outside any transaction; then the task
+    row is locked and the series read again: this and the finalizer never cross (a task that
+    ended meanwhile takes no more inputs, and a task given one does not end before it is
+    split), and a dataset that joined the series meanwhile is refused (named by uid) or
+    skipped (a pattern's match), as if it had been there before.
     """
-    task = Task.objects.select_for_update().filter(pk=task_id).first()
-    if task is None:
-        raise NotFound(f"Task {task_id} does not exist.")
-    if task.state in ENDED_TASK_STATES:
-        raise InvalidTransition(
-            entity="task",
-            pk=task_id,
-            current=task.state,
-            target=task.state,
-            detail=f"Task {task_id} is {task.state}: it takes no more input datasets.",
-        )
+    task = _get(task_id)
+    _check_takes_inputs(task)
     if data_in_uids is None and not data_in_selection:
         raise ValidationFailed({"data_in_uids": ["This field is required (or data_in_selection)."]})
-    existing = list(
-        TaskInput.objects.filter(task_id=task_id).values_list("position", "dataset_uid")
-    )
+    taken = list(TaskInput.objects.filter(task_id=task_id).values_list("dataset_uid", flat=True))
     with get_dsm() as dsm:
         datasets = resolve_inputs(
             dsm,
             data_in_uids=data_in_uids,
             data_in_selection=data_in_selection,
-            taken=[uid for _, uid in existing],
+            taken=taken,
             own_output=task.data_out_uid,
         )
-    rows = _append_inputs(task_id, existing, datasets)
+    with transaction.atomic():
+        locked = Task.objects.select_for_update().filter(pk=task_id).first()
+        if locked is None:
+            raise NotFound(f"Task {task_id} does not exist.")
+        _check_takes_inputs(locked)
+        existing = list(
+            TaskInput.objects.filter(task_id=task_id).values_list("position", "dataset_uid")
+        )
+        datasets = _still_new(datasets, {uid for _, uid in existing}, by_uid=not data_in_selection)
+        rows = _append_inputs(task_id, existing, datasets)
+        kick_split(task_id=task_id)
     log.info(
         "task_inputs_added",
         task_id=task_id,
         inputs=[str(ds.uid) for ds in datasets],
         first_position=rows[0].position,
     )
-    kick_split(task_id=task_id)
     return rows
+
+
+def _check_takes_inputs(task: Task) -> None:
+    if task.state in ENDED_TASK_STATES:
+        raise InvalidTransition(
+            entity="task",
+            pk=task.pk,
+            current=task.state,
+            target=task.state,
+            detail=f"Task {task.pk} is {task.state}: it takes no more input datasets.",
+        )
+
+
+def _still_new(datasets: list[Any], taken: set[uuid.UUID], *, by_uid: bool) -> list[Any]:
+    """The resolved datasets that the series (read under the task's lock) does not hold yet;
+    one named by uid that joined it meanwhile is the 400 it would have been before; nothing
+    left of a pattern's matches is the 400 of a pattern matching nothing new."""
+    if by_uid:
+        late = [ds for ds in datasets if ds.uid in taken]
+        if late:
+            raise ValidationFailed(
+                {"data_in_uids": [f"{ds.uid} is in the task's inputs already." for ds in late]}
+            )
+    new = [ds for ds in datasets if ds.uid not in taken]
+    if not new:
+        raise ValidationFailed(
+            {"data_in_selection": ["No input dataset (not already an input) matches this pattern."]}
+        )
+    if len(taken) + len(new) > settings.WMS_TASK_MAX_INPUTS:
+        field = "data_in_uids" if by_uid else "data_in_selection"
+        raise ValidationFailed(
+            {field: [f"A task reads at most {settings.WMS_TASK_MAX_INPUTS} datasets."]}
+        )
+    return new
 
 
 def _append_inputs(
@@ -603,22 +699,8 @@ class FinalizeResult:
 
 
 def _kills_pending(task_id: int) -> bool:
-    """Is a killed attempt of this task possibly still running (and writing outputs)?
-
-    A cancelled attempt stays "may run" until its pilot's final report acknowledges the kill
-    (``kill_acked_at``) or its pilot is gone (terminated, or lost: the reaper's call).
-    """
-    return (
-        JobAttempt.objects.filter(
-            job__task_id=task_id,
-            state=AttemptState.CANCELLED,
-            kill_requested_at__isnull=False,
-            kill_acked_at__isnull=True,
-            pilot__isnull=False,
-        )
-        .exclude(pilot__state__in=(PilotState.TERMINATED, PilotState.LOST))
-        .exists()
-    )
+    """Is a killed attempt of this task possibly still running? (``jobs.selectors``)"""
+    return task_kills_pending(task_id=task_id)
 
 
 def _input_fully_split(task: Task, dsm: Any) -> tuple[bool, str]:
@@ -827,7 +909,6 @@ def tasks_finalize_all(*, beat: bool = False) -> list[FinalizeResult]:
 # --- retry of a task's failed jobs ---------------------------------------------------------------
 
 
-@transaction.atomic
 def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
     """Every failed job of the task goes back to ``defined`` with one more retry allowed.
 
@@ -837,7 +918,61 @@ def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
     an ended task is already closed in the DSM (a closed dataset takes no more files), a new
     output dataset is registered for the task and the retried jobs write there. Returns how
     many jobs were retried (0: nothing failed, nothing changes).
+
+    The DSM first, outside any transaction: is the output dataset closed, and if so the new
+    one (``<name>.<id>.out.r<n>``, n the task's runs so far; its uid made from the task and n,
+    :func:`output_dataset_uid`) registered idempotently: a retry that failed after it, or
+    one running at the same time, registers the same dataset again and finds it. Then ONE
+    short transaction holding the task row; should the task's output have changed between the
+    two (another retry, a close by the finalizer), the DSM is asked again (a few times).
     """
+    for _ in range(3):
+        task = _get(task_id)
+        if task.state == TaskState.CANCELLED:
+            raise InvalidTransition(
+                entity="task", pk=task_id, current=task.state, target=TaskState.RUNNING
+            )
+        new_output = None
+        ended = task.state in (TaskState.FINISHED, TaskState.FAILED)
+        if ended and task.data_out_uid is not None:
+            if not Job.objects.filter(task_id=task_id, state=JobState.FAILED).exists():
+                return 0
+            new_output = _next_output_dataset(task)
+        done = _retry_failed_locked(
+            task_id,
+            source=source,
+            reason=reason,
+            seen_output=(ended, task.data_out_uid, task.output_closed_at),
+            new_output=new_output,
+        )
+        if done is not None:
+            return done
+    raise Conflict(f"Task {task_id} keeps changing: try its retry again.")
+
+
+def _next_output_dataset(task: Task) -> Any:
+    """The DSM's part of a retry: None while the task's output dataset is open, else the new
+    output dataset (registered, or found registered by an earlier try)."""
+    with get_dsm() as dsm:
+        assert task.data_out_uid is not None
+        if task.output_closed_at is None and dsm.get_dataset(task.data_out_uid).is_open:
+            return None
+        n = TaskTransition.objects.filter(subject_id=task.pk, to_state=TaskState.RUNNING).count()
+        return _register_output_dataset(
+            dsm,
+            f"{(task.name or 'task')[:180]}.{task.pk}",
+            suffix=f".out.r{n}",
+            location=task.data_out_url,
+            uid=output_dataset_uid(task.pk, n),
+        )
+
+
+@transaction.atomic
+def _retry_failed_locked(
+    task_id: int, *, source: str, reason: str, seen_output: tuple[Any, ...], new_output: Any
+) -> int | None:
+    """The retry's writes, under the task row's lock; None (nothing written) when the task's
+    output is not what the DSM was asked about."""
     task = Task.objects.select_for_update().filter(pk=task_id).first()
     if task is None:
         raise NotFound(f"Task {task_id} does not exist.")
@@ -845,6 +980,9 @@ def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
         raise InvalidTransition(
             entity="task", pk=task_id, current=task.state, target=TaskState.RUNNING
         )
+    ended = task.state in (TaskState.FINISHED, TaskState.FAILED)
+    if (ended, task.data_out_uid, task.output_closed_at) != seen_output:
+        return None  # another retry or the finalizer got there first: look again
     ids = list(
         Job.objects.select_for_update()
         .filter(task_id=task_id, state=JobState.FAILED)
@@ -868,24 +1006,13 @@ def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
         },
         locked=True,
     )
-    if task.state in (TaskState.FINISHED, TaskState.FAILED):
+    if ended:
         task_transition(task_id=task_id, target=TaskState.RUNNING, source=source, reason=why)
         if task.data_out_uid is not None:
-            with get_dsm() as dsm:
-                if not dsm.get_dataset(task.data_out_uid).is_open:
-                    n = TaskTransition.objects.filter(
-                        subject_id=task_id, to_state=TaskState.RUNNING
-                    ).count()
-                    output = _register_output_dataset(
-                        dsm,
-                        f"{(task.name or 'task')[:180]}.{task.pk}.out.r{n}",
-                        location=task.data_out_url,
-                    )
-                    Task.objects.filter(pk=task_id).update(
-                        data_out_uid=output.uid, output_closed_at=None
-                    )
-                else:
-                    Task.objects.filter(pk=task_id).update(output_closed_at=None)
+            changes: dict[str, Any] = {"output_closed_at": None}
+            if new_output is not None:
+                changes["data_out_uid"] = new_output.uid
+            Task.objects.filter(pk=task_id).update(**changes)
     log.info("task_failed_jobs_retried", task_id=task_id, jobs=len(ids), source=source)
 
     kick_dispatch()

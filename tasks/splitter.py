@@ -16,22 +16,18 @@ closed and every file of it has a job.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 import structlog
 from django.conf import settings
 from django.db import transaction
-from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
+from files.build import NewFile
 from files.dsm import MAX_PAGE_SIZE, DSMClient, FileInfo, get_dsm
-from files.dsm.local import LocalDSMClient
-from files.models import Dataset, File, FileStatus, FileType
-from files.services import catalogue_mirror
-from jobs.models import Job, JobState
+from files.models import FileStatus, FileType
+from jobs.build import JobSpec, jobs_build
 from tasks.models import Task, TaskInput, TaskState
-from wms import db
 from wms.choices import TransitionSource
 from wms.exceptions import WMSError
 from wms.kicks import kick_dispatch, kick_split
@@ -53,159 +49,44 @@ class SplitResult:
 
 def _entry_ids(dsm: DSMClient, info, files: list[FileInfo]) -> tuple[int, dict[int, int]]:
     """Local dataset id and DSM file id → local catalogue entry id."""
-    if isinstance(dsm, LocalDSMClient):
-        ds_id = Dataset.objects.filter(uid=info.uid).values_list("id", flat=True).get()
-        return ds_id, {f.id: f.id for f in files}
-    ds, mapping = catalogue_mirror(info=info, files=files)
-    return ds.id, mapping
+    return dsm.catalogue_entries(info, files)
+
+
+def job_spec(task: Task) -> JobSpec:
+    """What the task's map jobs are."""
+    return JobSpec(
+        task_id=task.pk,
+        executable=task.executable,
+        args=task.args,
+        rank=task.rank,
+        retries=task.max_retries,
+        device_type=task.device_type,
+        mode=task.mode,
+    )
 
 
 def _create_jobs(task: Task, groups: list[list[FileInfo]], dataset_id: int, entry_of) -> int:
-    """Insert one job per group and one input FILE_DAT row per file, in bulk."""
-    if db.copy_supported():
-        return _copy_jobs(task, groups, dataset_id, entry_of)
-    return _bulk_create_jobs(task, groups, dataset_id, entry_of)
-
-
-def _copy_jobs(task: Task, groups: list[list[FileInfo]], dataset_id: int, entry_of) -> int:
-    now = timezone.now()
-    job_ids = db.allocate_ids(Job, len(groups))
-    file_ids = iter(db.allocate_ids(File, sum(len(g) for g in groups)))
-    file_rows = []
-    job_rows = []
-    for job_id, group in zip(job_ids, groups, strict=True):
-        first = None
-        for f in group:
-            fid = next(file_ids)
-            first = first or fid
-            file_rows.append(
-                (
-                    fid,
-                    f.name,
-                    FileType.INPUT,
-                    f.size,
-                    FileStatus.READY,
-                    f.check_sum,
-                    f.url,
-                    job_id,
-                    task.pk,
-                    dataset_id,
-                    entry_of[f.id],
-                    now,
-                    now,
-                )
-            )
-        job_rows.append(
-            (
-                job_id,
-                uuid.uuid4(),
+    """One job per group and one input FILE_DAT row per file, in bulk (``jobs.build``)."""
+    ready, input_type = FileStatus.READY, FileType.INPUT
+    inputs = [
+        [
+            NewFile(
+                f.name,
+                input_type,
+                f.size,
+                ready,
+                f.check_sum,
+                f.url,
+                None,
                 task.pk,
-                first,
-                task.executable,
-                task.args,
-                task.rank,
-                JobState.DEFINED,
-                task.max_retries,
-                0,
-                task.device_type,
-                task.mode,
-                now,
-                now,
-                now,
+                dataset_id,
+                entry_of[f.id],
             )
-        )
-    # Job.file_in and File.job point at each other: the FKs are checked at commit.
-    db.copy_rows(
-        Job,
-        (
-            "id",
-            "uuid",
-            "task_id",
-            "file_in_id",
-            "executable",
-            "args",
-            "rank",
-            "state",
-            "retries",
-            "cur_retry",
-            "device_type",
-            "mode",
-            "created_at",
-            "updated_at",
-            "state_changed_at",
-        ),
-        job_rows,
-    )
-    db.copy_rows(
-        File,
-        (
-            "id",
-            "file_name",
-            "type",
-            "size",
-            "status",
-            "check_sum",
-            "url",
-            "job_id",
-            "task_id",
-            "dataset_id",
-            "entry_id",
-            "created_at",
-            "updated_at",
-        ),
-        file_rows,
-    )
-    return len(job_rows)
-
-
-def _bulk_create_jobs(task: Task, groups: list[list[FileInfo]], dataset_id: int, entry_of) -> int:
-    now = timezone.now()
-    jobs = Job.objects.bulk_create(
-        [
-            Job(
-                uuid=uuid.uuid4(),
-                task_id=task.pk,
-                executable=task.executable,
-                args=task.args,
-                rank=task.rank,
-                retries=task.max_retries,
-                device_type=task.device_type,
-                mode=task.mode,
-                created_at=now,
-                updated_at=now,
-                state_changed_at=now,
-            )
-            for _ in groups
-        ],
-        batch_size=settings.WMS_SPLIT_BATCH,
-    )
-    File.objects.bulk_create(
-        [
-            File(
-                file_name=f.name,
-                type=FileType.INPUT,
-                size=f.size,
-                check_sum=f.check_sum,
-                status=FileStatus.READY,
-                url=f.url,
-                job_id=job.pk,
-                task_id=task.pk,
-                dataset_id=dataset_id,
-                entry_id=entry_of[f.id],
-                created_at=now,
-                updated_at=now,
-            )
-            for job, group in zip(jobs, groups, strict=True)
             for f in group
-        ],
-        batch_size=settings.WMS_SPLIT_BATCH,
-    )
-    # JOB_DAT.file_in_id: each new job's first input, set by ONE UPDATE.
-    first_input = (
-        File.objects.filter(job_id=OuterRef("pk"), type=FileType.INPUT).order_by("id").values("id")
-    )
-    Job.objects.filter(pk__in=[j.pk for j in jobs]).update(file_in=Subquery(first_input[:1]))
-    return len(jobs)
+        ]
+        for group in groups
+    ]
+    return len(jobs_build(spec=job_spec(task), inputs=inputs))
 
 
 def task_split(*, task_id: int, dsm: DSMClient | None = None) -> SplitResult:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from tasks.selectors import tasks_reading
 from tasks.services import task_finalize, tasks_finalize_all
 from tasks.splitter import split_all, task_split
+from wms.kicks import kick_split
 
 
 @shared_task(name="wms.split", ignore_result=True, acks_late=True)
@@ -14,6 +16,16 @@ def split(task_id: int | None = None, beat: bool = False) -> int:
     if task_id is not None:
         return task_split(task_id=task_id).jobs
     return sum(r.jobs for r in split_all(beat=beat))
+
+
+@shared_task(name="wms.split_dataset", ignore_result=True)
+def split_dataset(dataset_uid: str) -> int:
+    """A dataset gained files or was closed (kicked by ``files.services``): kick the splitter
+    for each task that reads it and is not done with it. Returns how many were kicked."""
+    task_ids = tasks_reading(dataset_uid=dataset_uid)
+    for task_id in task_ids:
+        kick_split(task_id=task_id)
+    return len(task_ids)
 
 
 @shared_task(name="wms.finalize_tasks", ignore_result=True, acks_late=True)

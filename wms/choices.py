@@ -36,3 +36,19 @@ class TransitionSource(models.TextChoices):
     REAPER = "reaper", "reaper"
     SYSTEM = "system", "system"
     COMMAND = "command", "management command"
+
+
+class PilotState(models.TextChoices):
+    """A pilot's states (``pilots.Pilot.state``), here so that the apps below pilots can name
+    them (a killed attempt may run until its pilot is gone) without importing pilots."""
+
+    REGISTERED = "registered", "registered"
+    IDLE = "idle", "idle"
+    BUSY = "busy", "busy"
+    DRAINING = "draining", "draining"
+    TERMINATED = "terminated", "terminated"
+    LOST = "lost", "lost"
+
+
+# A pilot in one of these states runs nothing any more (its payloads are dead or judged so).
+GONE_PILOT_STATES = (PilotState.TERMINATED, PilotState.LOST)

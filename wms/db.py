@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from django.conf import settings
-from django.db import connection, models
+from django.db import connection, models, transaction
 
 
 def copy_supported() -> bool:
@@ -41,13 +41,49 @@ def allocate_ids(model: type[models.Model], n: int) -> list[int]:
         return [row[0] for row in cur.fetchall()]
 
 
+def reserve_ids(model: type[models.Model], n: int = 1) -> list[int]:
+    """``n`` primary keys of the model's table that nothing else will take, before the rows
+    are written (each is then inserted with its id): a row whose id must be known outside
+    its own transaction, e.g. to name things after it elsewhere first. PostgreSQL: the
+    table's sequence; SQLite: its ``AUTOINCREMENT`` counter, moved by one statement."""
+    if connection.vendor == "postgresql":
+        return allocate_ids(model, n)
+    if connection.vendor != "sqlite":
+        raise NotImplementedError(f"reserve_ids on {connection.vendor}")
+    qn = connection.ops.quote_name
+    table = model._meta.db_table
+    pk = qn(str(model._meta.pk.column))
+    top = f"(SELECT COALESCE(MAX({pk}), 0) FROM {qn(table)})"  # noqa: S608
+    with transaction.atomic(), connection.cursor() as cur:
+        # Identifiers come from the model's metadata (quoted), values are parameters.
+        cur.execute(
+            f"UPDATE sqlite_sequence SET seq = MAX(seq, {top}) + %s "  # noqa: S608
+            "WHERE name = %s RETURNING seq",
+            [n, table],
+        )
+        row = cur.fetchone()
+        if row is None:  # the table never had a row: no counter yet
+            cur.execute(
+                f"INSERT INTO sqlite_sequence (name, seq) SELECT %s, {top} + %s RETURNING seq",
+                [table, n],
+            )
+            row = cur.fetchone()
+    last = int(row[0])
+    return list(range(last - n + 1, last + 1))
+
+
 def copy_rows(
     model: type[models.Model], columns: Sequence[str], rows: Iterable[Sequence[Any]]
 ) -> None:
     """Stream rows into the model's table with COPY (PostgreSQL only). Columns are db columns."""
     table = connection.ops.quote_name(model._meta.db_table)
     cols = ", ".join(connection.ops.quote_name(c) for c in columns)
-    with connection.cursor() as cur, cur.cursor.copy(f"COPY {table} ({cols}) FROM STDIN") as cp:
+    # The driver's own cursor: its errors are made Django's (IntegrityError, ...) here.
+    with (
+        connection.cursor() as cur,
+        connection.wrap_database_errors,
+        cur.cursor.copy(f"COPY {table} ({cols}) FROM STDIN") as cp,
+    ):
         for row in rows:
             cp.write_row(row)
 

@@ -24,11 +24,18 @@ log = structlog.get_logger(__name__)
 SPLIT = "wms.split"
 DISPATCH = "wms.dispatch"
 FINALIZE = "wms.finalize_tasks"
+SPLIT_DATASET = "wms.split_dataset"
 
 
 def kick_split(*, task_id: int | None = None) -> None:
     """Split now (one task, or every task that may split)."""
     kick(SPLIT, task_id=task_id)
+
+
+def kick_split_dataset(*, dataset_uid: str) -> None:
+    """A dataset gained files or was closed: split now the tasks that read it (the tasks app
+    finds them; the files app does not know tasks)."""
+    kick(SPLIT_DATASET, dataset_uid=dataset_uid)
 
 
 def kick_dispatch() -> None:

@@ -180,6 +180,19 @@ class DSMClient(Protocol):
         """
         ...
 
+    #: The DSM's file ids are the WMS's own catalogue entry ids (the ``local`` backend): a
+    #: FILE_DAT row can point at a registered file's entry as it is.
+    catalogue_is_local: bool
+
+    def catalogue_entries(
+        self, info: DatasetInfo, files: Sequence[FileInfo]
+    ) -> tuple[int, dict[int, int]]:
+        """The local catalogue rows that FILE_DAT input rows point at, for these files of the
+        dataset ``info``: the local dataset's id and DSM file id → local entry id. The
+        ``local`` backend looks them up; an external DSM's are mirrored into the local
+        tables (idempotent, in the caller's transaction: a database write, no DSM call)."""
+        ...
+
     def close(self) -> None:
         """Release the client's resources (connections); the client is unusable afterwards."""
         ...
@@ -200,6 +213,17 @@ class DSMClient(Protocol):
 
 class ClientBase:
     """What both backends share: use as a context manager, ``close()`` when done."""
+
+    catalogue_is_local = False
+
+    def catalogue_entries(
+        self, info: DatasetInfo, files: Sequence[FileInfo]
+    ) -> tuple[int, dict[int, int]]:
+        """An external DSM's dataset and files, mirrored into the local catalogue tables."""
+        from files.services import catalogue_mirror
+
+        ds, mapping = catalogue_mirror(info=info, files=list(files))
+        return ds.pk, mapping
 
     def close(self) -> None:
         """Nothing to release by default."""

@@ -116,6 +116,15 @@ def file_info(entry: DatasetEntry) -> FileInfo:
 class LocalDSMClient(ClientBase):
     """The catalogue in the WMS's own database (``WMS_DSM_BACKEND=local``)."""
 
+    catalogue_is_local = True
+
+    def catalogue_entries(
+        self, info: DatasetInfo, files: Sequence[FileInfo]
+    ) -> tuple[int, dict[int, int]]:
+        """The files are the catalogue's own entries: the dataset's id, each file its own."""
+        ds_id = Dataset.objects.filter(uid=info.uid).values_list("id", flat=True).get()
+        return ds_id, {f.id: f.id for f in files}
+
     def register_dataset(
         self,
         name: str,

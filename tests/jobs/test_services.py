@@ -1,66 +1,17 @@
-"""jobs.services on the real database: creating, moving and cancelling jobs."""
+"""jobs.services on the real database: moving and cancelling jobs (building them:
+test_build.py)."""
 
 from __future__ import annotations
 
 import pytest
 from django.utils import timezone
 
-from jobs.models import AttemptState, Job, JobState, JobTransition
-from jobs.services import job_cancel, job_create, job_transition, jobs_cancel
+from jobs.models import AttemptState, JobState, JobTransition
+from jobs.services import job_cancel, job_transition, jobs_cancel
 from tests.factories import JobAttemptFactory, JobFactory, TaskFactory
 from wms.exceptions import InvalidTransition, NotFound
 
 pytestmark = pytest.mark.django_db
-
-
-# --- job_create --------------------------------------------------------------------------------
-
-
-def test_job_create_inherits_the_task():
-    task = TaskFactory(
-        executable="wms-payload-map",
-        args="--events 10",
-        rank=12,
-        device_type="gpu",
-        mode="map",
-        max_retries=5,
-    )
-
-    job = job_create(task=task)
-
-    stored = Job.objects.get(pk=job.pk)
-    assert stored.task == task
-    assert (stored.executable, stored.args, stored.rank) == ("wms-payload-map", "--events 10", 12)
-    assert (stored.device_type, stored.mode, stored.retries) == ("gpu", "map", 5)
-    assert (stored.state, stored.cur_retry) == (JobState.DEFINED, 0)
-    assert stored.parent_job is None and stored.pilot is None
-    assert stored.time_start is None and stored.time_end is None
-    assert stored.uuid is not None
-    assert not stored.transitions.exists()
-
-
-def test_job_create_merge_job_with_children():
-    task = TaskFactory(mode="map", args="--events 10")
-    merge = job_create(task=task, mode="merge", args="--sum")
-    child = job_create(task=task, parent_job=merge)
-
-    merge.refresh_from_db()
-    child.refresh_from_db()
-    assert (merge.mode, merge.args, merge.parent_job_id) == ("merge", "--sum", None)
-    assert (child.mode, child.args, child.parent_job_id) == ("map", "--events 10", merge.pk)
-    assert list(merge.children.all()) == [child]
-
-
-def test_job_create_empty_args_override_is_kept():
-    task = TaskFactory(args="--events 10")
-    job = job_create(task=task, args="")
-    job.refresh_from_db()
-    assert job.args == ""
-
-
-def test_job_uuids_are_distinct():
-    task = TaskFactory()
-    assert job_create(task=task).uuid != job_create(task=task).uuid
 
 
 # --- job_transition ----------------------------------------------------------------------------

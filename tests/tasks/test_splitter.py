@@ -290,3 +290,19 @@ def test_a_splitter_that_read_a_page_another_one_wrote_drops_it(settings):
         File.objects.filter(task=task, type=FileType.INPUT).values("entry").distinct().count() == 20
     )
     assert TaskInput.objects.get(task=task).split_done_at is not None
+
+
+def test_a_dataset_that_gained_files_kicks_the_tasks_still_reading_it(db):
+    """files kicks ``wms.split_dataset`` by name (it imports no tasks); the tasks app finds
+    the tasks to split: active, and not done with the dataset."""
+    from tasks.selectors import tasks_reading
+    from tasks.tasks import split_dataset
+
+    ds = _dataset(2)
+    reading = TaskFactory(data_in_uid=ds.uid, state=TaskState.RUNNING)
+    done = TaskFactory(data_in_uid=ds.uid, state=TaskState.RUNNING)
+    TaskFactory(data_in_uid=ds.uid, state=TaskState.FINISHED)  # ended: not kicked
+    TaskInput.objects.filter(task=done).update(split_done_at=done.created_at)
+
+    assert tasks_reading(dataset_uid=ds.uid) == [reading.pk]
+    assert split_dataset(str(ds.uid)) == 1
