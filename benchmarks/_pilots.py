@@ -199,7 +199,7 @@ class WebApp:
 
     ``DJANGO_DEBUG=false`` (no query log kept per request), log level WARNING (no structlog
     line per request) and no access log, as a production deployment would run it behind a proxy
-    that logs. ``sync`` workers by default, as ``wms.stack`` runs it: they close the connection
+    that logs. ``sync`` workers by default, as ``devtools.stack`` runs it: they close the connection
     after each answer, but on this workload ``gthread`` workers (keep-alive) were slower: the
     threads of one process convoy on the GIL between their many short queries.
     """
@@ -213,7 +213,7 @@ class WebApp:
         log_level: str = "WARNING",
         env: dict[str, str] | None = None,
     ) -> None:
-        from wms.stack import free_port
+        from devtools.stack import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -5,7 +5,7 @@ payload process gone.
     CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
     ../.venv/bin/python cancel.py [K] [--pilots P]
 
-The whole WMS runs as child processes (``wms.stack``: the web app under gunicorn, a Celery
+The whole WMS runs as child processes (``devtools.stack``: the web app under gunicorn, a Celery
 worker with beat, P CPU pilot agents with one slot each) on a throw-away database and a random
 bus prefix. A task of K long jobs (``wms-payload-map --sleep 600``) is defined; K times: wait
 until a job runs and its payload process (found by ``WMS_JOB_UUID`` in its environment) is up,
@@ -110,14 +110,15 @@ def main(k: int, n_pilots: int) -> None:
     from django.conf import settings
     from django.contrib.auth import get_user_model
 
+    from devtools.demo import demo_inputs_write
+    from devtools.stack import Stack, StackConfig
     from files.dsm import get_dsm
     from jobs.models import AttemptState, Job, JobAttempt
     from pilots.models import Pilot
+    from pilots.services import pilot_registrar_ensure
     from tasks.services import task_create
     from wms import bus
-    from wms.demo import demo_inputs_write
-    from wms.services import api_token_create, pilot_registrar_ensure
-    from wms.stack import Stack, StackConfig
+    from wms.services import api_token_create
 
     if not settings.CELERY_BROKER_URL.startswith("amqp"):
         sys.exit("set CELERY_BROKER_URL=amqp://... (RabbitMQ)")

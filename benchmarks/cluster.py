@@ -101,13 +101,13 @@ def run(args: argparse.Namespace, work: Path, cluster: Cluster) -> dict:
     from django.contrib.auth import get_user_model
     from django.db.models import Count
 
+    from devtools.stack import Stack, StackConfig
     from files.services import dataset_add_files, dataset_close, dataset_register
     from jobs.models import Job, JobAttempt, JobState
     from pilots.models import Pilot, PilotState
+    from pilots.services import pilot_registrar_ensure
     from tasks.services import task_create
     from wms.models import Switch
-    from wms.services import pilot_registrar_ensure
-    from wms.stack import Stack, StackConfig
 
     prefix = settings.WMS_BUS_PREFIX
     control = settings.CELERY_TASK_DEFAULT_QUEUE

@@ -5,7 +5,7 @@ worker of the same concurrency running the same no-op subprocess, in the same ru
     CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
     .venv/bin/python benchmarks/e2e.py [N] [--pilots 2] [--slots 2]
 
-**WMS**: the whole stack as child processes (``wms.stack``): the web app under gunicorn (2
+**WMS**: the whole stack as child processes (``devtools.stack``): the web app under gunicorn (2
 workers), a Celery worker with beat (splitter, executor, events consumer), and P pilot agents
 with S slots each, on the run's own bus prefix and the bench database. Once every pilot is
 idle, a task of N jobs (one input file each, executable ``wms-payload-noop``) is created over a
@@ -151,13 +151,13 @@ def run_wms(n: int, pilots: int, slots: int, work: Path, prefix: str, timeout: f
     from django.contrib.auth import get_user_model
     from django.db.models import Count, Max, Min
 
+    from devtools.stack import Stack, StackConfig
     from files.services import dataset_add_files, dataset_close, dataset_register
     from jobs.models import Job, JobAttempt, JobState, JobTransition
     from pilots.models import Pilot, PilotState
+    from pilots.services import pilot_registrar_ensure
     from tasks.services import task_create
     from wms.models import Switch
-    from wms.services import pilot_registrar_ensure
-    from wms.stack import Stack, StackConfig
 
     final = (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
     control = f"{prefix}.control"

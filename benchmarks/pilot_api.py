@@ -11,7 +11,7 @@ then emptied), so they are ``queued`` as a pilot finds them. Each client is a pr
 own acting as one registered pilot: one ``requests.Session`` with the pilot's token (kept
 alive by ``gthread`` workers; ``sync`` ones close it after each answer), taking its share of
 the job messages one after the other (start, then report). The web app runs under gunicorn (2
-``sync`` workers, as ``wms.stack`` runs it) on a free port against the bench database.
+``sync`` workers, as ``devtools.stack`` runs it) on a free port against the bench database.
 
 Against: ``GET /healthz`` (Django's request cycle and one ``SELECT 1``, no authentication) by
 the same clients on the same server, in the same run: the floor of one HTTP request here.

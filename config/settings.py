@@ -74,6 +74,7 @@ INSTALLED_APPS = [
     "tasks",
     "jobs",
     "pilots",
+    "devtools",
 ]
 
 MIDDLEWARE = [

@@ -18,6 +18,8 @@ from typing import Any
 
 import structlog
 from django.conf import settings
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -33,6 +35,8 @@ from pilots.models import (
 from wms.choices import DeviceType
 from wms.contract import Command
 from wms.exceptions import NotFound, ValidationFailed
+from wms.models import ApiToken
+from wms.services import api_token_create, api_token_revoke, service_account_ensure
 from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
@@ -42,6 +46,40 @@ TOKEN_PREFIX = "wmsp_"  # noqa: S105 - a prefix, not a secret
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+PILOT_REGISTRAR = "pilot-registrar"
+
+
+@transaction.atomic
+def pilot_registrar_ensure(
+    *,
+    username: str = PILOT_REGISTRAR,
+    label: str = "pilot registration",
+    replace: bool = False,
+) -> str:
+    """Make sure the account pilots register with exists and may add pilots
+    (``pilots.add_pilot``, see docs/pilot-api.md), give it a new API token named
+    ``label`` and return its key (shown this once: only its hash is kept).
+
+    ``replace`` revokes the account's earlier tokens of that name first (``manage.py up``
+    makes a new one for its local pilots at every start). The account is not staff and has
+    no usable password.
+    """
+    user, _created = service_account_ensure(username)
+    permission, _ = Permission.objects.get_or_create(
+        codename="add_pilot",
+        content_type=ContentType.objects.get_for_model(Pilot),
+        defaults={"name": "Can add pilot"},
+    )
+    user.user_permissions.add(permission)
+    if replace:
+        for token_id in ApiToken.objects.filter(
+            user=user, name=label, revoked_at__isnull=True
+        ).values_list("id", flat=True):
+            api_token_revoke(token_id=token_id)
+    _token, key = api_token_create(user=user, name=label)
+    return key
 
 
 @transaction.atomic

@@ -1,5 +1,5 @@
-"""Writes that belong to no single app: the accounts of operators and of local services, and
-users' API tokens."""
+"""Writes that belong to no single app: the accounts of local services (an app's own account
+is made by that app: ``pilots.services.pilot_registrar_ensure``), and users' API tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Permission, User
-from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -18,24 +16,8 @@ from django.utils import timezone
 from wms.exceptions import NotFound, ValidationFailed
 from wms.models import ApiToken
 
-PILOT_REGISTRAR = "pilot-registrar"
-DEMO_OPERATOR = "demo"
 
-
-@transaction.atomic
-def dev_operator_ensure(*, username: str = "admin", password: str = "admin") -> bool:  # noqa: S107 - dev only
-    """Create a superuser for development when the database has no user at all.
-
-    Returns True when the account was created. Callers check DEBUG first.
-    """
-    user_model = get_user_model()
-    if user_model.objects.exists():
-        return False
-    user_model.objects.create_superuser(username, f"{username}@localhost", password)
-    return True
-
-
-def _service_account(username: str) -> tuple[Any, bool]:
+def service_account_ensure(username: str) -> tuple[Any, bool]:
     """An active account nobody logs into with a password (it acts through its API token)."""
     user_model = get_user_model()
     user, created = user_model.objects.get_or_create(
@@ -45,46 +27,6 @@ def _service_account(username: str) -> tuple[Any, bool]:
         user.set_unusable_password()
         user.save(update_fields=["password"])
     return user, created
-
-
-@transaction.atomic
-def pilot_registrar_ensure(
-    *,
-    username: str = PILOT_REGISTRAR,
-    label: str = "pilot registration",
-    replace: bool = False,
-) -> str:
-    """Make sure the account pilots register with exists and may add pilots
-    (``pilots.add_pilot``, see docs/pilot-api.md), give it a new API token named
-    ``label`` and return its key (shown this once: only its hash is kept).
-
-    ``replace`` revokes the account's earlier tokens of that name first (``manage.py up``
-    makes a new one for its local pilots at every start). The account is not staff and has
-    no usable password.
-    """
-    from pilots.models import Pilot
-
-    user, _created = _service_account(username)
-    permission, _ = Permission.objects.get_or_create(
-        codename="add_pilot",
-        content_type=ContentType.objects.get_for_model(Pilot),
-        defaults={"name": "Can add pilot"},
-    )
-    user.user_permissions.add(permission)
-    if replace:
-        for token_id in ApiToken.objects.filter(
-            user=user, name=label, revoked_at__isnull=True
-        ).values_list("id", flat=True):
-            api_token_revoke(token_id=token_id)
-    _token, key = api_token_create(user=user, name=label)
-    return key
-
-
-@transaction.atomic
-def demo_operator_ensure(*, username: str = DEMO_OPERATOR) -> User:
-    """The (non-staff) account that owns the demo's tasks; staff operators see them too."""
-    user, _created = _service_account(username)
-    return user
 
 
 # --- users' API tokens (docs/security.md) --------------------------------------------------------

@@ -1,7 +1,7 @@
 """End-to-end fixtures: the whole WMS as real processes on the real Postgres and RabbitMQ.
 
 The web app (runserver on a free port), a Celery worker with beat and pilot agents run as child
-processes (wms.stack) against the test database pytest-django made, with a bus prefix and a
+processes (devtools.stack) against the test database pytest-django made, with a bus prefix and a
 Celery control queue of the test's own, deleted afterwards.
 """
 
@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import pytest
 from django.conf import settings as django_settings
 
+from devtools.stack import Stack, StackConfig
+from pilots.services import pilot_registrar_ensure
 from tests.relay import Relay
-from wms.services import pilot_registrar_ensure
-from wms.stack import Stack, StackConfig
 
 
 class Lines(io.TextIOBase):

@@ -17,6 +17,7 @@ import psutil
 import pytest
 import requests
 
+from devtools.demo import demo_inputs_write
 from files.dsm import get_dsm
 from files.models import DatasetEntry, File, FileType
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
@@ -26,7 +27,6 @@ from tasks.models import Task, TaskState, TaskTransition
 from tasks.services import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory, api_token
-from wms.demo import demo_inputs_write
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from devtools.demo import demo_inputs_write
 from files.dsm import get_dsm
 from files.models import Dataset, DatasetState, File, FileType
 from jobs.models import Job, JobState
@@ -23,7 +24,6 @@ from tasks.services import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory
 from wms.choices import Mode
-from wms.demo import demo_inputs_write
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -16,12 +16,12 @@ import psutil
 import pytest
 from django.utils import timezone
 
+from devtools.stack import port_is_free
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.models import Pilot, PilotState, PilotTransition, ReaperState
 from tests.e2e.conftest import wait_until
 from tests.e2e.test_pilots_e2e import _all_final, _dataset, _task
 from tests.factories import UserFactory
-from wms.stack import port_is_free
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 import psutil
 import pytest
 
+from devtools.demo import demo_inputs_write
 from files.dsm import get_dsm
 from files.models import DatasetEntry, File, FileType
 from jobs.models import AttemptState, Job, JobAttempt, JobState
@@ -24,7 +25,6 @@ from tasks.services import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory
 from wms import checksums
-from wms.demo import demo_inputs_write
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from devtools.demo import demo_inputs_write
 from files.dsm import get_dsm
 from files.models import Dataset, DatasetEntry, DatasetState, File, FileType
 from jobs.models import FINAL_JOB_STATES, Job, JobState
@@ -27,7 +28,6 @@ from tasks.models import Task, TaskInput, TaskState
 from tasks.services import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory
-from wms.demo import demo_inputs_write
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -12,9 +12,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.urls import handler400, handler403, handler404, handler500, urlpatterns
+from devtools.stack import free_port
 from wms import bus
 from wms.contract import Command
-from wms.stack import free_port
 
 __all__ = ["handler400", "handler403", "handler404", "handler500", "urlpatterns"]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
+from devtools.stack import free_port
 from pilots.agent.config import ConfigError, PilotConfig, load
 from wms import bus
 from wms.contract import Command, JobMessage
-from wms.stack import free_port
 from wms.topology import (
     DEVICE_TYPES,
     Topology,

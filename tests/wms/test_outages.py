@@ -24,9 +24,9 @@ import pytest
 import requests
 from django.test import Client
 
+from devtools.stack import free_port
 from pilots.agent.client import RETRY, PilotClient
 from tests.relay import Relay
-from wms.stack import free_port
 
 pytestmark = pytest.mark.django_db
 

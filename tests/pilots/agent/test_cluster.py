@@ -12,11 +12,11 @@ from dataclasses import replace
 
 from kombu import Connection, Producer
 
+from devtools.stack import free_port
 from pilots.agent.agent import Agent
 from tests.pilots.agent.conftest import BROKER_URL, job_message
 from tests.pilots.agent.fakewms import wait_until
 from wms.contract import Command
-from wms.stack import free_port
 from wms.topology import Topology
 
 QUORUM = {"x-queue-type": "quorum"}

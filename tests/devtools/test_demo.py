@@ -1,4 +1,4 @@
-"""The demo's services (wms/demo.py) and the accounts ``manage.py up`` makes (wms/services.py).
+"""The demo's services (devtools/demo.py) and the accounts ``manage.py up`` makes (wms/services.py).
 
 The demo's jobs are run here by calling the map payload in-process, as a pilot would run it, so
 the summary's checks (outputs read back, checksums, merged seeds and events) meet real files.
@@ -12,17 +12,20 @@ from collections.abc import Collection
 import pytest
 from django.contrib.auth import get_user_model
 
+from devtools import demo
+from devtools.services import demo_operator_ensure
 from files.dsm import get_dsm
 from files.models import Dataset, DatasetEntry, DatasetState, File, FileStatus, FileType
 from files.services import file_create
 from jobs.models import Job, JobState
 from payloads import histo, runtime
+from pilots.services import pilot_registrar_ensure
 from tasks.models import Task
 from tasks.splitter import task_split
 from tests.factories import JobAttemptFactory
-from wms import checksums, demo
+from wms import checksums
 from wms.models import ApiToken
-from wms.services import api_token_hash, demo_operator_ensure, pilot_registrar_ensure
+from wms.services import api_token_hash
 
 pytestmark = pytest.mark.django_db
 

@@ -1,4 +1,4 @@
-"""The process orchestration of ``manage.py up`` (wms/stack.py), on the embedded default:
+"""The process orchestration of ``manage.py up`` (devtools/stack.py), on the embedded default:
 real child processes (web app, worker with beat), real SQLite and filesystem broker in a
 temporary var dir. What is checked: the web app becomes healthy, the worker takes work published
 by another process, and nothing is left running afterwards, on a normal stop as on SIGTERM."""
@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from devtools.stack import Stack, StackConfig, StackError, free_port
 from payloads import histo
-from wms.stack import Stack, StackConfig, StackError, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 UNSET = (

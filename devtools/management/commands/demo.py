@@ -12,8 +12,8 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from wms import demo
-from wms.services import demo_operator_ensure
+from devtools import demo
+from devtools.services import demo_operator_ensure
 
 
 class Command(BaseCommand):

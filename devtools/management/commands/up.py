@@ -6,7 +6,7 @@ production's (docs/security.md). Migrates, makes sure the accounts exist (in dev
 the operator ``admin`` / ``admin`` when there is no user yet; the pilot-registration account and
 a new token for the local pilots, revoking the previous run's), then starts
 as child processes the web app, a Celery worker with beat and one CPU and one GPU pilot
-(:mod:`wms.stack`), waits for ``/healthz``, runs ``manage.py demo`` and stops everything. Exits
+(:mod:`devtools.stack`), waits for ``/healthz``, runs ``manage.py demo`` and stops everything. Exits
 with the demo's status. ``--no-demo`` keeps everything running until Ctrl-C instead.
 """
 
@@ -19,8 +19,9 @@ import environ
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from wms.services import dev_operator_ensure, pilot_registrar_ensure
-from wms.stack import Stack, StackConfig, StackError, port_is_free
+from devtools.services import dev_operator_ensure
+from devtools.stack import Stack, StackConfig, StackError, port_is_free
+from pilots.services import pilot_registrar_ensure
 
 DEFAULT_ADDR = "127.0.0.1:8000"
 

@@ -9,7 +9,7 @@ in the admin.
 
 from django.core.management.base import BaseCommand
 
-from wms.services import PILOT_REGISTRAR, pilot_registrar_ensure
+from pilots.services import PILOT_REGISTRAR, pilot_registrar_ensure
 
 
 class Command(BaseCommand):
