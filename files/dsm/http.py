@@ -30,7 +30,7 @@ from urllib.parse import quote
 import requests
 import structlog
 
-from files.dsm import (
+from files.dsm.base import (
     DEFAULT_PAGE_SIZE,
     ROLES,
     STATES,

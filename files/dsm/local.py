@@ -25,7 +25,7 @@ from django.db.models import F, Q, QuerySet
 from django.db.models.functions import Collate
 
 from files import services
-from files.dsm import (
+from files.dsm.base import (
     DEFAULT_PAGE_SIZE,
     ClientBase,
     DatasetInfo,
