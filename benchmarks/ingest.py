@@ -15,7 +15,7 @@ not timed). Each attempt then gets E ``running`` events (its metrics), E x N in 
 - **bus**: the same number of ``StatusEvent`` bodies (each naming its pilot, signed with its
   bus key) are published to
   ``<prefix>.events`` (routing key ``event``; the run's own prefix), then K consumers (the
-  workers' code, ``jobs.consumer.consume``, batches of ``WMS_EVENTS_BATCH``; each a process
+  workers' code, ``pilots.consumer.consume``, batches of ``WMS_EVENTS_BATCH``; each a process
   of its own, as K workers would run them) drain the queue; timed from their start to the
   last batch's commit.
 
@@ -88,9 +88,9 @@ def rest_client(barrier, url: str, pilot_id: int, token: str, attempts, rounds: 
 
 
 def bus_consumer(barrier, total: int, batch: int, shared):
-    """One consumer (``jobs.consumer.consume``, the workers' code) on its own connection, until
+    """One consumer (``pilots.consumer.consume``, the workers' code) on its own connection, until
     every event is applied by one of the K. Returns (applied here, time of its last batch, CPU)."""
-    from jobs import consumer
+    from pilots import consumer
     from wms import bus
 
     last = [0.0]

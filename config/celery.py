@@ -42,7 +42,7 @@ def _use_django_logging(**_kwargs: object) -> None:
 
 
 # The consumer of pilots' status events (<prefix>.events), in a thread of every worker.
-from jobs.bootsteps import EventsConsumerStep  # noqa: E402
+from pilots.bootsteps import EventsConsumerStep  # noqa: E402
 
 app.steps["consumer"].add(EventsConsumerStep)
 

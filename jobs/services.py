@@ -628,7 +628,7 @@ def job_events_apply(
 
     ``pilot_id`` is the authenticated pilot (REST): every event is its own. Without it (the
     bus) each event names its pilot, whose signature the consumer checked
-    (``jobs.consumer``). Per event:
+    (``pilots.consumer``). Per event:
 
     - invalid → ``validation_failed``; unknown job → ``not_found``; an attempt of another
       pilot → ``permission_denied``. Nothing of a refused event is written; the others go on.

@@ -1,13 +1,13 @@
 """For tests of pilots' reports: publishing status events to the real RabbitMQ as pilots (and
-forgers) would, consuming them with the workers' consumer (``jobs.consumer.consume``), and a
+forgers) would, consuming them with the workers' consumer (``pilots.consumer.consume``), and a
 snapshot of everything a report could change."""
 
 from __future__ import annotations
 
 from files.models import Dataset, DatasetEntry, File, FileType
-from jobs.consumer import BatchResult, consume
 from jobs.models import Job, JobAttempt, JobState, JobTransition
 from pilots.auth import pilot_bus_key
+from pilots.consumer import BatchResult, consume
 from pilots.models import Pilot
 from tests.factories import JobFactory
 from wms import bus, checksums

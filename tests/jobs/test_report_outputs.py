@@ -11,7 +11,7 @@ from files.models import DatasetEntry, File
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
 from tests.factories import JobFactory
 from tests.jobs.pilot_reports import signed
-from tests.jobs.test_consumer import consume_now, publish, running_attempt
+from tests.pilots.test_consumer import consume_now, publish, running_attempt
 from wms import checksums
 from wms.contract import StatusEvent
 

@@ -10,9 +10,9 @@ import time
 import pytest
 from django.core.management import call_command
 
-from jobs.bootsteps import EventsConsumerStep
-from jobs.consumer import ConsumerThread
 from jobs.models import AttemptState, Job, JobAttempt, JobState
+from pilots.bootsteps import EventsConsumerStep
+from pilots.consumer import ConsumerThread
 from pilots.services import pilot_register
 from tests.factories import JobAttemptFactory, JobFactory
 from tests.jobs.pilot_reports import consume_now, publish, signed, waiting

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from jobs.consumer import consume, run
+from pilots.consumer import consume, run
 from wms import bus
 
 

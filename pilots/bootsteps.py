@@ -3,7 +3,7 @@
 Django-free at import time (``config/celery.py`` imports it before Django is set up). The step
 is a ``ConsumerStep``: it starts when the worker's consumer starts (and again after the worker
 reconnects to the broker), and stops with it. It declares no kombu consumer on the worker's own
-channel: the events consumer runs in a thread with its own connection (``jobs.consumer``), so
+channel: the events consumer runs in a thread with its own connection (``pilots.consumer``), so
 that applying a batch (a database transaction, DSM calls) never stalls the worker's event loop.
 """
 
@@ -31,7 +31,7 @@ class EventsConsumerStep(bootsteps.ConsumerStep):
 
         if not settings.WMS_EVENTS_IN_WORKER or self.thread is not None:
             return
-        from jobs.consumer import ConsumerThread
+        from pilots.consumer import ConsumerThread
 
         self.thread = ConsumerThread()
         self.thread.start()
