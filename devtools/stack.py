@@ -38,10 +38,10 @@ from typing import Protocol
 
 import psutil
 
+from wms.contract import DEVICE_TYPES
 from wms.topology import split_password
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-DEVICE_TYPES = ("cpu", "gpu")
 
 _COLORS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92")
 

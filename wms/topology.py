@@ -30,7 +30,8 @@ from urllib.parse import quote, unquote
 
 from kombu import Connection, Exchange, Queue
 
-DEVICE_TYPES = ("cpu", "gpu")
+from wms.contract import DEVICE_TYPES
+
 MAX_PRIORITY = 10  # AMQP priorities are 0..255; RabbitMQ advises small ranges
 QUEUE_TYPES = ("classic", "quorum")
 

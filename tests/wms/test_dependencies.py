@@ -311,3 +311,27 @@ def test_allowed_directions_and_other_libraries_are_no_edge(tmp_path):
         ("files", "wms"),
         ("devtools", "tasks"),
     }
+
+
+def test_each_shared_constant_is_defined_once():
+    """The Django choices of device types and command kinds are the contract's values (the
+    agent, Django-free, reads the contract; the models read the choices)."""
+    from pilots.models import CommandKind
+    from wms import contract, topology
+    from wms.choices import DeviceType
+
+    assert tuple(DeviceType.values) == contract.DEVICE_TYPES
+    assert tuple(CommandKind.values) == contract.COMMANDS
+    assert topology.DEVICE_TYPES is contract.DEVICE_TYPES
+    definitions = [
+        f"{path.relative_to(ROOT)}"
+        for path in ROOT.rglob("*.py")
+        if ".venv" not in path.parts
+        and "tests" not in path.parts
+        and any(
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "DEVICE_TYPES" for t in node.targets)
+            for node in ast.parse(path.read_text()).body
+        )
+    ]
+    assert definitions == ["wms/contract.py"]
