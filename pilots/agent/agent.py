@@ -281,29 +281,28 @@ class Agent:
 
     def _register(self) -> None:
         """Register, then take the server's answer: it wins over the local configuration."""
-        payload, body = self.session.register(self.orphans, self._stop_on_signal)
-        pilot_id = self.session.pilot_id
-        assert pilot_id is not None
+        sent, answer = self.session.register(self.orphans, self._stop_on_signal)
+        pilot_id = answer.pilot_id
         if self.guard is not None:
             self.guard.set_pilot_id(pilot_id)
-        if body.get("device_type") in ("cpu", "gpu"):
-            self.device_type = body["device_type"]
+        if answer.device_type:
+            self.device_type = answer.device_type
         prefix, queue_type = self.topology.prefix, self.topology.queue_type
-        if isinstance(body.get("bus_prefix"), str) and body["bus_prefix"]:
-            prefix = body["bus_prefix"]
-        if body.get("queue_type") in QUEUE_TYPES:  # a server older than it names none
-            if body["queue_type"] != queue_type:
-                log.info(kv("queue_type_from_server", pilot=queue_type, server=body["queue_type"]))
-            queue_type = body["queue_type"]
+        if answer.bus_prefix:
+            prefix = answer.bus_prefix
+        if answer.queue_type in QUEUE_TYPES:  # a server older than it names none
+            if answer.queue_type != queue_type:
+                log.info(kv("queue_type_from_server", pilot=queue_type, server=answer.queue_type))
+            queue_type = answer.queue_type
         self.topology = Topology(prefix, queue_type)
-        self.beats.set_interval(body.get("heartbeat_interval"))
+        self.beats.set_interval(answer.heartbeat_interval)
         expected = {
-            "job_queue": self.topology.job_queue_name(self.device_type),
-            "command_queue": self.topology.command_queue(pilot_id).name,
+            "job_queue": (answer.job_queue, self.topology.job_queue_name(self.device_type)),
+            "command_queue": (answer.command_queue, self.topology.command_queue(pilot_id).name),
         }
-        for key, name in expected.items():
-            if body.get(key) and body[key] != name:
-                log.warning(kv("queue_name_mismatch", key=key, server=body[key], pilot=name))
+        for key, (server, name) in expected.items():
+            if server and server != name:
+                log.warning(kv("queue_name_mismatch", key=key, server=server, pilot=name))
         self.dispatcher = CommandDispatcher(pilot_id, self._on_command)
         log.info(
             kv(
@@ -313,7 +312,7 @@ class Agent:
                 bus_prefix=self.topology.prefix,
                 queue_type=self.topology.queue_type,
                 heartbeat_interval=self.heartbeat_interval,
-                **{k: v for k, v in payload.items() if k != "device_type"},
+                **{k: v for k, v in sent.to_dict().items() if k != "device_type"},
             )
         )
         self.registered.set()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pilots.agent import host
 from pilots.agent.client import RETRY, Backoff
 from pilots.agent.logs import kv, log
+from wms.contract import HeartbeatBody, HeartbeatJob, HeartbeatReply, ReportBody
 
 if TYPE_CHECKING:
     from pilots.agent.agent import Agent
@@ -50,7 +51,7 @@ class Heartbeat:
 
     # --- one heartbeat ---------------------------------------------------------------------------
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> HeartbeatBody:
         agent = self.agent
         jobs = agent.slots.running()
         # After the running jobs, not before: a job's report is spooled before the job leaves
@@ -60,16 +61,15 @@ class Heartbeat:
         metrics = host.metrics(agent.work_dir)
         metrics.update(running_jobs=len(jobs), slots=slots, jobs_done=done)
         state = agent.state
-        payload: dict[str, Any] = {
-            "state": state,
-            "status": f"{state}: {len(jobs)}/{slots} slots busy, {done} done",
-            "metrics": metrics,
-            "jobs": [_job_metrics(r) for r in jobs],
-            "acked_commands": agent.dispatcher.pending_acks() if agent.dispatcher else [],
-        }
-        if len(reporting) <= MAX_REPORTING:  # else left out: a partial list would mislead
-            payload["reporting"] = [{"job_uuid": u, "attempt": a} for u, a in reporting]
-        return payload
+        return HeartbeatBody(
+            state=state,
+            status=f"{state}: {len(jobs)}/{slots} slots busy, {done} done",
+            metrics=metrics,
+            jobs=[_job_metrics(r) for r in jobs],
+            acked_commands=agent.dispatcher.pending_acks() if agent.dispatcher else [],
+            # left out if too long: a partial list would mislead
+            reporting=reporting if len(reporting) <= MAX_REPORTING else None,
+        )
 
     def beat(self) -> bool:
         """One heartbeat; False when the WMS did not answer it (the loop then backs off).
@@ -78,16 +78,16 @@ class Heartbeat:
         run on, their reports wait in the spool, and the WMS reconciles them when it hears
         from the pilot again. Only a refused token (401/403) or a command does."""
         agent = self.agent
-        payload = self.body()
-        result = agent.session.heartbeat(payload)
+        sent = self.body()
+        result = agent.session.heartbeat(sent)
         if result.ok:
-            body = result.body if isinstance(result.body, dict) else {}
+            reply = HeartbeatReply.from_dict(result.body)
             assert agent.dispatcher is not None
-            agent.dispatcher.confirm_acks(payload["acked_commands"])
-            self.set_interval(body.get("heartbeat_interval"))
-            for item in body.get("commands") or []:
+            agent.dispatcher.confirm_acks(sent.acked_commands)
+            self.set_interval(reply.heartbeat_interval)
+            for item in reply.commands:
                 agent.dispatcher.handle_raw(item, "heartbeat")
-            log.debug(kv("heartbeat_sent", state=payload["state"], jobs=len(payload["jobs"])))
+            log.debug(kv("heartbeat_sent", state=sent.state, jobs=len(sent.jobs)))
             return True
         if result.status in (401, 403):
             log.error(kv("heartbeat_unauthorized", answer=result.describe()))
@@ -105,15 +105,9 @@ class Heartbeat:
             running.next_report = now + agent.cfg.report_interval
             if running.runner.pid is None or running.runner.ended:
                 continue  # not started yet, or its final report is coming: no late "running"
-            report = {
-                "attempt": running.job.attempt,
-                "state": "running",
-                "exit_code": None,
-                "error_code": "",
-                "error_message": "",
-                "metrics": running.runner.metrics(),
-                "outputs": [],
-            }
+            report = ReportBody(
+                attempt=running.job.attempt, state="running", metrics=running.runner.metrics()
+            )
             result = agent.session.report(running.job.job_uuid, report)
             if not result.ok:
                 log.warning(
@@ -147,13 +141,13 @@ class Heartbeat:
             self._stop.wait(wait)
 
 
-def _job_metrics(running: RunningJob) -> dict[str, Any]:
+def _job_metrics(running: RunningJob) -> HeartbeatJob:
     m = running.runner.metrics()
-    return {
-        "job_uuid": running.job.job_uuid,
-        "attempt": running.job.attempt,
-        "cpu_time": m["cpu_time"],
-        "rss_mb": m["rss_mb"],
-        "wall_time": m["wall_time"],
-        "max_rss_mb": m["max_rss_mb"],
-    }
+    return HeartbeatJob(
+        job_uuid=running.job.job_uuid,
+        attempt=running.job.attempt,
+        cpu_time=m["cpu_time"],
+        rss_mb=m["rss_mb"],
+        wall_time=m["wall_time"],
+        max_rss_mb=m["max_rss_mb"],
+    )

@@ -32,7 +32,7 @@ from pilots.agent.logs import kv, log
 from pilots.agent.runner import FAILED, JobResult, JobRunner
 from pilots.agent.session import StartupError, head
 from pilots.agent.watchdog import SLOT_STUCK
-from wms.contract import JOB, VERSION, ContractError, JobMessage, decode_job
+from wms.contract import ContractError, JobMessage, decode_job, decode_start_answer
 from wms.topology import broker_urls
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ class Intake:
             try:
                 # the server's copy is the one to run; "v"/"kind" may be left out of it
                 body = result.body if isinstance(result.body, dict) else {}
-                to_run = decode_job({"v": VERSION, "kind": JOB, **body}) if body else job
+                to_run = decode_start_answer(body) if body else job
             except ContractError as exc:
                 log.warning(kv("start_answer_not_a_job_message", **context, error=exc))
                 to_run = job

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 
 from pilots.agent.logs import kv, log
 from wms.checksums import bytes_checksum_stream, is_valid
-from wms.contract import JobMessage
+from wms.contract import JobMessage, ReportBody
 from wms.locations import LocationError, canonical_url, is_under, name_problem
 
 FINISHED = "finished"
@@ -62,17 +62,17 @@ class JobResult:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     log_staged: bool = False
 
-    def report(self, attempt: int) -> dict[str, Any]:
-        """The body of ``POST /jobs/{uuid}/report/`` (StatusEvent without pilot_id)."""
-        return {
-            "attempt": attempt,
-            "state": self.state,
-            "exit_code": self.exit_code,
-            "error_code": self.error_code,
-            "error_message": self.error_message,
-            "metrics": self.metrics,
-            "outputs": self.outputs,
-        }
+    def report(self, attempt: int) -> ReportBody:
+        """The final report of this attempt (``POST /jobs/{uuid}/report/``)."""
+        return ReportBody(
+            attempt=attempt,
+            state=self.state,
+            exit_code=self.exit_code,
+            error_code=self.error_code,
+            error_message=self.error_message,
+            metrics=self.metrics,
+            outputs=self.outputs,
+        )
 
 
 def note(logfh: IO[bytes], text: str) -> None:
