@@ -11,6 +11,10 @@ Every POST carries an ``Idempotency-Key`` (docs/pilot-api.md): a uuid4 made once
 call and sent again with each of its retries (``key=``; :meth:`PilotClient.post_retrying`
 makes one for all its tries), so a call whose answer was lost can be sent again without
 doing twice what it did. Every request has a (connect, read) time-out.
+
+The bodies are built by the caller with ``wms.contract`` (``pilots.agent.session``: every
+body is a contract object's ``to_dict()``); the spool's sender re-sends the report bodies it
+stored.
 """
 
 from __future__ import annotations
@@ -207,21 +211,19 @@ class PilotClient:
     def heartbeat(self, payload: dict[str, Any]) -> ApiResult:
         return self.post(f"/pilots/{self.pilot_id}/heartbeat/", payload, auth=self._pilot_auth())
 
-    def terminate(self, reason: str, *, retries: int = 2) -> ApiResult:
+    def terminate(self, payload: dict[str, Any], *, retries: int = 2) -> ApiResult:
         return self.post_retrying(
             f"/pilots/{self.pilot_id}/terminate/",
-            {"reason": reason},
+            payload,
             auth=self._pilot_auth(),
             retries=retries,
             backoff=Backoff(0.5, 5.0),
         )
 
-    def start(self, job_uuid: str, attempt: int, *, key: str | None = None) -> ApiResult:
+    def start(self, job_uuid: str, payload: dict[str, Any], *, key: str | None = None) -> ApiResult:
         """One try; the caller sends it again with the same ``key`` while its outcome is
         unknown (``retry``), then requeues the message."""
-        return self.post(
-            f"/jobs/{job_uuid}/start/", {"attempt": attempt}, auth=self._pilot_auth(), key=key
-        )
+        return self.post(f"/jobs/{job_uuid}/start/", payload, auth=self._pilot_auth(), key=key)
 
     def report(
         self,

@@ -2,6 +2,8 @@
 
 Three pieces, Linux only (elsewhere the pilot says so in its log and runs without them):
 
+The process side (``/proc``, marks, pid-safe signals) is ``pilots.agent.procs``.
+
 - **The mark.** Every payload gets ``WMS_PAYLOAD_MARK=<run id>:<job uuid>:<attempt>`` in its
   environment (``<run id>``: random, new at every start of a pilot). Its descendants inherit it,
   also those that double-fork or call ``setsid`` to leave the job's session, so the processes
@@ -36,243 +38,54 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from pilots.agent.logs import kv, log
+from pilots.agent.procs import (
+    LINUX,
+    MARK_VAR,
+    ProcInfo,
+    Target,
+    boot_id,
+    find,
+    make_mark,
+    new_run_id,
+    parse_mark,
+    proc_marks,
+    proc_stat,
+    signal_marked,
+    terminate,
+)
 
-MARK_VAR = "WMS_PAYLOAD_MARK"
+__all__ = [  # the process side lives in pilots.agent.procs; its names are found here too
+    "MARK_VAR",
+    "Orphan",
+    "PayloadGuard",
+    "ProcInfo",
+    "Target",
+    "find",
+    "guardian_main",
+    "make_mark",
+    "parse_mark",
+    "proc_marks",
+    "proc_stat",
+    "record_name",
+    "signal_marked",
+    "terminate",
+    "write_json",
+]
+
 RECORDS_DIR = "payloads"
 RECORD_VERSION = 1
-LINUX = sys.platform.startswith("linux")
-PROC = Path("/proc")
-KILL_ROUNDS = 5  # SIGKILL sweeps (a payload forking while it is killed is caught by the next)
 MAX_REPORTED_PIDS = 1000  # per job, in the registration's ``orphans`` (the server's bound)
-
-
-# --- /proc ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcInfo:
-    pid: int
-    state: str
-    sid: int
-    start: int  # clock ticks after boot (field 22 of /proc/<pid>/stat)
-
-    @property
-    def dead(self) -> bool:
-        return self.state in ("Z", "X", "x")
-
-
-def proc_stat(pid: int, proc: Path = PROC) -> ProcInfo | None:
-    """The process ``pid`` as ``/proc/<pid>/stat`` tells it; None if there is none."""
-    try:
-        raw = (proc / str(pid) / "stat").read_bytes().decode("utf-8", "replace")
-    except OSError:
-        return None
-    # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
-    rest = raw[raw.rfind(")") + 2 :].split()
-    try:
-        return ProcInfo(pid=pid, state=rest[0], sid=int(rest[3]), start=int(rest[19]))
-    except (IndexError, ValueError):
-        return None
-
-
-def proc_marks(pid: int, proc: Path = PROC) -> list[str]:
-    """The payload marks in the environment of ``pid`` (``WMS_PAYLOAD_MARK``, or a container
-    runtime's prefixed copy such as ``APPTAINERENV_WMS_PAYLOAD_MARK``); [] if unreadable."""
-    try:
-        raw = (proc / str(pid) / "environ").read_bytes()
-    except OSError:
-        return []
-    if MARK_VAR.encode() not in raw:
-        return []
-    marks = []
-    for entry in raw.split(b"\0"):
-        name, sep, value = entry.partition(b"=")
-        if sep and name.endswith(MARK_VAR.encode()):
-            marks.append(value.decode("utf-8", "replace"))
-    return marks
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _pids(proc: Path = PROC) -> list[int]:
-    try:
-        return [int(name) for name in os.listdir(proc) if name.isdigit()]
-    except OSError:
-        return []
-
-
-# --- marks and targets ------------------------------------------------------------------------
-
-
-def new_run_id() -> str:
-    return secrets.token_hex(8)
-
-
-def make_mark(run_id: str, job_uuid: str, attempt: int) -> str:
-    return f"{run_id}:{job_uuid}:{attempt}"
-
-
-def parse_mark(mark: str) -> tuple[str, str, int] | None:
-    """(run id, job uuid, attempt) of a mark; None if it is not one."""
-    parts = mark.split(":")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        return None
-    try:
-        return parts[0], parts[1], int(parts[2])
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class Target:
-    """What to kill: the processes of one payload (``mark``: its exact mark, with the leader's
-    ``pid``/``sid``/``start`` when known), or of a whole pilot run (``mark`` ending in ``:``,
-    every mark that starts with it)."""
-
-    mark: str
-    pid: int | None = None
-    sid: int | None = None
-    start: int | None = None
-
-    @property
-    def is_run(self) -> bool:
-        return self.mark.endswith(":")
-
-    def matches_mark(self, mark: str) -> bool:
-        return mark.startswith(self.mark) if self.is_run else mark == self.mark
-
-
-def find(
-    targets: Sequence[Target], *, exclude: Iterable[int] = (), proc: Path = PROC
-) -> dict[int, tuple[ProcInfo, str]]:
-    """The live processes the targets name: pid -> (its /proc info, the mark it is killed
-    for: its own mark, or its target's). One walk of ``/proc``; the environment of a process
-    is read only when neither its pid nor its session settles it."""
-    skip = {1, os.getpid(), *exclude}
-    leaders: dict[int, tuple[int, str]] = {}  # sid -> (leader's start, mark), leader verified
-    for t in targets:
-        if t.pid is None or t.start is None:
-            continue
-        info = proc_stat(t.pid, proc)
-        if info is not None and info.start == t.start and not info.dead:
-            leaders[t.sid if t.sid is not None else t.pid] = (t.start, t.mark)
-    by_pid = {t.pid: t for t in targets if t.pid is not None and t.start is not None}
-    found: dict[int, tuple[ProcInfo, str]] = {}
-    for pid in _pids(proc):
-        if pid in skip:
-            continue
-        info = proc_stat(pid, proc)
-        if info is None or info.dead:
-            continue
-        own = by_pid.get(pid)
-        if own is not None and own.start == info.start:
-            found[pid] = (info, own.mark)
-            continue
-        leader = leaders.get(info.sid)
-        if leader is not None and info.start >= leader[0]:
-            found[pid] = (info, leader[1])
-            continue
-        for mark in proc_marks(pid, proc):
-            target = next((t for t in targets if t.matches_mark(mark)), None)
-            if target is not None:
-                found[pid] = (info, mark)
-                break
-    return found
-
-
-def _send(info: ProcInfo, sig: int, proc: Path = PROC) -> bool:
-    """Signal the process ``info`` names, if it is still that one (pid and start time)."""
-    fd = None
-    opener = getattr(os, "pidfd_open", None)
-    if opener is not None:
-        try:
-            fd = opener(info.pid)
-        except OSError:
-            fd = None  # gone, or a kernel without pidfds: the plain kill below
-    try:
-        now = proc_stat(info.pid, proc)
-        if now is None or now.start != info.start:
-            return False  # gone, or its pid is another process's now
-        if fd is not None:
-            signal.pidfd_send_signal(fd, sig)
-        else:
-            os.kill(info.pid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-    except OSError:
-        return False
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _alive(info: ProcInfo, proc: Path = PROC) -> bool:
-    now = proc_stat(info.pid, proc)
-    return now is not None and now.start == info.start and not now.dead
-
-
-def terminate(
-    targets: Sequence[Target],
-    *,
-    grace: float,
-    exclude: Iterable[int] = (),
-    proc: Path = PROC,
-) -> dict[str, list[int]]:
-    """Kill what the targets name: SIGTERM, up to ``grace`` seconds to exit, then SIGKILL
-    sweeps until nothing is left (a process forked meanwhile is found by the next sweep).
-    Returns mark -> the pids signalled for it."""
-    exclude = set(exclude)
-    killed: dict[str, set[int]] = {}
-    if not targets or not LINUX:
-        return {}
-    found = find(targets, exclude=exclude, proc=proc)
-    for info, mark in found.values():
-        if _send(info, signal.SIGTERM, proc):
-            killed.setdefault(mark, set()).add(info.pid)
-    deadline = time.monotonic() + max(0.0, grace)
-    while found and time.monotonic() < deadline:
-        found = {pid: v for pid, v in found.items() if _alive(v[0], proc)}
-        if found:
-            time.sleep(0.05)
-    for _ in range(KILL_ROUNDS):
-        found = find(targets, exclude=exclude, proc=proc)
-        if not found:
-            break
-        for info, mark in found.values():
-            if _send(info, signal.SIGKILL, proc):
-                killed.setdefault(mark, set()).add(info.pid)
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end and any(_alive(v[0], proc) for v in found.values()):
-            time.sleep(0.02)
-    return {mark: sorted(pids) for mark, pids in killed.items()}
-
-
-def signal_marked(mark: str, sig: int, *, exclude: Iterable[int] = ()) -> list[int]:
-    """One signal to every live process carrying ``mark`` (the runner's kill of one job:
-    reaches what left the job's session). Returns the pids signalled."""
-    if not LINUX:
-        return []
-    found = find([Target(mark)], exclude=exclude)
-    return sorted(info.pid for info, _ in found.values() if _send(info, sig))
 
 
 # --- records in the work directory ------------------------------------------------------------

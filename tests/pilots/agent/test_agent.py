@@ -484,7 +484,7 @@ def test_every_broker_operation_of_the_job_connection_has_a_time_out(agent_confi
     from pilots.agent.agent import Agent
 
     agent = Agent(replace(agent_config, broker_timeout=7.0), install_signals=False)
-    conn = agent._new_connection()
+    conn = agent.intake.new_connection()
     try:
         assert conn.transport_options["read_timeout"] == 7.0
         assert conn.transport_options["write_timeout"] == 7.0
@@ -492,7 +492,7 @@ def test_every_broker_operation_of_the_job_connection_has_a_time_out(agent_confi
     finally:
         conn.release()
     own = replace(agent_config, broker_options={"read_timeout": "3"})
-    conn = Agent(own, install_signals=False)._new_connection()
+    conn = Agent(own, install_signals=False).intake.new_connection()
     try:
         assert conn.transport_options["read_timeout"] == 3.0
     finally:

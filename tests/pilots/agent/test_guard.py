@@ -91,6 +91,7 @@ def test_marks_parse_and_are_found_in_the_environment(procs):
     other = start(procs, SLEEPER, make_mark("run2", "0b6f", 2))
     # a container runtime's prefixed copy counts too
     apptainer = start(procs, ["env", f"APPTAINERENV_{MARK_VAR}={mark}", *SLEEPER])
+    wait_until(lambda: proc_marks(apptainer.pid) == [mark], timeout=5)  # once env has exec'd
 
     assert proc_marks(p.pid) == [mark]
     assert set(find([Target("run1:")])) == {p.pid, apptainer.pid}

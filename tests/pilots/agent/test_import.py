@@ -14,7 +14,8 @@ import sys
 for name in ("django", "rest_framework", "celery", "structlog", "environ"):
     sys.modules[name] = None  # "import django" now raises ImportError
 import pilots.agent
-from pilots.agent import agent, cli, client, commands, config, host, logs, runner, spool
+from pilots.agent import agent, cli, client, commands, config, heartbeat, host, intake, logs
+from pilots.agent import procs, runner, session, spool, staging
 from pilots.agent.cli import main
 try:
     main(["--version"])

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from pilots.agent.runner import JobRunner
+from pilots.agent.staging import Stager
 from pilots.agent.watchdog import SLOT_STUCK, SlotWatchdog
 from tests.pilots.agent.fakewms import wait_until
 from tests.pilots.agent.test_agent import publish_job
@@ -68,7 +68,7 @@ def test_a_stuck_stage_out_frees_the_slot_and_reports_slot_stuck(
     ``slot_stuck_after`` the slot is freed, the attempt reported failed (``slot_stuck``), and
     the next job runs in that slot."""
     release = threading.Event()
-    stage_out = JobRunner._stage_out
+    stage_out = Stager.stage_out
     first: list[str] = []
 
     def blocking_stage_out(self, result, logfh):
@@ -77,7 +77,7 @@ def test_a_stuck_stage_out_frees_the_slot_and_reports_slot_stuck(
             release.wait(30)
         return stage_out(self, result, logfh)
 
-    monkeypatch.setattr(JobRunner, "_stage_out", blocking_stage_out)
+    monkeypatch.setattr(Stager, "stage_out", blocking_stage_out)
     running = start_agent(agent_config, slots=1, slot_stuck_after=1.0)
     stuck = publish_job(bus, fake_wms, outdir, "write", "a=1")
     wait_until(lambda: first)
