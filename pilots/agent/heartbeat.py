@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pilots.agent import host
 from pilots.agent.client import RETRY, Backoff
@@ -20,8 +20,31 @@ from pilots.agent.logs import kv, log
 from wms.contract import HeartbeatBody, HeartbeatJob, HeartbeatReply, ReportBody
 
 if TYPE_CHECKING:
-    from pilots.agent.agent import Agent
-    from pilots.agent.intake import RunningJob
+    from pathlib import Path
+
+    from pilots.agent.client import ApiResult
+    from pilots.agent.commands import CommandDispatcher
+    from pilots.agent.config import PilotConfig
+    from pilots.agent.intake import Intake, RunningJob, Slots
+    from pilots.agent.session import Session
+
+
+class HeartbeatOwner(Protocol):
+    """What the heartbeat needs of the agent that owns it (``pilots.agent.agent.Agent``): a
+    protocol, so that the parts do not import the whole (no circle of imports)."""
+
+    cfg: PilotConfig
+    session: Session
+    slots: Slots
+    intake: Intake
+    dispatcher: CommandDispatcher | None
+    work_dir: Path
+
+    @property
+    def state(self) -> str: ...
+
+    def token_refused_by_wms(self, result: ApiResult) -> None: ...
+
 
 MAX_REPORTING = 5_000  # spooled reports named in a heartbeat (the WMS takes 10,000 at most)
 
@@ -29,7 +52,7 @@ MAX_REPORTING = 5_000  # spooled reports named in a heartbeat (the WMS takes 10,
 class Heartbeat:
     """The heartbeat thread of one agent, and its interval (the server's answer wins)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: HeartbeatOwner) -> None:
         self.agent = agent
         self.interval = agent.cfg.heartbeat_interval
         self._stop = threading.Event()

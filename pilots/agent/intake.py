@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kombu import Connection, Queue
 from kombu.message import Message
@@ -36,7 +36,36 @@ from wms.contract import ContractError, JobMessage, decode_job, decode_start_ans
 from wms.topology import broker_urls
 
 if TYPE_CHECKING:
-    from pilots.agent.agent import Agent
+    from pilots.agent.config import PilotConfig
+    from pilots.agent.guard import PayloadGuard
+    from pilots.agent.sandbox import PayloadSandbox
+    from pilots.agent.session import Session
+    from pilots.agent.watchdog import SlotWatchdog
+    from wms.topology import Topology
+
+
+class IntakeOwner(Protocol):
+    """What the intake needs of the agent that owns it (``pilots.agent.agent.Agent``): a
+    protocol, so that the parts do not import the whole (no circle of imports)."""
+
+    cfg: PilotConfig
+    session: Session
+    slots: Slots
+    topology: Topology
+    device_type: str
+    work_dir: Path
+    sandbox: PayloadSandbox
+    guard: PayloadGuard | None
+    watchdog: SlotWatchdog[Any]
+    sample_interval: float
+    shutting_down: bool
+
+    def wake(self) -> None: ...
+
+    def wait(self, seconds: float) -> None: ...
+
+    def token_refused_by_wms(self, result: ApiResult) -> None: ...
+
 
 PENDING_KILL_TTL = 120.0  # a kill_job for a job not (yet) here is remembered this long
 REMEMBERED_ENDED = 10_000  # job uuids that ended here (a late kill for them is not kept)
@@ -139,7 +168,7 @@ class Slots:
 class Intake:
     """The job queue (its own broker connection), the start call, and the jobs' threads."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: IntakeOwner) -> None:
         self.agent = agent
         self.cfg = agent.cfg
         self.slots = agent.slots
