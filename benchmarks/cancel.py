@@ -113,7 +113,7 @@ def main(k: int, n_pilots: int) -> None:
     from files.dsm import get_dsm
     from jobs.models import AttemptState, Job, JobAttempt
     from pilots.models import Pilot
-    from tasks.services import task_create
+    from tasks.create import task_create
     from wms import bus
     from wms.demo import demo_inputs_write
     from wms.services import api_token_create, pilot_registrar_ensure

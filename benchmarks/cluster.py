@@ -104,7 +104,7 @@ def run(args: argparse.Namespace, work: Path, cluster: Cluster) -> dict:
     from files.services import dataset_add_files, dataset_close, dataset_register
     from jobs.models import Job, JobAttempt, JobState
     from pilots.models import Pilot, PilotState
-    from tasks.services import task_create
+    from tasks.create import task_create
     from wms.models import Switch
     from wms.services import pilot_registrar_ensure
     from wms.stack import Stack, StackConfig

@@ -13,8 +13,8 @@ from typing import Any
 import structlog
 from django.db import IntegrityError, transaction
 
-from jobs.services import job_claim
 from jobs.signals import KillOrder
+from jobs.start import job_claim
 from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import CommandKind, Pilot, PilotState
 from wms.contract import JobMessage

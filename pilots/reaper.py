@@ -108,8 +108,8 @@ def pilots_reap_lost(
     ``beat=True`` first claims the cycle (``service_tick("reaper")``); the reaper can be
     switched off like the splitter and the executor.
     """
+    from jobs.control import attempts_interrupt
     from jobs.models import AttemptState
-    from jobs.services import attempts_interrupt
 
     if beat and not service_tick("reaper", min_interval=settings.WMS_REAP_EVERY / 2):
         return ReapResult()

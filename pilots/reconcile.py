@@ -40,9 +40,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from jobs.control import attempts_interrupt
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from jobs.reclaim import RECLAIMABLE_JOB_STATES, attempts_reclaim
-from jobs.services import attempts_interrupt
 from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import CommandKind, PilotCommand
 from wms.exceptions import ValidationFailed

@@ -118,8 +118,8 @@ def pilot_orphans_record(*, pilot: Pilot, orphans: Sequence[Mapping[str, Any]]) 
     directory's lock, which the new pilot holds, tells the agent the previous one is gone.
     Returns the ids of the pilots ended.
     """
+    from jobs.control import attempts_interrupt
     from jobs.models import AttemptState, JobAttempt
-    from jobs.services import attempts_interrupt
 
     text = _orphans_text(orphans)
     log.warning(
@@ -343,7 +343,7 @@ def pilot_heartbeat(
             previous_heartbeat=previous_heartbeat,
         )
     if jobs:
-        from jobs.services import job_events_apply
+        from jobs.reports import job_events_apply
 
         results = job_events_apply(
             events=[
@@ -419,8 +419,8 @@ def pilot_terminate(*, pilot_id: int, source: str, reason: str = "") -> PilotTer
     retried (back to ``defined``) or failed when no retry is left. Terminating a terminated
     pilot is a no-op; a lost one answers 409.
     """
+    from jobs.control import attempts_interrupt
     from jobs.models import AttemptState
-    from jobs.services import attempts_interrupt
 
     if not Pilot.objects.select_for_update().filter(pk=pilot_id).exists():
         raise NotFound(f"Pilot {pilot_id} does not exist.")

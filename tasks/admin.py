@@ -18,7 +18,9 @@ from files.admin import CLOSE_REFUSALS
 from files.dsm import get_dsm
 from files.models import Dataset, DatasetRole
 from jobs.models import Job, JobState
-from tasks import services
+from tasks.create import UPDATABLE_FIELDS, task_create, task_update
+from tasks.inputs import resolve_inputs
+from tasks.lifecycle import task_cancel, task_pause, task_resume, task_retry_failed
 from tasks.models import ACTIVE_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
 from tasks.selectors import task_job_counts, tasks_job_counts
 from wms.admin import (
@@ -71,7 +73,7 @@ CREATE_FIELDS: tuple[str, ...] = (
     "merge_max_level",
     "merge_on_child_failure",
 )
-UPDATE_FIELDS = services.UPDATABLE_FIELDS
+UPDATE_FIELDS = UPDATABLE_FIELDS
 
 
 def job_progress_bar(task_id: int, counts: dict[str, int]) -> str:
@@ -180,7 +182,7 @@ class TaskAddForm(TaskAdminForm):
         uids = [first, *more] if first else None
         try:
             with get_dsm() as dsm:
-                datasets = services.resolve_inputs(
+                datasets = resolve_inputs(
                     dsm,
                     data_in_uids=uids,
                     data_in_selection=cleaned.get("data_in_selection") or "",
@@ -389,7 +391,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if not change:
             selection = form.cleaned_data.get("data_in_selection") or ""
-            task = services.task_create(
+            task = task_create(
                 owner=request.user,
                 data_in_uids=None if selection else form.input_uids,
                 data_in_selection=selection,
@@ -399,7 +401,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             return
         changes = {f: form.cleaned_data[f] for f in form.changed_data if f in UPDATE_FIELDS}
         if changes:
-            copy_into(obj, services.task_update(task_id=obj.pk, **changes))
+            copy_into(obj, task_update(task_id=obj.pk, **changes))
 
     # --- columns ------------------------------------------------------------------------
 
@@ -460,7 +462,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "name", "state"),
-            lambda t: services.task_pause(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda t: task_pause(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
             done="paused",
             unchanged="already paused",
             log_message="Paused (admin action).",
@@ -482,7 +484,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                     target=TaskState.RUNNING,
                     detail=f"task {task.pk} is not paused (it is defined); nothing to resume.",
                 )
-            return services.task_resume(task_id=task.pk, source=ADMIN_SOURCE, reason=reason)
+            return task_resume(task_id=task.pk, source=ADMIN_SOURCE, reason=reason)
 
         run_service_action(
             self,
@@ -501,7 +503,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "name", "state"),
-            lambda t: services.task_cancel(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda t: task_cancel(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
             done="cancelled",
             unchanged="already cancelled",
             log_message="Cancelled (admin action).",
@@ -514,7 +516,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "name", "state"),
-            lambda t: services.task_retry_failed(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda t: task_retry_failed(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
             done="had their failed jobs retried",
             unchanged="had no failed job",
             log_message="Failed jobs retried (admin action).",

@@ -31,17 +31,11 @@ from tasks.api.serializers import (
     TaskSerializer,
     TaskUpdateSerializer,
 )
+from tasks.create import task_create, task_update
+from tasks.inputs import task_add_inputs
+from tasks.lifecycle import task_cancel, task_pause, task_resume, task_retry_failed
 from tasks.models import Task
 from tasks.selectors import tasks_job_counts, tasks_visible_to
-from tasks.services import (
-    task_add_inputs,
-    task_cancel,
-    task_create,
-    task_pause,
-    task_resume,
-    task_retry_failed,
-    task_update,
-)
 from wms.api import (
     PageNumberPagination,
     StableOrderingFilter,

@@ -14,8 +14,10 @@ from django.urls import reverse
 from files.models import Dataset, DatasetEntry, DatasetRole, File, FileType
 from files.services import dataset_add_files, dataset_close, dataset_register
 from jobs.models import Job, JobState
+from tasks.create import task_create
+from tasks.finalizer import task_finalize
+from tasks.inputs import task_add_inputs
 from tasks.models import Task, TaskInput, TaskState
-from tasks.services import task_add_inputs, task_create, task_finalize
 from tasks.splitter import split_all, task_split
 from tests.factories import TaskFactory
 from wms.exceptions import InvalidTransition, NotFound, ValidationFailed
@@ -443,7 +445,7 @@ def test_add_inputs_appends_and_the_new_files_are_split(user):
 
 
 def test_add_inputs_to_a_paused_task(user):
-    from tasks.services import task_pause
+    from tasks.lifecycle import task_pause
 
     a, b = _ds("pz.a", 1), _ds("pz.b", 1)
     task = _create(user, data_in_uids=[a.uid])
@@ -884,7 +886,7 @@ def test_a_following_task_takes_the_datasets_that_come_to_match(user):
 
     # Stop following: one last look first (r4 matched before the user said "no more").
     r4 = _ds("follow.r4.raw", 1, close=True)
-    from tasks.services import task_update
+    from tasks.create import task_update
 
     task_update(task_id=task.pk, data_in_follow=False)
     assert _series(task) == [first.uid, r2.uid, r3.uid, r4.uid]
@@ -895,7 +897,7 @@ def test_a_following_task_takes_the_datasets_that_come_to_match(user):
     # After the end, new matches join no more.
     _ds("follow.r5.raw", 1, close=True)
     from files.dsm import get_dsm
-    from tasks.services import task_follow_selection
+    from tasks.inputs import task_follow_selection
 
     with get_dsm() as dsm:
         assert task_follow_selection(task_id=task.pk, dsm=dsm) == []
@@ -904,7 +906,7 @@ def test_a_following_task_takes_the_datasets_that_come_to_match(user):
 
 def test_following_never_takes_outputs_and_respects_the_limit(user, settings):
     from files.dsm import get_dsm
-    from tasks.services import task_follow_selection
+    from tasks.inputs import task_follow_selection
 
     settings.WMS_TASK_MAX_INPUTS = 3
     a = _ds("lim.a", 1)
