@@ -5,7 +5,6 @@ start and reports (``jobs.start``, ``jobs.reports``), the executor and the split
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,13 @@ from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
 from jobs.signals import KillOrder, attempts_to_kill
 from wms.exceptions import NotFound
 from wms.kicks import kick_dispatch, kick_finalize
-from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
+from wms.statemachine import (
+    LOCK_CHUNK,
+    TransitionResult,
+    apply_transition,
+    apply_transition_bulk,
+    apply_transition_chunked,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -64,41 +69,31 @@ def job_cancel(*, job_id: int, source: str, reason: str = "") -> TransitionResul
 def jobs_cancel(*, job_ids: Iterable[int], source: str, reason: str = "") -> int:
     """Cancel many jobs in bulk; jobs already final are skipped. Returns how many were cancelled.
 
-    Per chunk: the rows are locked (``FOR UPDATE``, waiting for a pilot's start in flight),
-    then one UPDATE + one bulk insert of transition rows per source state, one UPDATE of the
-    running attempts and one insert of their pilots' kill commands. A constant number of
+    Per chunk (``wms.statemachine.apply_transition_chunked``): the rows are locked
+    (``FOR UPDATE``, waiting for a pilot's start in flight), then one UPDATE + one bulk insert
+    of transition rows per source state; then per chunk of the running jobs, one UPDATE of
+    their attempts and one insert of their pilots' kill commands. A constant number of
     queries per 5,000 jobs.
     """
     ids = list(job_ids)
     now = timezone.now()
-    cancelled = 0
-    open_states = OPEN_JOB_STATES
-    for start in range(0, len(ids), 5000):
-        rows = list(
-            Job.objects.select_for_update()
-            .filter(pk__in=ids[start : start + 5000], state__in=open_states)
-            .order_by("pk")
-            .values_list("pk", "state")
+    moved = apply_transition_chunked(
+        Job,
+        ids,
+        JobState.CANCELLED,
+        from_states=OPEN_JOB_STATES,
+        source=source,
+        reason=reason,
+        updates={"time_end": now},
+    )
+    cancelled = sum(len(pks) for pks in moved.values())
+    running = moved.get(JobState.RUNNING, [])
+    for start in range(0, len(running), LOCK_CHUNK):
+        _kill_running_attempts(
+            running[start : start + LOCK_CHUNK],
+            now=now,
+            reason=reason or f"job cancelled ({source})",
         )
-        by_state: dict[str, list[int]] = {}
-        for pk, state in rows:
-            by_state.setdefault(state, []).append(pk)
-        for state, pks in by_state.items():
-            cancelled += len(
-                apply_transition_bulk(
-                    Job,
-                    pks,
-                    JobState.CANCELLED,
-                    from_state=state,
-                    source=source,
-                    reason=reason,
-                    updates={"time_end": now},
-                    locked=True,
-                )
-            )
-        running = by_state.get(JobState.RUNNING, [])
-        if running:
-            _kill_running_attempts(running, now=now, reason=reason or f"job cancelled ({source})")
     if cancelled:
         log.info("jobs_cancelled", count=cancelled, source=source)
         kick_finalize_tasks(
@@ -171,24 +166,10 @@ def job_release(*, job_id: int, source: str, reason: str = "") -> TransitionResu
 def _jobs_move(
     ids: list[int], target: str, sources: Sequence[str], *, source: str, reason: str
 ) -> int:
-    moved = 0
-    for start in range(0, len(ids), 5000):
-        rows = list(
-            Job.objects.select_for_update()
-            .filter(pk__in=ids[start : start + 5000], state__in=sources)
-            .order_by("pk")
-            .values_list("pk", "state")
-        )
-        by_state: dict[str, list[int]] = defaultdict(list)
-        for pk, state in rows:
-            by_state[state].append(pk)
-        for state, pks in by_state.items():
-            moved += len(
-                apply_transition_bulk(
-                    Job, pks, target, from_state=state, source=source, reason=reason, locked=True
-                )
-            )
-    return moved
+    moved = apply_transition_chunked(
+        Job, ids, target, from_states=sources, source=source, reason=reason
+    )
+    return sum(len(pks) for pks in moved.values())
 
 
 @transaction.atomic
