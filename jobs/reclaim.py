@@ -6,7 +6,7 @@ attempt whose job has not started a newer one (``defined`` or ``queued`` with
 and ``cur_retry = attempt``, the attempt row back to ``running`` (a queued message of the newer
 attempt is then refused at start as stale). The pilot's heartbeat asks for it
 (``pilots.reconcile``), and so does a final report of such an attempt that reaches the server
-first (:func:`attempts_reclaim_reported`, from ``jobs.services.job_events_apply``).
+first (:func:`attempts_reclaim_reported`, from ``jobs.reports.job_events_apply``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def attempts_reclaim_reported(events: Sequence[StatusEvent]) -> int:
     back (the spool's sender and the heartbeat are two threads; either may come first): the
     attempts are reclaimed first, when their job has not started again, so the report is
     applied to them instead of being ignored and the job run again. Called by
-    ``jobs.services.job_events_apply`` in its transaction; one query when no attempt is found.
+    ``jobs.reports.job_events_apply`` in its transaction; one query when no attempt is found.
     """
     finals = {(ev.job_uuid, ev.attempt, ev.pilot_id) for ev in events if ev.state != "running"}
     if not finals:

@@ -12,7 +12,7 @@ accepted (``reporting``). For each one:
 - anything else the pilot still runs (a newer attempt started elsewhere, the job held, final or
   cancelled, an attempt that is not this pilot's): a ``kill_job`` command, returned by this
   very heartbeat. Its final report, if any, is refused or ignored: only one attempt's outputs
-  are ever registered (``jobs.services._apply_events`` takes final reports of the running
+  are ever registered (``jobs.reports.job_events_apply`` takes final reports of the running
   attempt only).
 
 And the attempts the server has running on this pilot that it names in neither list, started

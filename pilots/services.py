@@ -268,7 +268,7 @@ def pilot_heartbeat(
       the server has running on this pilot that it names in neither list fail
       (``not_on_pilot``, only when ``reporting`` is sent: an older agent does not say).
     - ``last_heartbeat``, ``status`` and ``metrics`` are stored; the metrics of the running
-      attempts are stored in bulk by ``jobs.services.job_events_apply``, as running events.
+      attempts are stored in bulk by ``jobs.reports.job_events_apply``, as running events.
     - ``acked_commands`` are marked acknowledged; the commands not given to the pilot yet are
       returned and marked delivered with one UPDATE (each is delivered once).
 

@@ -2,7 +2,7 @@
 
 The changelist shows every task's jobs by state as a stacked bar, counted for the whole page in
 ONE query (``tasks.selectors.tasks_job_counts``). Tasks are created and edited only through
-``tasks.services`` (``task_create`` / ``task_update``); state changes are the pause, resume and
+``tasks.create`` (``task_create`` / ``task_update``); state changes are the pause, resume and
 cancel actions. The state itself is never a form field.
 """
 
@@ -386,7 +386,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     def get_inlines(self, request, obj):
         return self.inlines if obj is not None else ()
 
-    # --- writes: only through tasks.services ---------------------------------------------
+    # --- writes: only through tasks.create -----------------------------------------------
 
     def save_model(self, request, obj, form, change):
         if not change:
@@ -453,7 +453,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
         ds = Dataset.objects.filter(uid=obj.data_out_uid).only("pk", "name").first()
         return admin_link(Dataset, ds.pk, ds.name) if ds else "not in the DSM catalogue"
 
-    # --- actions: state changes through tasks.services ----------------------------------
+    # --- actions: state changes through tasks.lifecycle ---------------------------------
 
     @admin.action(description="Pause selected tasks", permissions=["manage"])
     def pause_tasks(self, request, queryset):

@@ -1,5 +1,5 @@
 """Serializers of the tasks API: read shapes and validated input. They never write; the views
-hand ``validated_data`` to ``tasks.services``.
+hand ``validated_data`` to the services (``tasks.create``, ``tasks.inputs``).
 """
 
 from __future__ import annotations

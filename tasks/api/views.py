@@ -5,8 +5,9 @@ Another user's task answers **404** ``not_found``, exactly as a task that does n
 API never tells whether someone else's task id exists. (The jobs and files APIs follow the
 same rule through the task they belong to.)
 
-Views are thin: they validate input with a serializer, call one service of ``tasks.services``
-with the validated data, and render the result with ``tasks.selectors``' job counts.
+Views are thin: they validate input with a serializer, call one service (``tasks.create``,
+``tasks.inputs``, ``tasks.lifecycle``) with the validated data, and render the result with
+``tasks.selectors``' job counts.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``POST /jobs/{uuid}/report/`` and ``POST /pilots/{id}/events/``: pilots' status events, one
-write path (``jobs.services.job_events_apply``) for both and for the bus."""
+write path (``jobs.reports.job_events_apply``) for both and for the bus."""
 
 from __future__ import annotations
 

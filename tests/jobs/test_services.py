@@ -1,4 +1,4 @@
-"""jobs.services on the real database: moving and cancelling jobs (building them:
+"""jobs.control on the real database: moving and cancelling jobs (building them:
 test_build.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The end of a task (docs/lifecycle.md): tasks.services.task_finalize and its beat."""
+"""The end of a task (docs/lifecycle.md): tasks.finalizer.task_finalize and its beat."""
 
 from __future__ import annotations
 

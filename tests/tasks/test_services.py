@@ -1,4 +1,5 @@
-"""tasks.services and tasks.selectors on the real database: every write and read."""
+"""The writes of tasks (tasks.create, tasks.inputs, tasks.lifecycle) and tasks.selectors on
+the real database: every write and read."""
 
 from __future__ import annotations
 
