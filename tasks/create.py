@@ -63,7 +63,7 @@ def task_create(
     now through the DSM into the series of the datasets it matches, by name). The datasets may
     still be open and empty (pre-registered): the splitter follows them as files arrive. With
     ``data_in_follow`` (a selection only), input datasets registered later under a matching
-    name join the series too (:func:`task_follow_selection`), until it is turned off.
+    name join the series too (:func:`tasks.inputs.task_follow_selection`), until it is turned off.
 
     The task's output dataset is registered in the DSM at once (role ``output``, named
     ``<name or "task">.<id>.out``, located at ``data_out_url``), and its uid kept in

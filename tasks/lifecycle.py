@@ -79,7 +79,8 @@ def task_resume(*, task_id: int, source: str, reason: str = "") -> TransitionRes
 def task_cancel(*, task_id: int, source: str, reason: str = "") -> TransitionResult:
     """Cancel a task and every job of it that is not final yet (idempotent; a finished or
     failed task answers 409). Its splitter stops (it only splits defined/running tasks); the
-    output dataset is closed by :func:`task_finalize` once no killed attempt may still write."""
+    output dataset is closed by :func:`tasks.finalizer.task_finalize` once no killed attempt
+    may still write."""
     task_get(task_id=task_id)
     result = task_transition(
         task_id=task_id, target=TaskState.CANCELLED, source=source, reason=reason
@@ -113,8 +114,8 @@ def task_retry_failed(*, task_id: int, source: str, reason: str = "") -> int:
 
     The DSM first, outside any transaction: is the output dataset closed, and if so the new
     one (``<name>.<id>.out.r<n>``, n the task's runs so far; its uid made from the task and n,
-    :func:`output_dataset_uid`) registered idempotently: a retry that failed after it, or
-    one running at the same time, registers the same dataset again and finds it. Then ONE
+    :func:`tasks.create.output_dataset_uid`) registered idempotently: a retry that failed after
+    it, or one running at the same time, registers the same dataset again and finds it. Then ONE
     short transaction holding the task row; should the task's output have changed between the
     two (another retry, a close by the finalizer), the DSM is asked again (a few times).
     """
