@@ -73,7 +73,7 @@ def make_task(n: int, *, executable: str = "wms-payload-noop", name: str = "benc
     from django.contrib.auth import get_user_model
 
     from files.services import dataset_add_files, dataset_close, dataset_register
-    from tasks.services import task_create
+    from tasks.create import task_create
     from tasks.splitter import task_split
 
     user, _ = get_user_model().objects.get_or_create(username="bench")

@@ -116,7 +116,7 @@ def main(k: int, n_pilots: int) -> None:
     from jobs.models import AttemptState, Job, JobAttempt
     from pilots.models import Pilot
     from pilots.services import pilot_registrar_ensure
-    from tasks.services import task_create
+    from tasks.create import task_create
     from wms import bus
     from wms.services import api_token_create
 

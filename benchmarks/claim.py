@@ -27,8 +27,9 @@ def main(big: int) -> None:
     from files.services import dataset_register
     from jobs.executor import _claim
     from jobs.models import Job, JobState
+    from tasks.create import task_create
+    from tasks.lifecycle import task_transition
     from tasks.models import TaskState
-    from tasks.services import task_create, task_transition
     from wms import db
 
     def add_jobs(task_id: int, n: int, state: str, rank: int = 0) -> None:

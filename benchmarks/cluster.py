@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, work: Path, cluster: Cluster) -> dict:
     from jobs.models import Job, JobAttempt, JobState
     from pilots.models import Pilot, PilotState
     from pilots.services import pilot_registrar_ensure
-    from tasks.services import task_create
+    from tasks.create import task_create
     from wms.models import Switch
 
     prefix = settings.WMS_BUS_PREFIX

@@ -29,7 +29,7 @@ def main(n: int) -> None:
     from files.services import dataset_add_files, dataset_close, dataset_register
     from jobs.executor import build_messages, dispatch
     from jobs.models import Job, JobState
-    from tasks.services import task_create
+    from tasks.create import task_create
     from tasks.splitter import task_split
     from wms import bus
     from wms.topology import rank_to_priority

@@ -156,7 +156,7 @@ def run_wms(n: int, pilots: int, slots: int, work: Path, prefix: str, timeout: f
     from jobs.models import Job, JobAttempt, JobState, JobTransition
     from pilots.models import Pilot, PilotState
     from pilots.services import pilot_registrar_ensure
-    from tasks.services import task_create
+    from tasks.create import task_create
     from wms.models import Switch
 
     final = (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)

@@ -21,7 +21,7 @@ not timed). Each attempt then gets E ``running`` events (its metrics), E x N in 
 
 Against, for the bus: a bare kombu consumer draining the same messages, acking them, nothing
 else (the floor of one py-amqp connection). Both paths end in
-``jobs.services.job_events_apply``. Target (issue 4): >= 20k updates/s each.
+``jobs.reports.job_events_apply``. Target (issue 4): >= 20k updates/s each.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def main(n: int, k: int) -> None:
     from files.models import File
     from files.services import dataset_add_files, dataset_close, dataset_register
     from jobs.models import Job
-    from tasks.services import task_create
+    from tasks.create import task_create
     from tasks.splitter import task_split
 
     with bench_database():

@@ -14,7 +14,7 @@ and checksum compared with what the DSM registered, and the histograms merged; t
 hold exactly the seeds of the finished jobs' inputs and ``seeds x events`` entries
 (docs/demo.md). Task-level completion is not needed: "done" is read from job states.
 
-The writes go through the DSM client and ``tasks.services``; the command stays thin.
+The writes go through the DSM client and ``tasks.create``; the command stays thin.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from files.dsm import FileInfo, get_dsm, iter_files
 from files.models import File, FileType
 from jobs.models import FINAL_JOB_STATES, JobAttempt, JobState
 from payloads import histo
+from tasks.create import task_create
 from tasks.models import Task
 from tasks.selectors import tasks_job_counts
-from tasks.services import task_create
 from wms import checksums
 from wms.choices import DeviceType, TransitionSource
 
@@ -295,7 +295,7 @@ def demo_task_summary(run: DemoRun, progress: TaskProgress) -> TaskSummary:
         summary.output_dataset_uid = str(task.data_out_uid)
         with get_dsm() as dsm:
             summary.registered = list(iter_files(dsm, task.data_out_uid))
-        # FILE_DAT's name is the name in the DSM (jobs.services registers it so)
+        # FILE_DAT's name is the name in the DSM (jobs.outputs registers it so)
         by_name = {f.name: f for f in summary.registered}
         for name, size, check_sum, _url in outputs:
             entry = by_name.get(name)

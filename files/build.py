@@ -1,7 +1,7 @@
 """The one place FILE_DAT rows are built: :func:`files_build`, in bulk.
 
 Its callers are the splitter's and the merger's job building (``jobs.build``: a job's input
-rows) and the report path (``jobs.services``: a job's outputs and log). On PostgreSQL the ids
+rows) and the report path (``jobs.outputs``: a job's outputs and log). On PostgreSQL the ids
 are taken from the table's sequence in one query and the rows streamed with ``COPY``
 (``wms.db``); elsewhere one ``bulk_create``. Either way the caller gets the new rows' ids in
 the order of its rows, which is what it needs to point its jobs at them.

@@ -188,7 +188,7 @@ def dataset_add_files(
     nothing is registered. A pilot's report passes the output URL of its task.
 
     Only ``dataset.pk`` and ``dataset.uid`` are used: a caller that knows them (a pilot's
-    report, through ``jobs.services``) may pass an unsaved ``Dataset(pk=..., uid=...)``.
+    report, through ``jobs.outputs``) may pass an unsaved ``Dataset(pk=..., uid=...)``.
     On PostgreSQL this is two statements: the counters' UPDATE, which takes the dataset's row
     lock and checks it is open, then one ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of the
     entries (a name that comes back missing was already there: 409, and the savepoint undoes

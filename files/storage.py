@@ -3,8 +3,8 @@
 - ``WMS_STORAGE_ROOTS``: the URL prefixes input files may live under. A file registered in an
   input dataset (API, admin, DSM clients) must lie under one of them.
 - ``WMS_OUTPUT_ROOT``: every task's outputs go inside it, in its owner's folder
-  ``<root>/<owner>/`` and in a place of its own there (``tasks.services.task_create``); the
-  files a pilot reports lie under its job's output URL (``jobs.services``).
+  ``<root>/<owner>/`` and in a place of its own there (``tasks.create.task_create``); the
+  files a pilot reports lie under its job's output URL (``jobs.reports``).
 
 URLs are compared in their canonical form (:mod:`wms.locations`). Refusals are
 ``ValidationFailed`` keyed by the field that named the URL, so they answer 400 naming it.

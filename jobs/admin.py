@@ -1,4 +1,4 @@
-"""Admin of jobs and their attempts: read-only views, and cancel through ``jobs.services``.
+"""Admin of jobs and their attempts: read-only views, and cancel through ``jobs.control``.
 
 No service edits a job by hand, so job and attempt pages are view-only; a job's page shows its
 attempts, its state changes and its files inline (read-only). The job tables are the biggest of
@@ -13,7 +13,7 @@ from django.template.defaultfilters import filesizeformat
 from django.utils.html import format_html
 
 from files.models import File
-from jobs import services
+from jobs.control import job_cancel, job_hold, job_release
 from jobs.models import Job, JobAttempt, JobState, JobTransition
 from wms.admin import (
     ADMIN_SOURCE,
@@ -208,7 +208,7 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "state"),
-            lambda j: services.job_cancel(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda j: job_cancel(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
             done="cancelled",
             unchanged="already cancelled",
             log_message="Cancelled (admin action).",
@@ -221,7 +221,7 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "state"),
-            lambda j: services.job_hold(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda j: job_hold(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
             done="held",
             unchanged="already held",
             log_message="Held (admin action).",
@@ -234,7 +234,7 @@ class JobAdmin(ReadOnlyAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "state"),
-            lambda j: services.job_release(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda j: job_release(job_id=j.pk, source=ADMIN_SOURCE, reason=reason),
             done="released",
             unchanged="not held (already defined)",
             log_message="Released (admin action).",

@@ -4,7 +4,7 @@ One event (``wms.contract.StatusEvent``) says how one attempt of a job is doing:
 with its metrics, or ended (``finished`` / ``failed``) with its exit code, error, metrics and
 files. Events arrive by three doors, the REST ``report`` of one job, the bulk ``events``
 endpoint and the bus (``<prefix>.events``); all three hand them to
-``jobs.services.job_events_apply``, which validates each with :func:`clean_event` here.
+``jobs.reports.job_events_apply``, which validates each with :func:`clean_event` here.
 
 Validation is hand-written rather than a DRF serializer: the bus path takes tens of thousands
 of events a second, and a bad event must cost the others nothing.

@@ -6,7 +6,7 @@ attempt whose job has not started a newer one (``defined`` or ``queued`` with
 and ``cur_retry = attempt``, the attempt row back to ``running`` (a queued message of the newer
 attempt is then refused at start as stale). The pilot's heartbeat asks for it
 (``pilots.reconcile``), and so does a final report of such an attempt that reaches the server
-first (:func:`attempts_reclaim_reported`, from ``jobs.services.job_events_apply``).
+first (:func:`attempts_reclaim_reported`, from ``jobs.reports.job_events_apply``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from wms.contract import StatusEvent
-from wms.statemachine import apply_transition_bulk
+from wms.statemachine import apply_transition_by_state
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +35,7 @@ def attempts_reclaim_reported(events: Sequence[StatusEvent]) -> int:
     back (the spool's sender and the heartbeat are two threads; either may come first): the
     attempts are reclaimed first, when their job has not started again, so the report is
     applied to them instead of being ignored and the job run again. Called by
-    ``jobs.services.job_events_apply`` in its transaction; one query when no attempt is found.
+    ``jobs.reports.job_events_apply`` in its transaction; one query when no attempt is found.
     """
     finals = {(ev.job_uuid, ev.attempt, ev.pilot_id) for ev in events if ev.state != "running"}
     if not finals:
@@ -63,7 +63,7 @@ def attempts_reclaim(
     if not reclaim:
         return 0, []
     wanted = {job_id: (number, pk) for job_id, number, pk in reclaim}
-    by_state: dict[str, list[int]] = {}
+    rows = []
     refused = []
     for job_id, state, cur_retry in (
         Job.objects.select_for_update(of=("self",))
@@ -73,24 +73,20 @@ def attempts_reclaim(
     ):
         number = wanted[job_id][0]
         if state in RECLAIMABLE_JOB_STATES and cur_retry == number + 1:
-            by_state.setdefault(state, []).append(job_id)
+            rows.append((job_id, state))
         else:
             refused.append((job_id, number))
-    ids = [job_id for pks in by_state.values() for job_id in pks]
-    if not ids:
+    if not rows:
         return 0, refused
-    source = f"pilot:{pilot_id}"
-    for state, pks in by_state.items():
-        apply_transition_bulk(
-            Job,
-            pks,
-            JobState.RUNNING,
-            from_state=state,
-            source=source,
-            reason=RECLAIM_REASON,
-            updates={"cur_retry": F("cur_retry") - 1, "pilot_id": pilot_id, "time_end": None},
-            locked=True,
-        )
+    by_state = apply_transition_by_state(
+        Job,
+        rows,
+        JobState.RUNNING,
+        source=f"pilot:{pilot_id}",
+        reason=RECLAIM_REASON,
+        updates={"cur_retry": F("cur_retry") - 1, "pilot_id": pilot_id, "time_end": None},
+    )
+    ids = [job_id for pks in by_state.values() for job_id in pks]
     JobAttempt.objects.filter(
         pk__in=[wanted[job_id][1] for job_id in ids], state=AttemptState.LOST
     ).update(state=AttemptState.RUNNING, ended_at=None, error_code="", error_message="")

@@ -3,7 +3,7 @@
 Pilots may publish ``wms.contract.StatusEvent`` bodies to the events exchange instead of calling
 the REST ``report``. This consumer takes them in batches (``WMS_EVENTS_BATCH`` events, or
 whatever came within ``WMS_EVENTS_MAX_WAIT`` seconds of a batch's first event) and applies
-each batch with ``jobs.services.job_events_apply``, the same function as the REST endpoints,
+each batch with ``jobs.reports.job_events_apply``, the same function as the REST endpoints,
 in one transaction. Messages are acknowledged only after that transaction committed:
 
 - a message that does not prove it comes from the pilot it names: unsigned (no
@@ -46,7 +46,7 @@ from kombu import Connection, Consumer
 from kombu.message import Message
 from kombu.transport.virtual import Channel as VirtualChannel
 
-from jobs.services import job_events_apply
+from jobs.reports import job_events_apply
 from pilots.auth import pilot_bus_keys
 from wms import bus
 from wms.contract import EVENT_PILOT_HEADER, EVENT_SIGNATURE_HEADER, event_signed_by_any

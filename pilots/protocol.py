@@ -13,8 +13,8 @@ from typing import Any
 import structlog
 from django.db import IntegrityError, transaction
 
-from jobs.services import job_claim
 from jobs.signals import KillOrder
+from jobs.start import job_claim
 from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import CommandKind, Pilot, PilotState
 from wms.contract import JobMessage
@@ -30,7 +30,7 @@ def pilot_job_start(*, pilot: Pilot, job_uuid: uuid.UUID | str, attempt: int) ->
     The pilot's row, then the job's, are locked (``FOR UPDATE``, in this order everywhere),
     so of two pilots starting the same job (a duplicated message) the second one waits and
     then finds the job ``running``: ``job_not_queued``. Refused (409): ``pilot_not_live``
-    (the pilot is terminated or lost), and what ``jobs.services.job_claim`` refuses
+    (the pilot is terminated or lost), and what ``jobs.start.job_claim`` refuses
     (``stale_attempt``, ``wrong_device``, ``job_not_queued``): nothing written; and
     ``task_paused``: the job's task is paused (its message was queued before the pause, or
     the executor's claim raced the pause); this refusal changes one thing, kept: the job goes

@@ -23,7 +23,7 @@ from pilots.models import (
     ReaperState,
 )
 from wms.choices import TransitionSource
-from wms.statemachine import apply_transition_bulk
+from wms.statemachine import apply_transition_by_state
 from wms.switches import service_tick, switch_enabled
 
 log = structlog.get_logger(__name__)
@@ -108,8 +108,8 @@ def pilots_reap_lost(
     ``beat=True`` first claims the cycle (``service_tick("reaper")``); the reaper can be
     switched off like the splitter and the executor.
     """
+    from jobs.control import attempts_interrupt
     from jobs.models import AttemptState
-    from jobs.services import attempts_interrupt
 
     if beat and not service_tick("reaper", min_interval=settings.WMS_REAP_EVERY / 2):
         return ReapResult()
@@ -167,23 +167,13 @@ def pilots_reap_lost(
                 .order_by("last_heartbeat", "id")
                 .values_list("id", "state")[:limit]
             )
-        by_state: dict[str, list[int]] = {}
-        for pk, pilot_state in rows:
-            by_state.setdefault(pilot_state, []).append(pk)
         seconds = int((now - cutoff).total_seconds())
         reason = f"no heartbeat for {seconds} s" + (
             f" (past the outage limit, during a hold: {judgement.reason})" if judgement.hold else ""
         )
-        for pilot_state, pks in by_state.items():
-            apply_transition_bulk(
-                Pilot,
-                pks,
-                PilotState.LOST,
-                from_state=pilot_state,
-                source=TransitionSource.REAPER,
-                reason=reason,
-                locked=True,
-            )
+        apply_transition_by_state(
+            Pilot, rows, PilotState.LOST, source=TransitionSource.REAPER, reason=reason
+        )
         lost = attempts_interrupt(
             pilot_states=(PilotState.LOST,),
             attempt_state=AttemptState.LOST,

@@ -12,7 +12,7 @@ accepted (``reporting``). For each one:
 - anything else the pilot still runs (a newer attempt started elsewhere, the job held, final or
   cancelled, an attempt that is not this pilot's): a ``kill_job`` command, returned by this
   very heartbeat. Its final report, if any, is refused or ignored: only one attempt's outputs
-  are ever registered (``jobs.services._apply_events`` takes final reports of the running
+  are ever registered (``jobs.reports.job_events_apply`` takes final reports of the running
   attempt only).
 
 And the attempts the server has running on this pilot that it names in neither list, started
@@ -40,9 +40,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from jobs.control import attempts_interrupt
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from jobs.reclaim import RECLAIMABLE_JOB_STATES, attempts_reclaim
-from jobs.services import attempts_interrupt
 from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import CommandKind, PilotCommand
 from wms.exceptions import ValidationFailed

@@ -156,8 +156,8 @@ def pilot_orphans_record(*, pilot: Pilot, orphans: Sequence[Mapping[str, Any]]) 
     directory's lock, which the new pilot holds, tells the agent the previous one is gone.
     Returns the ids of the pilots ended.
     """
+    from jobs.control import attempts_interrupt
     from jobs.models import AttemptState, JobAttempt
-    from jobs.services import attempts_interrupt
 
     text = _orphans_text(orphans)
     log.warning(
@@ -306,7 +306,7 @@ def pilot_heartbeat(
       the server has running on this pilot that it names in neither list fail
       (``not_on_pilot``, only when ``reporting`` is sent: an older agent does not say).
     - ``last_heartbeat``, ``status`` and ``metrics`` are stored; the metrics of the running
-      attempts are stored in bulk by ``jobs.services.job_events_apply``, as running events.
+      attempts are stored in bulk by ``jobs.reports.job_events_apply``, as running events.
     - ``acked_commands`` are marked acknowledged; the commands not given to the pilot yet are
       returned and marked delivered with one UPDATE (each is delivered once).
 
@@ -381,7 +381,7 @@ def pilot_heartbeat(
             previous_heartbeat=previous_heartbeat,
         )
     if jobs:
-        from jobs.services import job_events_apply
+        from jobs.reports import job_events_apply
 
         results = job_events_apply(
             events=[
@@ -457,8 +457,8 @@ def pilot_terminate(*, pilot_id: int, source: str, reason: str = "") -> PilotTer
     retried (back to ``defined``) or failed when no retry is left. Terminating a terminated
     pilot is a no-op; a lost one answers 409.
     """
+    from jobs.control import attempts_interrupt
     from jobs.models import AttemptState
-    from jobs.services import attempts_interrupt
 
     if not Pilot.objects.select_for_update().filter(pk=pilot_id).exists():
         raise NotFound(f"Pilot {pilot_id} does not exist.")

@@ -2,7 +2,7 @@
 
 The changelist shows every task's jobs by state as a stacked bar, counted for the whole page in
 ONE query (``tasks.selectors.tasks_job_counts``). Tasks are created and edited only through
-``tasks.services`` (``task_create`` / ``task_update``); state changes are the pause, resume and
+``tasks.create`` (``task_create`` / ``task_update``); state changes are the pause, resume and
 cancel actions. The state itself is never a form field.
 """
 
@@ -18,7 +18,9 @@ from files.admin import CLOSE_REFUSALS
 from files.dsm import get_dsm
 from files.models import Dataset, DatasetRole
 from jobs.models import Job, JobState
-from tasks import services
+from tasks.create import UPDATABLE_FIELDS, task_create, task_update
+from tasks.inputs import resolve_inputs
+from tasks.lifecycle import task_cancel, task_pause, task_resume, task_retry_failed
 from tasks.models import ACTIVE_TASK_STATES, Task, TaskInput, TaskState, TaskTransition
 from tasks.selectors import task_job_counts, tasks_job_counts
 from wms.admin import (
@@ -71,7 +73,7 @@ CREATE_FIELDS: tuple[str, ...] = (
     "merge_max_level",
     "merge_on_child_failure",
 )
-UPDATE_FIELDS = services.UPDATABLE_FIELDS
+UPDATE_FIELDS = UPDATABLE_FIELDS
 
 
 def job_progress_bar(task_id: int, counts: dict[str, int]) -> str:
@@ -180,7 +182,7 @@ class TaskAddForm(TaskAdminForm):
         uids = [first, *more] if first else None
         try:
             with get_dsm() as dsm:
-                datasets = services.resolve_inputs(
+                datasets = resolve_inputs(
                     dsm,
                     data_in_uids=uids,
                     data_in_selection=cleaned.get("data_in_selection") or "",
@@ -384,12 +386,12 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
     def get_inlines(self, request, obj):
         return self.inlines if obj is not None else ()
 
-    # --- writes: only through tasks.services ---------------------------------------------
+    # --- writes: only through tasks.create -----------------------------------------------
 
     def save_model(self, request, obj, form, change):
         if not change:
             selection = form.cleaned_data.get("data_in_selection") or ""
-            task = services.task_create(
+            task = task_create(
                 owner=request.user,
                 data_in_uids=None if selection else form.input_uids,
                 data_in_selection=selection,
@@ -399,7 +401,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             return
         changes = {f: form.cleaned_data[f] for f in form.changed_data if f in UPDATE_FIELDS}
         if changes:
-            copy_into(obj, services.task_update(task_id=obj.pk, **changes))
+            copy_into(obj, task_update(task_id=obj.pk, **changes))
 
     # --- columns ------------------------------------------------------------------------
 
@@ -451,7 +453,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
         ds = Dataset.objects.filter(uid=obj.data_out_uid).only("pk", "name").first()
         return admin_link(Dataset, ds.pk, ds.name) if ds else "not in the DSM catalogue"
 
-    # --- actions: state changes through tasks.services ----------------------------------
+    # --- actions: state changes through tasks.lifecycle ---------------------------------
 
     @admin.action(description="Pause selected tasks", permissions=["manage"])
     def pause_tasks(self, request, queryset):
@@ -460,7 +462,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "name", "state"),
-            lambda t: services.task_pause(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda t: task_pause(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
             done="paused",
             unchanged="already paused",
             log_message="Paused (admin action).",
@@ -482,7 +484,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
                     target=TaskState.RUNNING,
                     detail=f"task {task.pk} is not paused (it is defined); nothing to resume.",
                 )
-            return services.task_resume(task_id=task.pk, source=ADMIN_SOURCE, reason=reason)
+            return task_resume(task_id=task.pk, source=ADMIN_SOURCE, reason=reason)
 
         run_service_action(
             self,
@@ -501,7 +503,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "name", "state"),
-            lambda t: services.task_cancel(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda t: task_cancel(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
             done="cancelled",
             unchanged="already cancelled",
             log_message="Cancelled (admin action).",
@@ -514,7 +516,7 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
             self,
             request,
             queryset.select_related(None).only("pk", "name", "state"),
-            lambda t: services.task_retry_failed(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
+            lambda t: task_retry_failed(task_id=t.pk, source=ADMIN_SOURCE, reason=reason),
             done="had their failed jobs retried",
             unchanged="had no failed job",
             log_message="Failed jobs retried (admin action).",

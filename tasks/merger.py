@@ -1,6 +1,6 @@
 """The merger: a task's outputs are merged in groups, level by level, into a tree of merge jobs.
 
-Run inside the finalizer's cycle (:func:`tasks.services.task_finalize`, kicked on commit when a
+Run inside the finalizer's cycle (:func:`tasks.finalizer.task_finalize`, kicked on commit when a
 job of the task becomes final, and by beat), with the task row held ``FOR UPDATE SKIP LOCKED``:
 two mergers never group one task at once, and the task never ends while a merge can still be
 created (the merger runs first; a merge it creates is an open job). The rules

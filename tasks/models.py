@@ -109,7 +109,7 @@ class Task(models.Model):
     data_out_uid = models.UUIDField(
         null=True, blank=True, help_text="DSM uid of the output dataset."
     )
-    # --- what the task's end recorded (tasks.services.task_finalize) ---
+    # --- what the task's end recorded (tasks.finalizer.task_finalize) ---
     jobs_finished = models.PositiveIntegerField(default=0)
     jobs_failed = models.PositiveIntegerField(default=0)
     jobs_cancelled = models.PositiveIntegerField(default=0)

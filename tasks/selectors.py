@@ -10,6 +10,15 @@ from django.db.models import Count, QuerySet
 
 from jobs.models import Job, JobState
 from tasks.models import ACTIVE_TASK_STATES, Task, TaskInput
+from wms.exceptions import NotFound
+
+
+def task_get(*, task_id: int) -> Task:
+    """One task by id; 404 (``NotFound``) if there is none."""
+    try:
+        return Task.objects.get(pk=task_id)
+    except Task.DoesNotExist as exc:
+        raise NotFound(f"Task {task_id} does not exist.") from exc
 
 
 def task_job_counts(*, task_id: int) -> dict[str, int]:

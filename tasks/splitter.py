@@ -27,6 +27,7 @@ from files.build import NewFile
 from files.dsm import MAX_PAGE_SIZE, DSMClient, FileInfo, get_dsm
 from files.models import FileStatus, FileType
 from jobs.build import JobSpec, jobs_build
+from tasks.inputs import task_follow_selection
 from tasks.models import Task, TaskInput, TaskState
 from wms.choices import TransitionSource
 from wms.exceptions import WMSError
@@ -109,8 +110,6 @@ def _split(task_id: int, dsm: DSMClient) -> SplitResult:
     if task is None:  # not splittable now
         return SplitResult(task_id=task_id)
     if task.data_in_follow:  # datasets that came to match the selection join the series
-        from tasks.services import task_follow_selection
-
         try:
             task_follow_selection(task_id=task.pk, dsm=dsm)
         except WMSError as exc:  # the DSM's trouble: split what the task has, look again later

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from tasks.finalizer import task_finalize, tasks_finalize_all
 from tasks.selectors import tasks_reading
-from tasks.services import task_finalize, tasks_finalize_all
 from tasks.splitter import split_all, task_split
 from wms.kicks import kick_split
 

@@ -58,7 +58,7 @@ def build_world(*, label: str = "fuzz") -> World:
     from files.services import dataset_add_files, dataset_register
     from jobs.models import AttemptState, Job, JobState
     from pilots.services import pilot_register
-    from tasks.services import task_create
+    from tasks.create import task_create
     from tests.factories import FileFactory, JobAttemptFactory, JobFactory
     from wms import checksums
     from wms.services import api_token_create

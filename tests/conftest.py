@@ -180,8 +180,8 @@ def make_pilot(db):
 @pytest.fixture
 def output_task(db, user):
     """A task made by ``task_create``: it has an output dataset in the (local) DSM."""
+    from tasks.create import task_create
     from tasks.models import Task
-    from tasks.services import task_create
     from tests.factories import DatasetFactory
 
     task = task_create(

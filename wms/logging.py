@@ -2,7 +2,7 @@
 
 ``WMS_LOG_FORMAT=console`` (the default) prints colored lines in the seed's shape::
 
-    | jobs.services: 2024-01-25 08:51:33,645 | INFO | services.py:41 | 10 >>> job_started job_id=7
+    | jobs.start: 2024-01-25 08:51:33,645 | INFO | start.py:41 | 10 >>> job_started job_id=7
 
 (logger name, time, level, file:line, process id, then the event and its key=value context);
 ``WMS_LOG_FORMAT=json`` prints one JSON object per line for log collectors.

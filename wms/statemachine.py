@@ -243,3 +243,69 @@ def apply_transition_bulk(
                 batch_size=5000,
             )
     return moved
+
+
+def apply_transition_by_state(
+    model: type[models.Model],
+    rows: Iterable[tuple[Any, str]],
+    target: str,
+    *,
+    source: str,
+    reason: str = "",
+    updates: Mapping[str, Any] | None = None,
+) -> dict[str, list[Any]]:
+    """Move rows the caller holds locked (``FOR UPDATE``, in this transaction), given as
+    ``(pk, current state)``, to ``target``: one :func:`apply_transition_bulk` per current
+    state (an UPDATE and a log insert each; the log records each row's own from-state).
+    Returns the pks moved by the state they left, in the order given."""
+    by_state: dict[str, list[Any]] = {}
+    for pk, state in rows:
+        by_state.setdefault(state, []).append(pk)
+    for state, pks in by_state.items():
+        apply_transition_bulk(
+            model,
+            pks,
+            target,
+            from_state=state,
+            source=source,
+            reason=reason,
+            updates=updates,
+            locked=True,
+        )
+    return by_state
+
+
+LOCK_CHUNK = 5000  # rows locked and moved at a time by apply_transition_chunked
+
+
+def apply_transition_chunked(
+    model: type[models.Model],
+    pks: Iterable[Any],
+    target: str,
+    *,
+    from_states: Iterable[str],
+    source: str,
+    reason: str = "",
+    updates: Mapping[str, Any] | None = None,
+) -> dict[str, list[Any]]:
+    """Move the rows of ``pks`` that are in one of ``from_states`` to ``target``; the others
+    are skipped. :data:`LOCK_CHUNK` rows at a time: locked (``FOR UPDATE``, waiting for a
+    writer in flight, in pk order), then :func:`apply_transition_by_state`. A constant
+    number of queries per chunk. For the caller's transaction (the locks are held until it
+    ends). Returns the pks moved by the state they left."""
+    ids = list(pks)
+    states = list(from_states)
+    manager = model._default_manager
+    moved: dict[str, list[Any]] = {}
+    for start in range(0, len(ids), LOCK_CHUNK):
+        rows = (
+            manager.select_for_update()
+            .filter(pk__in=ids[start : start + LOCK_CHUNK], state__in=states)
+            .order_by("pk")
+            .values_list("pk", "state")
+        )
+        for state, done in apply_transition_by_state(
+            model, rows, target, source=source, reason=reason, updates=updates
+        ).items():
+            moved.setdefault(state, []).extend(done)
+    return moved

@@ -1,7 +1,7 @@
 """Serializers of the pilot protocol's job endpoints (docs/pilot-api.md): start and report.
 
-Input serializers validate the shape; ``jobs.services`` checks the rest (the same checks for
-the REST report, the bulk events endpoint and the bus).
+Input serializers validate the shape; ``jobs.start`` / ``jobs.reports`` check the rest (the
+same checks for the REST report, the bulk events endpoint and the bus).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Serializers of the jobs API: jobs to read, and the body and answer of an action on a set of
-jobs (input serializers validate; a job changes only through ``jobs.services``)."""
+jobs (input serializers validate; a job changes only through ``jobs.control``)."""
 
 from __future__ import annotations
 

@@ -30,16 +30,9 @@ from jobs.api.serializers import (
     JobSerializer,
     id_list,
 )
+from jobs.control import job_cancel, job_hold, job_release, jobs_cancel, jobs_hold, jobs_release
 from jobs.models import Job, JobState
 from jobs.selectors import jobs_visible_to
-from jobs.services import (
-    job_cancel,
-    job_hold,
-    job_release,
-    jobs_cancel,
-    jobs_hold,
-    jobs_release,
-)
 from wms import db
 from wms.api import (
     CursorPagination,

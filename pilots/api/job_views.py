@@ -15,7 +15,7 @@ from jobs.api.pilot_serializers import (
     JobReportSerializer,
     JobStartSerializer,
 )
-from jobs.services import job_report
+from jobs.reports import job_report
 from pilots.api.pilot_views import (
     IDEMPOTENCY_KEY,
     TAGS,

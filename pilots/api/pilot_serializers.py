@@ -1,6 +1,6 @@
 """Serializers of the pilot protocol's pilot endpoints (docs/pilot-api.md): registration,
 heartbeat, terminate and bulk events. Input serializers validate; the views hand
-``validated_data`` to ``pilots.services`` / ``jobs.services``.
+``validated_data`` to ``pilots.services`` / ``jobs.reports``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from jobs.services import job_events_apply
+from jobs.reports import job_events_apply
 from pilots.api.pilot_serializers import (
     PilotEventsReplySerializer,
     PilotEventsSerializer,

@@ -1,5 +1,5 @@
 """Serializers of the tasks API: read shapes and validated input. They never write; the views
-hand ``validated_data`` to ``tasks.services``.
+hand ``validated_data`` to the services (``tasks.create``, ``tasks.inputs``).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from tasks.create import UPDATABLE_FIELDS
 from tasks.models import Task, TaskInput, TaskTransition
 from tasks.selectors import task_job_counts
-from tasks.services import UPDATABLE_FIELDS
 from wms.api import StrictFieldsMixin
 
 

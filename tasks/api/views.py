@@ -5,8 +5,9 @@ Another user's task answers **404** ``not_found``, exactly as a task that does n
 API never tells whether someone else's task id exists. (The jobs and files APIs follow the
 same rule through the task they belong to.)
 
-Views are thin: they validate input with a serializer, call one service of ``tasks.services``
-with the validated data, and render the result with ``tasks.selectors``' job counts.
+Views are thin: they validate input with a serializer, call one service (``tasks.create``,
+``tasks.inputs``, ``tasks.lifecycle``) with the validated data, and render the result with
+``tasks.selectors``' job counts.
 """
 
 from __future__ import annotations
@@ -31,17 +32,11 @@ from tasks.api.serializers import (
     TaskSerializer,
     TaskUpdateSerializer,
 )
+from tasks.create import task_create, task_update
+from tasks.inputs import task_add_inputs
+from tasks.lifecycle import task_cancel, task_pause, task_resume, task_retry_failed
 from tasks.models import Task
 from tasks.selectors import tasks_job_counts, tasks_visible_to
-from tasks.services import (
-    task_add_inputs,
-    task_cancel,
-    task_create,
-    task_pause,
-    task_resume,
-    task_retry_failed,
-    task_update,
-)
 from wms.api import (
     PageNumberPagination,
     StableOrderingFilter,

@@ -105,7 +105,7 @@ def run_jobs_like_a_pilot(run: demo.DemoRun, tmp_path, *, fail: Collection[int] 
         assert histo.map_main(job.args.split(), env) == 0
         path = out / "hist.json"
         spec = {
-            "name": f"{job.uuid}/hist.json",  # as jobs.services names a finished output
+            "name": f"{job.uuid}/hist.json",  # as jobs.outputs names a finished output
             "size": path.stat().st_size,
             "check_sum": checksums.file_checksum(path),
             "url": path.as_uri(),

@@ -22,9 +22,8 @@ from files.dsm import get_dsm
 from files.models import DatasetEntry, File, FileType
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
 from pilots.models import CommandKind, Pilot, PilotCommand, PilotState
-from tasks import services as task_services
+from tasks.create import task_create
 from tasks.models import Task, TaskState, TaskTransition
-from tasks.services import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory, api_token
 
@@ -209,11 +208,8 @@ def test_cancelling_a_task_kills_its_processes_and_frees_the_pilot(make_stack, t
     pilot.refresh_from_db()
     assert pilot.state in (PilotState.IDLE, PilotState.BUSY)
 
-    # the output dataset is closed once the task-closing service exists (issue 5, item 3)
-    if hasattr(task_services, "task_finalize"):
-        wait_until(
-            lambda: _output_closed(task), timeout=30, what="the output dataset closed", out=out
-        )
+    # the output dataset is closed by the finalizer
+    wait_until(lambda: _output_closed(task), timeout=30, what="the output dataset closed", out=out)
 
     # --- a second cancel is a no-op ----------------------------------------------------------
     counts = (
@@ -231,17 +227,12 @@ def test_cancelling_a_task_kills_its_processes_and_frees_the_pilot(make_stack, t
     )
 
     # --- cancelling a finished task is a 409 -------------------------------------------------
-    if hasattr(task_services, "task_finalize"):
-        wait_until(
-            lambda: Task.objects.filter(pk=after.pk, state=TaskState.FINISHED).exists(),
-            timeout=30,
-            what="the next task to finish",
-            out=out,
-        )
-    else:  # no task closing yet: the test closes it as the closing rule would
-        task_services.task_transition(
-            task_id=after.pk, target=TaskState.FINISHED, source="test", reason="all jobs finished"
-        )
+    wait_until(
+        lambda: Task.objects.filter(pk=after.pk, state=TaskState.FINISHED).exists(),
+        timeout=30,
+        what="the next task to finish",
+        out=out,
+    )
     resp = api.post(f"{stack.server_url}/api/v1/tasks/{after.pk}/cancel/", json={}, timeout=30)
     assert resp.status_code == 409, resp.text
     body = resp.json()

@@ -19,8 +19,8 @@ from files.dsm import get_dsm
 from files.models import Dataset, DatasetState, File, FileType
 from jobs.models import Job, JobState
 from payloads import histo
+from tasks.create import task_create
 from tasks.models import Task, TaskState
-from tasks.services import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory
 from wms.choices import Mode

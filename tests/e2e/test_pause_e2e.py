@@ -12,8 +12,8 @@ import pytest
 from django.utils import timezone
 
 from jobs.models import Job, JobAttempt, JobState
+from tasks.lifecycle import task_pause, task_resume
 from tasks.models import Task, TaskState
-from tasks.services import task_pause, task_resume
 from tests.e2e.conftest import wait_until
 from tests.e2e.test_pilots_e2e import _all_final, _dataset, _task
 from tests.factories import UserFactory

@@ -21,7 +21,7 @@ from files.dsm import get_dsm
 from files.models import DatasetEntry, File, FileType
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.models import PilotState
-from tasks.services import task_create
+from tasks.create import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory
 from wms import checksums

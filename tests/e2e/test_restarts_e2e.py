@@ -31,8 +31,8 @@ from django.conf import settings
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.models import CommandKind, PilotCommand
 from pilots.services import pilot_register
+from tasks.create import task_create
 from tasks.models import Task, TaskState
-from tasks.services import task_create
 from tests.e2e.conftest import _broker_url, _db_url, wait_until
 from tests.e2e.test_pilots_e2e import _dataset, _task
 from tests.factories import (

@@ -24,8 +24,8 @@ from files.dsm import get_dsm
 from files.models import Dataset, DatasetEntry, DatasetState, File, FileType
 from jobs.models import FINAL_JOB_STATES, Job, JobState
 from payloads import histo
+from tasks.create import task_create
 from tasks.models import Task, TaskInput, TaskState
-from tasks.services import task_create
 from tests.e2e.conftest import wait_until
 from tests.factories import UserFactory
 

@@ -222,7 +222,8 @@ def test_closing_a_closed_dataset_again_changes_nothing(admin_client_logged):
 def test_close_action_refuses_the_output_of_a_task_that_may_still_run(admin_client_logged, user):
     """The output of an active task stays open (its jobs still write there): a message, no
     close. Once the task ended, an operator may close it by hand."""
-    from tasks.services import task_cancel, task_create
+    from tasks.create import task_create
+    from tasks.lifecycle import task_cancel
 
     task = task_create(owner=user, executable="x", data_in_uid=DatasetFactory().uid, name="t")
     output = Dataset.objects.get(uid=task.data_out_uid)

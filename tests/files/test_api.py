@@ -542,7 +542,7 @@ def test_an_output_dataset_is_written_by_the_wms_only(user, admin_user):
     """Not by its task's owner, nor staff, nor the change permission; the WMS's own DSM client
     (what the pilots' reports and the finalizer use) still writes and closes it."""
     from files.dsm import get_dsm
-    from tasks.services import task_create
+    from tasks.create import task_create
 
     task = task_create(
         owner=user, executable="wms-payload-map", data_in_uid=DatasetFactory(owner=user).uid

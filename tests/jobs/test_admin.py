@@ -6,7 +6,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from files.models import FileType
-from jobs import services
+from jobs.control import job_cancel, job_transition
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
 from tests.factories import (
     DatasetFactory,
@@ -36,7 +36,7 @@ def running_job():
     """A job walked to running through the service, with its attempt on a pilot."""
     job = JobFactory()
     for state in (JobState.QUEUED, JobState.RUNNING):
-        services.job_transition(job_id=job.pk, target=state, source="executor")
+        job_transition(job_id=job.pk, target=state, source="executor")
     JobAttemptFactory(job=job)
     job.refresh_from_db()
     return job
@@ -182,7 +182,7 @@ def test_cancel_of_a_finished_job_shows_an_error_and_changes_nothing(admin_clien
 
 def test_cancel_of_a_cancelled_job_is_a_no_op(admin_client_logged):
     job = JobFactory(state=JobState.QUEUED)
-    services.job_cancel(job_id=job.pk, source="api")
+    job_cancel(job_id=job.pk, source="api")
 
     response = run_action(admin_client_logged, "cancel_jobs", [job])
 

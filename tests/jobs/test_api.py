@@ -4,8 +4,8 @@ transitions, the cancel action, and a list free of N+1 queries."""
 import pytest
 from rest_framework.test import APIClient
 
+from jobs.control import job_transition
 from jobs.models import AttemptState, Job, JobState, JobTransition
-from jobs.services import job_transition
 from tests.factories import JobAttemptFactory, JobFactory, PilotFactory, TaskFactory
 from wms.choices import TransitionSource
 

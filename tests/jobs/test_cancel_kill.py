@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.control import job_cancel, jobs_cancel
 from jobs.models import AttemptState, JobAttempt, JobState
-from jobs.services import job_cancel, jobs_cancel
 from pilots.models import CommandKind, PilotCommand
-from tasks.services import task_cancel
+from tasks.lifecycle import task_cancel
 from tests.factories import JobAttemptFactory, JobFactory, PilotFactory
 
 pytestmark = pytest.mark.django_db

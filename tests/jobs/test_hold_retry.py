@@ -8,11 +8,12 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from files.models import Dataset, DatasetState
+from jobs.control import job_hold, job_release, jobs_hold, jobs_release
 from jobs.executor import dispatch
 from jobs.models import FINAL_JOB_STATES, Job, JobAttempt, JobState
-from jobs.services import job_hold, job_release, jobs_hold, jobs_release
+from tasks.finalizer import task_finalize
+from tasks.lifecycle import task_retry_failed
 from tasks.models import TaskState
-from tasks.services import task_finalize, task_retry_failed
 from tests.factories import JobAttemptFactory, JobFactory, TaskFactory
 from tests.tasks.test_finalize import _task
 from wms.exceptions import InvalidTransition

@@ -12,8 +12,8 @@ from jobs.executor import dispatch
 from jobs.models import Job, JobAttempt, JobState, JobTransition
 from pilots.models import Pilot, PilotState
 from pilots.protocol import pilot_job_start
+from tasks.lifecycle import task_pause, task_resume
 from tasks.models import Task, TaskState
-from tasks.services import task_pause, task_resume
 from tests.factories import JobFactory, TaskFactory
 from tests.wms.test_idempotency import start_url
 from wms.exceptions import TaskPaused

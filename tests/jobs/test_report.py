@@ -1,5 +1,5 @@
 """``POST /jobs/{uuid}/report/`` and ``POST /pilots/{id}/events/``: pilots' status events, one
-write path (``jobs.services.job_events_apply``) for both and for the bus."""
+write path (``jobs.reports.job_events_apply``) for both and for the bus."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from django.test.utils import CaptureQueriesContext
 
 from files.dsm import get_dsm, iter_files
 from files.models import Dataset, File, FileStatus, FileType
+from jobs.control import job_cancel
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
-from jobs.services import job_cancel, job_events_apply
+from jobs.reports import job_events_apply
 from pilots.models import PilotCommand
 from pilots.reaper import pilots_reap_lost
 from tests.factories import JobFactory

@@ -12,8 +12,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from files.models import File, FileType
+from jobs.control import job_cancel
 from jobs.models import AttemptState, Job, JobAttempt, JobState
-from jobs.services import job_cancel
 from tests.jobs.pilot_reports import consume_now, output, publish, signed, snapshot, started
 from wms.contract import StatusEvent
 

@@ -1,4 +1,4 @@
-"""jobs.services on the real database: moving and cancelling jobs (building them:
+"""jobs.control on the real database: moving and cancelling jobs (building them:
 test_build.py)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from django.utils import timezone
 
+from jobs.control import job_cancel, job_transition, jobs_cancel
 from jobs.models import AttemptState, JobState, JobTransition
-from jobs.services import job_cancel, job_transition, jobs_cancel
 from tests.factories import JobAttemptFactory, JobFactory, TaskFactory
 from wms.exceptions import InvalidTransition, NotFound
 

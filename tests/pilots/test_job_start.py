@@ -8,8 +8,8 @@ import pytest
 from django.db import connection
 from rest_framework.test import APIClient
 
+from jobs.control import job_cancel
 from jobs.models import AttemptState, Job, JobAttempt, JobState
-from jobs.services import job_cancel
 from pilots.models import Pilot, PilotState
 from pilots.protocol import pilot_job_start
 from pilots.services import pilot_register

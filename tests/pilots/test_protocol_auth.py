@@ -9,8 +9,8 @@ import pytest
 from django.contrib.auth.models import Permission
 from rest_framework.test import APIClient
 
+from jobs.control import attempts_interrupt
 from jobs.models import Job, JobState
-from jobs.services import attempts_interrupt
 from pilots.auth import pilot_bus_key, pilot_by_token_hash
 from pilots.models import Pilot, PilotState
 from pilots.services import hash_token, pilot_revoke_token

@@ -15,9 +15,9 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from files.models import File, FileType
+from jobs.control import job_cancel, job_hold
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from jobs.reclaim import RECLAIM_REASON
-from jobs.services import job_cancel, job_hold
 from pilots.models import CommandKind, Pilot, PilotCommand, PilotState
 from pilots.reaper import pilots_reap_lost
 from pilots.services import pilot_heartbeat

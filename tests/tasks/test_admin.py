@@ -11,7 +11,8 @@ from django.urls import reverse
 
 from files.models import Dataset
 from jobs.models import Job, JobState, JobTransition
-from tasks import services
+from tasks import admin as tasks_admin
+from tasks.lifecycle import task_pause, task_transition
 from tasks.models import Task, TaskInput, TaskState, TaskTransition
 from tests.factories import DatasetFactory, JobFactory, TaskFactory, UserFactory
 from wms.exceptions import Conflict
@@ -39,7 +40,7 @@ def run_action(client, action, objs):
 def move(task, *states):
     """Walk a task through states with the service (test setup, source "system")."""
     for state in states:
-        services.task_transition(task_id=task.pk, target=state, source="system")
+        task_transition(task_id=task.pk, target=state, source="system")
     task.refresh_from_db()
     return task
 
@@ -136,7 +137,7 @@ def test_changelist_counts_jobs_with_one_query_whatever_the_page_size(admin_clie
 
 def test_change_page_shows_transitions_and_job_counts(admin_client_logged):
     task = task_with_jobs(finished=2, queued=1)
-    services.task_pause(task_id=task.pk, source="api", reason="pause for the test")
+    task_pause(task_id=task.pk, source="api", reason="pause for the test")
 
     response = admin_client_logged.get(change_url(task))
 
@@ -441,7 +442,7 @@ def test_a_domain_error_while_saving_is_a_message_not_a_500(admin_client_logged,
     def refuse(**kwargs):
         raise Conflict("The input dataset was deleted meanwhile.")
 
-    monkeypatch.setattr(services, "task_create", refuse)
+    monkeypatch.setattr(tasks_admin, "task_create", refuse)
     dataset = DatasetFactory()
     response = admin_client_logged.post(
         ADD,

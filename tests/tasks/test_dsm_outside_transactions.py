@@ -18,14 +18,10 @@ from django.db import DatabaseError, connection
 
 from files.dsm.http import HTTPDSMClient
 from jobs.models import Job, JobState
+from tasks.create import output_dataset_uid, task_create
+from tasks.inputs import task_add_inputs
+from tasks.lifecycle import task_retry_failed, task_transition
 from tasks.models import Task, TaskInput, TaskState
-from tasks.services import (
-    output_dataset_uid,
-    task_add_inputs,
-    task_create,
-    task_retry_failed,
-    task_transition,
-)
 from tests.factories import JobFactory, UserFactory
 from tests.files.fake_dsm import FakeDSM
 

@@ -1,4 +1,4 @@
-"""The end of a task (docs/lifecycle.md): tasks.services.task_finalize and its beat."""
+"""The end of a task (docs/lifecycle.md): tasks.finalizer.task_finalize and its beat."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from files.models import Dataset, DatasetState, FileStatus, FileType
 from files.services import dataset_add_files, dataset_close, dataset_register
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from pilots.models import PilotState
+from tasks.create import task_create
+from tasks.finalizer import task_finalize, tasks_finalize_all
+from tasks.lifecycle import task_cancel
 from tasks.models import Task, TaskState
-from tasks.services import task_cancel, task_create, task_finalize, tasks_finalize_all
 from tasks.splitter import task_split
 from tasks.tasks import finalize_tasks
 from tests.factories import FileFactory

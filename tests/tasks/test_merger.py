@@ -11,9 +11,11 @@ from files.dsm import get_dsm
 from files.models import Dataset, File, FileStatus, FileType
 from files.services import dataset_add_files, dataset_close, dataset_register
 from jobs.models import Job, JobState
+from tasks.create import task_create, task_update
+from tasks.finalizer import task_finalize, tasks_finalize_all
+from tasks.lifecycle import task_cancel
 from tasks.merger import task_merge_locked
 from tasks.models import Task, TaskState
-from tasks.services import task_cancel, task_create, task_finalize, task_update, tasks_finalize_all
 from tasks.splitter import task_split
 from wms.choices import Mode
 from wms.exceptions import ValidationFailed

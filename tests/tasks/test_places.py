@@ -7,8 +7,8 @@ import pytest
 
 from files.models import Dataset, DatasetRole
 from files.services import dataset_register
+from tasks.create import task_create
 from tasks.models import Task, TaskInput
-from tasks.services import task_create
 from tests.factories import DatasetFactory, UserFactory
 from wms.exceptions import ValidationFailed
 

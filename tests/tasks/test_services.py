@@ -1,4 +1,5 @@
-"""tasks.services and tasks.selectors on the real database: every write and read."""
+"""The writes of tasks (tasks.create, tasks.inputs, tasks.lifecycle) and tasks.selectors on
+the real database: every write and read."""
 
 from __future__ import annotations
 
@@ -8,16 +9,10 @@ import pytest
 from django.utils import timezone
 
 from jobs.models import AttemptState, Job, JobState, JobTransition
+from tasks.create import task_create, task_update
+from tasks.lifecycle import task_cancel, task_pause, task_resume, task_transition
 from tasks.models import Task, TaskState, TaskTransition
 from tasks.selectors import task_job_counts, tasks_job_counts
-from tasks.services import (
-    task_cancel,
-    task_create,
-    task_pause,
-    task_resume,
-    task_transition,
-    task_update,
-)
 from tests.factories import DatasetFactory, JobAttemptFactory, JobFactory, TaskFactory
 from wms.exceptions import InvalidTransition, NotFound, ValidationFailed
 

@@ -162,7 +162,7 @@ def test_portable_bulk_create_path_gives_the_same_jobs(db, settings):
 
 
 def test_resume_applies_only_to_a_paused_task(db):
-    from tasks.services import task_pause, task_resume
+    from tasks.lifecycle import task_pause, task_resume
     from wms.exceptions import InvalidTransition
 
     ds = _dataset(1)
@@ -247,7 +247,7 @@ def test_the_dsm_is_read_with_no_row_of_the_task_locked(settings):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_task_cancelled_while_the_dsm_is_read_gets_no_more_jobs(settings):
-    from tasks.services import task_cancel
+    from tasks.lifecycle import task_cancel
 
     settings.WMS_SPLIT_PAGE = 10
     ds = _dataset(30, name="mc.cancelmid")

@@ -335,3 +335,18 @@ def test_each_shared_constant_is_defined_once():
         )
     ]
     assert definitions == ["wms/contract.py"]
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_longer_than_600_lines():
+    """Modules by responsibility: a long module hides mistakes (migrations, written by
+    Django, are left out)."""
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in ROOT.rglob("*.py")
+        if not {".venv", "migrations", "node_modules"} & set(path.parts)
+        and (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, long

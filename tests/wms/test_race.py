@@ -18,8 +18,8 @@ from django.db import connection, transaction
 from files.models import DatasetEntry, DatasetState
 from files.services import dataset_add_files, dataset_close
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
+from tasks.lifecycle import task_cancel
 from tasks.models import Task, TaskState, TaskTransition
-from tasks.services import task_cancel
 from tests.factories import DatasetFactory, JobAttemptFactory, JobFactory, TaskFactory
 from wms.exceptions import DatasetClosed, InvalidTransition
 from wms.statemachine import apply_transition, apply_transition_bulk

@@ -18,8 +18,15 @@ from jobs.models import JOB_MACHINE, Job, JobState, JobTransition
 from pilots.models import PILOT_MACHINE, Pilot
 from tasks.models import TASK_MACHINE, Task
 from tests.factories import DatasetFactory, JobFactory, PilotFactory, TaskFactory
+from wms import statemachine
 from wms.exceptions import InvalidTransition, NotFound
-from wms.statemachine import StateMachine, apply_transition, apply_transition_bulk
+from wms.statemachine import (
+    StateMachine,
+    apply_transition,
+    apply_transition_bulk,
+    apply_transition_by_state,
+    apply_transition_chunked,
+)
 
 MACHINES = {
     "task": (Task, TASK_MACHINE, TaskFactory),
@@ -444,3 +451,87 @@ def test_bulk_applies_every_allowed_pair(name, src, dst):
         obj.refresh_from_db()
         assert obj.state == dst
         assert obj.transitions.get().to_state == dst
+
+
+# --- apply_transition_by_state / apply_transition_chunked ---------------------------------------
+
+
+@pytest.mark.django_db
+def test_by_state_moves_each_row_from_its_own_state():
+    task = TaskFactory()
+    defined = JobFactory(task=task, state=JobState.DEFINED)
+    queued = [JobFactory(task=task, state=JobState.QUEUED) for _ in range(2)]
+    rows = [(queued[0].pk, JobState.QUEUED), (defined.pk, JobState.DEFINED)]
+    rows.append((queued[1].pk, JobState.QUEUED))
+    with transaction.atomic():
+        locked = list(Job.objects.select_for_update().filter(pk__in=[pk for pk, _ in rows]))
+        assert len(locked) == 3
+        moved = apply_transition_by_state(Job, rows, JobState.HELD, source="api", reason="hold")
+
+    assert moved == {
+        JobState.QUEUED: [queued[0].pk, queued[1].pk],
+        JobState.DEFINED: [defined.pk],
+    }
+    for job, was in ((defined, "defined"), (queued[0], "queued"), (queued[1], "queued")):
+        job.refresh_from_db()
+        assert job.state == JobState.HELD
+        assert list(job.transitions.values_list("from_state", "to_state", "reason")) == [
+            (was, "held", "hold")
+        ]
+
+
+@pytest.mark.django_db
+def test_chunked_moves_the_rows_in_the_given_states_chunk_by_chunk(monkeypatch):
+    monkeypatch.setattr(statemachine, "LOCK_CHUNK", 2)  # five rows: three chunks
+    task = TaskFactory()
+    states = [JobState.DEFINED, JobState.RUNNING, JobState.FINISHED, JobState.QUEUED]
+    jobs = [JobFactory(task=task, state=s) for s in [*states, JobState.DEFINED]]
+    now = timezone.now()
+
+    with transaction.atomic():
+        moved = apply_transition_chunked(
+            Job,
+            [j.pk for j in jobs],
+            JobState.CANCELLED,
+            from_states=(JobState.DEFINED, JobState.QUEUED, JobState.RUNNING),
+            source="api",
+            reason="stop",
+            updates={"time_end": now},
+        )
+
+    assert moved == {
+        JobState.DEFINED: [jobs[0].pk, jobs[4].pk],
+        JobState.RUNNING: [jobs[1].pk],
+        JobState.QUEUED: [jobs[3].pk],
+    }
+    for job in jobs:
+        job.refresh_from_db()
+    assert [j.state for j in jobs] == [
+        JobState.CANCELLED,
+        JobState.CANCELLED,
+        JobState.FINISHED,
+        JobState.CANCELLED,
+        JobState.CANCELLED,
+    ]
+    assert jobs[2].time_end is None and not jobs[2].transitions.exists()
+    assert all(j.time_end == now for j in jobs if j.state == JobState.CANCELLED)
+    logged = JobTransition.objects.filter(to_state="cancelled")
+    assert sorted(logged.values_list("subject_id", "from_state")) == sorted(
+        [
+            (jobs[0].pk, "defined"),
+            (jobs[1].pk, "running"),
+            (jobs[3].pk, "queued"),
+            (jobs[4].pk, "defined"),
+        ]
+    )
+
+
+@pytest.mark.django_db
+def test_chunked_with_nothing_in_the_states_moves_nothing():
+    job = JobFactory(state=JobState.FINISHED)
+    with transaction.atomic():
+        moved = apply_transition_chunked(
+            Job, [job.pk], JobState.HELD, from_states=(JobState.DEFINED,), source="api"
+        )
+    assert moved == {}
+    assert not JobTransition.objects.filter(subject_id=job.pk).exists()

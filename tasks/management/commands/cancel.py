@@ -12,9 +12,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from jobs.control import job_cancel
 from jobs.models import OPEN_JOB_STATES, Job
-from jobs.services import job_cancel
-from tasks.services import task_cancel
+from tasks.lifecycle import task_cancel
 from wms.choices import TransitionSource
 from wms.exceptions import WMSError
 
