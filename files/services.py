@@ -352,6 +352,14 @@ def files_mark_intermediate(*, job_ids: Sequence[int]) -> int:
     )
 
 
+def files_mark_partial(*, task_id: int) -> int:
+    """A cancelled task's outputs and logs registered before its cancel stay in its dataset,
+    marked ``partial`` (docs/lifecycle.md, "Cancelled tasks"). One UPDATE."""
+    return File.objects.filter(
+        task_id=task_id, type__in=(FileType.OUTPUT, FileType.LOG), status=FileStatus.READY
+    ).update(status=FileStatus.PARTIAL, updated_at=timezone.now())
+
+
 @transaction.atomic
 def catalogue_mirror(*, info: Any, files: list[Any]) -> tuple[Dataset, dict[int, int]]:
     """Mirror an external DSM's dataset and files into the local catalogue tables.

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from django.db import transaction
 from django.db.models import F
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from jobs.models import OPEN_JOB_STATES, AttemptState, Job, JobAttempt, JobState
@@ -331,3 +332,41 @@ def attempts_interrupt(
             Job.objects.filter(pk__in=fail).order_by().values_list("task_id", flat=True).distinct()
         )
     return InterruptResult(attempts=n, retried=len(retry), failed=len(fail))
+
+
+def jobs_set_rank(*, task_id: int, rank: int) -> int:
+    """A task's new rank reaches its jobs not dispatched yet (``defined``, ``held``), so the
+    change takes effect at their next dispatch. One UPDATE; returns the jobs changed."""
+    return Job.objects.filter(task_id=task_id, state__in=(JobState.DEFINED, JobState.HELD)).update(
+        rank=rank, updated_at=timezone.now()
+    )
+
+
+def jobs_retry_failed(*, task_id: int, source: str, reason: str) -> list[int]:
+    """A task's failed jobs go back to ``defined`` for one more attempt each (``cur_retry``
+    + 1, and ``retries`` raised to allow it), in the caller's transaction; their rows are
+    locked. Returns their ids (the executor is kicked after commit when there are any)."""
+    ids = list(
+        Job.objects.select_for_update()
+        .filter(task_id=task_id, state=JobState.FAILED)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    if not ids:
+        return []
+    apply_transition_bulk(
+        Job,
+        ids,
+        JobState.DEFINED,
+        from_state=JobState.FAILED,
+        source=source,
+        reason=reason,
+        updates={
+            "cur_retry": F("cur_retry") + 1,
+            "retries": Greatest(F("retries"), F("cur_retry") + 1),
+            "time_end": None,
+        },
+        locked=True,
+    )
+    kick_dispatch()
+    return ids

@@ -16,11 +16,11 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.db.models import Q
-from django.utils import timezone
 
 from files.dsm import get_dsm
 from files.storage import check_output_place, owner_place
-from jobs.models import Job, JobState
+from jobs.control import jobs_set_rank
+from jobs.models import Job
 from tasks.inputs import resolve_inputs, task_follow_selection
 from tasks.models import ENDED_TASK_STATES, Task, TaskInput
 from wms import db
@@ -283,7 +283,6 @@ _UPDATABLE = frozenset(UPDATABLE_FIELDS)
 _MERGE_SHAPE = {"merge_group_size", "merge_max_level"}
 
 
-@transaction.atomic
 def task_update(*, task_id: int, **changes: Any) -> Task:
     """Change a task's rank, name, retries, failure threshold, enable flags or merge settings
     at run time. ``merge_group_size`` and ``merge_max_level`` (the tree's shape) are fixed once
@@ -295,6 +294,18 @@ def task_update(*, task_id: int, **changes: Any) -> Task:
     unknown = set(changes) - _UPDATABLE
     if unknown:
         raise ValidationFailed({k: ["This field cannot be changed."] for k in sorted(unknown)})
+    if changes.get("data_in_follow") is False:
+        # The last look, before the row says "no more" (and outside the transaction: the DSM
+        # is never called inside one): datasets that matched before the user said so join.
+        current = Task.objects.filter(pk=task_id).values_list("state", "data_in_follow").first()
+        if current is not None and current[0] not in ENDED_TASK_STATES and current[1]:
+            with get_dsm() as dsm:
+                task_follow_selection(task_id=task_id, dsm=dsm)
+    return _task_update_locked(task_id, changes)
+
+
+@transaction.atomic
+def _task_update_locked(task_id: int, changes: dict[str, Any]) -> Task:
     task = Task.objects.select_for_update().filter(pk=task_id).first()
     if task is None:
         raise NotFound(f"Task {task_id} does not exist.")
@@ -309,15 +320,8 @@ def task_update(*, task_id: int, **changes: Any) -> Task:
         task.full_clean(exclude=["owner"])
     except DjangoValidationError as exc:
         raise ValidationFailed(exc.message_dict) from exc
-    stop_following = changes.get("data_in_follow") is False and task.state not in ENDED_TASK_STATES
-    if stop_following:
-        # The last look: datasets that matched before the user said "no more" still join.
-        with get_dsm() as dsm:  # the row still says "following" until the save below
-            task_follow_selection(task_id=task_id, dsm=dsm)
     task.save(update_fields=[*changes, "updated_at"])
     if "rank" in changes:
-        Job.objects.filter(task_id=task_id, state__in=(JobState.DEFINED, JobState.HELD)).update(
-            rank=task.rank, updated_at=timezone.now()
-        )
+        jobs_set_rank(task_id=task_id, rank=task.rank)
     log.info("task_updated", task_id=task_id, **{k: changes[k] for k in sorted(changes)})
     return task

@@ -14,7 +14,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from files.dsm import get_dsm
-from files.models import File, FileStatus, FileType
+from files.services import files_mark_partial
 from jobs.models import OPEN_JOB_STATES, Job, JobState
 from jobs.selectors import task_kills_pending
 from tasks.merger import task_merge_locked
@@ -168,9 +168,7 @@ def _finalize_locked(task_id: int, dsm: Any) -> FinalizeResult:
     updates: dict[str, Any] = {"output_closed_at": now}
     if task.state == TaskState.CANCELLED:
         # What the task produced before its cancel is kept in the dataset, marked partial.
-        File.objects.filter(
-            task_id=task_id, type__in=(FileType.OUTPUT, FileType.LOG), status=FileStatus.READY
-        ).update(status=FileStatus.PARTIAL, updated_at=now)
+        files_mark_partial(task_id=task_id)
         total, counts = _end_counts(task_id)
         updates.update(
             jobs_finished=counts[JobState.FINISHED],

@@ -7,11 +7,9 @@ from typing import Any
 
 import structlog
 from django.db import transaction
-from django.db.models import F
-from django.db.models.functions import Greatest
 
 from files.dsm import get_dsm
-from jobs.control import jobs_cancel
+from jobs.control import jobs_cancel, jobs_retry_failed
 from jobs.executor import unqueue_task
 from jobs.models import OPEN_JOB_STATES, Job, JobState
 from tasks.create import output_dataset_uid, register_output_dataset
@@ -19,7 +17,7 @@ from tasks.models import Task, TaskState, TaskTransition
 from tasks.selectors import task_get
 from wms.exceptions import Conflict, InvalidTransition, NotFound
 from wms.kicks import kick_dispatch, kick_finalize, kick_split
-from wms.statemachine import TransitionResult, apply_transition, apply_transition_bulk
+from wms.statemachine import TransitionResult, apply_transition
 
 log = structlog.get_logger(__name__)
 
@@ -176,29 +174,10 @@ def _retry_failed_locked(
     ended = task.state in (TaskState.FINISHED, TaskState.FAILED)
     if (ended, task.data_out_uid, task.output_closed_at) != seen_output:
         return None  # another retry or the finalizer got there first: look again
-    ids = list(
-        Job.objects.select_for_update()
-        .filter(task_id=task_id, state=JobState.FAILED)
-        .order_by("pk")
-        .values_list("pk", flat=True)
-    )
+    why = reason or f"retry of the failed jobs of task {task_id} ({source})"
+    ids = jobs_retry_failed(task_id=task_id, source=source, reason=why)
     if not ids:
         return 0
-    why = reason or f"retry of the failed jobs of task {task_id} ({source})"
-    apply_transition_bulk(
-        Job,
-        ids,
-        JobState.DEFINED,
-        from_state=JobState.FAILED,
-        source=source,
-        reason=why,
-        updates={
-            "cur_retry": F("cur_retry") + 1,
-            "retries": Greatest(F("retries"), F("cur_retry") + 1),
-            "time_end": None,
-        },
-        locked=True,
-    )
     if ended:
         task_transition(task_id=task_id, target=TaskState.RUNNING, source=source, reason=why)
         if task.data_out_uid is not None:
@@ -207,6 +186,4 @@ def _retry_failed_locked(
                 changes["data_out_uid"] = new_output.uid
             Task.objects.filter(pk=task_id).update(**changes)
     log.info("task_failed_jobs_retried", task_id=task_id, jobs=len(ids), source=source)
-
-    kick_dispatch()
     return len(ids)

@@ -62,7 +62,6 @@ class PilotConfig:
     slots: int = 1
     idle_timeout: float = 0.0
     heartbeat_interval: float = 30.0
-    report_interval: float = 300.0
     grace_period: float = 30.0
     bus_prefix: str = "wms"
     queue_type: str = "classic"
@@ -256,7 +255,6 @@ OPTIONS: tuple[Option, ...] = (
         "idle_timeout", _number(float, minimum=0), "exit after so long without a job (0: never)"
     ),
     Option("heartbeat_interval", _number(float, positive=True), "seconds between heartbeats"),
-    Option("report_interval", _number(float, positive=True), "seconds between running reports"),
     Option("grace_period", _number(float, minimum=0), "seconds from SIGTERM to SIGKILL on a kill"),
     Option("bus_prefix", _text, "prefix of the exchange and queue names (the server's wins)"),
     Option(

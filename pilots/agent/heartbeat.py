@@ -11,13 +11,12 @@ pilots do not all come back in step), at most twice the interval.
 from __future__ import annotations
 
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pilots.agent import host
 from pilots.agent.client import RETRY, Backoff
 from pilots.agent.logs import kv, log
-from wms.contract import HeartbeatBody, HeartbeatJob, HeartbeatReply, ReportBody
+from wms.contract import HeartbeatBody, HeartbeatJob, HeartbeatReply
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -119,28 +118,6 @@ class Heartbeat:
         log.warning(kv("heartbeat_failed", answer=result.describe()))
         return result.outcome != RETRY
 
-    def running_reports(self) -> None:
-        """A ``running`` report for each job due for one (every ``report_interval``)."""
-        agent = self.agent
-        now = time.monotonic()
-        due = [r for r in agent.slots.running() if now >= r.next_report]
-        for running in due:
-            running.next_report = now + agent.cfg.report_interval
-            if running.runner.pid is None or running.runner.ended:
-                continue  # not started yet, or its final report is coming: no late "running"
-            report = ReportBody(
-                attempt=running.job.attempt, state="running", metrics=running.runner.metrics()
-            )
-            result = agent.session.report(running.job.job_uuid, report)
-            if not result.ok:
-                log.warning(
-                    kv(
-                        "running_report_failed",
-                        job_uuid=running.job.job_uuid,
-                        answer=result.describe(),
-                    )
-                )
-
     def _loop(self) -> None:
         """Every ``interval``; while the WMS does not answer, with a growing backoff
         (jittered, so pilots do not all come back in step), at most twice the interval."""
@@ -149,8 +126,6 @@ class Heartbeat:
             answered = True
             try:
                 answered = self.beat()
-                if answered:
-                    self.running_reports()
             except Exception as exc:  # the heartbeat thread must live on
                 log.exception(kv("heartbeat_loop_error", error=exc))
             if answered:

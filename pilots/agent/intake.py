@@ -77,7 +77,6 @@ class RunningJob:
     runner: JobRunner
     thread: threading.Thread | None = None
     started: float = field(default_factory=time.monotonic)
-    next_report: float = 0.0
 
 
 class Slots:
@@ -382,7 +381,7 @@ class Intake:
             sandbox=agent.sandbox,
             guard=agent.guard,
         )
-        running = RunningJob(job, runner, next_report=time.monotonic() + self.cfg.report_interval)
+        running = RunningJob(job, runner)
         pending = self.slots.add(running)
         if pending is not None and pending[0] in (None, job.attempt):
             runner.kill(pending[1] or "kill_job command")

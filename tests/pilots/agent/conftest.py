@@ -183,7 +183,6 @@ def agent_config(tmp_path: Path, fake_wms: FakeWMS) -> PilotConfig:
         work_dir=str(tmp_path / "work"),
         slots=1,
         heartbeat_interval=0.2,
-        report_interval=0.3,
         grace_period=1.0,
         poll_interval=0.1,
         http_timeout=5.0,
