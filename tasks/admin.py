@@ -388,6 +388,8 @@ class TaskAdmin(ServiceWriteAdminMixin, IdSearchMixin, admin.ModelAdmin):
 
     # --- writes: only through tasks.create -----------------------------------------------
 
+    save_in_transaction = False  # task_create / task_update call the DSM (wms.admin)
+
     def save_model(self, request, obj, form, change):
         if not change:
             selection = form.cleaned_data.get("data_in_selection") or ""

@@ -85,35 +85,88 @@ def task_finalize(*, task_id: int, dsm: Any = None) -> FinalizeResult:
     own = dsm is None
     dsm = dsm or get_dsm()
     try:
+        # The DSM is asked first, outside any transaction (docs/architecture.md, "Who writes
+        # what"): whether the inputs are closed and fully split is read without the task's
+        # lock, which is safe because it only ever turns true (a closed dataset takes no more
+        # files, a split cursor only moves on).
+        task = Task.objects.filter(pk=task_id).first()
+        if task is None:
+            return FinalizeResult(task_id=task_id, waiting="locked or gone")
+        split = (
+            _input_fully_split(task, dsm)
+            if task.state == TaskState.RUNNING
+            else (False, "not running")
+        )
         with transaction.atomic():
-            return _finalize_locked(task_id, dsm)
+            result, closing = _finalize_locked(task_id, split)
+        if closing is None:
+            return result
+        return _close_output(task_id, closing, dsm, result)
     finally:
         if own:
             dsm.close()
 
 
-def _finalize_locked(task_id: int, dsm: Any) -> FinalizeResult:
+@dataclass(frozen=True)
+class _Closing:
+    """An output dataset the locked pass claimed for closing (``output_closed_at`` set)."""
+
+    uid: Any
+    state: str
+    claimed_at: Any
+
+
+def _close_output(
+    task_id: int, closing: _Closing, dsm: Any, result: FinalizeResult
+) -> FinalizeResult:
+    """Close the claimed output dataset in the DSM, outside any transaction. The claim came
+    first, so a retry of the task's failed jobs, meanwhile, registers a new output dataset
+    instead of writing into this one. Should the DSM fail, the claim is taken back (the next
+    cycle tries again) and the error goes up."""
+    try:
+        info = dsm.get_dataset(closing.uid)
+        reason = f"task {task_id} {closing.state}: {info.file_count} files, {info.total_size} bytes"
+        if info.is_open:
+            info = dsm.close_dataset(closing.uid, source="system", reason=reason)
+    except BaseException:
+        Task.objects.filter(
+            pk=task_id, data_out_uid=closing.uid, output_closed_at=closing.claimed_at
+        ).update(output_closed_at=None)
+        raise
+    log.info(
+        "task_output_closed",
+        task_id=task_id,
+        dataset_uid=str(closing.uid),
+        files=info.file_count,
+        size=info.total_size,
+    )
+    return FinalizeResult(task_id=task_id, state=result.state, output_closed=True)
+
+
+def _finalize_locked(
+    task_id: int, split: tuple[bool, str]
+) -> tuple[FinalizeResult, _Closing | None]:
     if not switch_enabled("finalizer"):
-        return FinalizeResult(task_id=task_id, waiting="finalizer switched off")
+        return FinalizeResult(task_id=task_id, waiting="finalizer switched off"), None
     task = Task.objects.select_for_update(skip_locked=True).filter(pk=task_id).first()
     if task is None:
-        return FinalizeResult(task_id=task_id, waiting="locked or gone")
+        return FinalizeResult(task_id=task_id, waiting="locked or gone"), None
     moved = ""
     if task.state == TaskState.RUNNING and task.merge_group_size:
         # The merger first (tasks.merger): a merge it creates is an open job, so the task
         # never ends while a merge can still be created.
         def level0_complete() -> bool:
-            return _input_fully_split(task, dsm)[0]
+            return split[0]
 
         task_merge_locked(task=task, level0_complete=level0_complete)
     if task.state == TaskState.RUNNING:
         if Job.objects.filter(task_id=task_id, state__in=OPEN_JOB_STATES).exists():
-            return FinalizeResult(task_id=task_id, waiting="jobs not final")
+            return FinalizeResult(task_id=task_id, waiting="jobs not final"), None
         if _kills_pending(task_id):
-            return FinalizeResult(task_id=task_id, waiting="killed attempts not ended")
-        done, why = _input_fully_split(task, dsm)
+            return FinalizeResult(task_id=task_id, waiting="killed attempts not ended"), None
+        done, why = split
         if not done:
-            return FinalizeResult(task_id=task_id, waiting=why)
+            return FinalizeResult(task_id=task_id, waiting=why), None
         total, counts = _end_counts(task_id)
         n_fin, n_fail, n_canc = (
             counts[JobState.FINISHED],
@@ -156,14 +209,18 @@ def _finalize_locked(task_id: int, dsm: Any) -> FinalizeResult:
         )
         task.state = moved = target
     if task.state not in ENDED_TASK_STATES or task.output_closed_at is not None:
-        return FinalizeResult(task_id=task_id, state=moved, waiting="")
+        return FinalizeResult(task_id=task_id, state=moved, waiting=""), None
     if task.data_out_uid is None:
-        return FinalizeResult(task_id=task_id, state=moved, waiting="no output dataset")
+        return FinalizeResult(task_id=task_id, state=moved, waiting="no output dataset"), None
     # Never close while a job may still write into the dataset.
     if Job.objects.filter(task_id=task_id, state__in=OPEN_JOB_STATES).exists():
-        return FinalizeResult(task_id=task_id, state=moved, waiting="jobs not final")
+        return FinalizeResult(task_id=task_id, state=moved, waiting="jobs not final"), None
     if _kills_pending(task_id):
-        return FinalizeResult(task_id=task_id, state=moved, waiting="killed attempts not ended")
+        return FinalizeResult(
+            task_id=task_id, state=moved, waiting="killed attempts not ended"
+        ), None
+    # Claimed for closing (output_closed_at set) in this transaction; the DSM closes it after
+    # commit (_close_output).
     now = timezone.now()
     updates: dict[str, Any] = {"output_closed_at": now}
     if task.state == TaskState.CANCELLED:
@@ -175,19 +232,9 @@ def _finalize_locked(task_id: int, dsm: Any) -> FinalizeResult:
             jobs_failed=counts[JobState.FAILED],
             jobs_cancelled=counts[JobState.CANCELLED],
         )
-    info = dsm.get_dataset(task.data_out_uid)
-    reason = f"task {task_id} {task.state}: {info.file_count} files, {info.total_size} bytes"
-    if info.is_open:
-        info = dsm.close_dataset(task.data_out_uid, source="system", reason=reason)
     Task.objects.filter(pk=task_id).update(updated_at=now, **updates)
-    log.info(
-        "task_output_closed",
-        task_id=task_id,
-        dataset_uid=str(task.data_out_uid),
-        files=info.file_count,
-        size=info.total_size,
-    )
-    return FinalizeResult(task_id=task_id, state=moved, output_closed=True)
+    closing = _Closing(uid=task.data_out_uid, state=task.state, claimed_at=now)
+    return FinalizeResult(task_id=task_id, state=moved), closing
 
 
 def tasks_finalize_all(*, beat: bool = False) -> list[FinalizeResult]:

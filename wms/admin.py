@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import csrf_protect_m
 from django.contrib.auth import get_permission_codename
 from django.db import models
 from django.db.models import Q
@@ -164,14 +165,29 @@ class ServiceWriteAdminMixin:
         # No service deletes WMS objects: history is kept.
         return False
 
+    # False for a model whose services call the DSM (tasks): its form is saved without the
+    # transaction Django's admin puts around it, the services writing in short transactions
+    # of their own once the DSM answered (the DSM is never called inside a transaction).
+    save_in_transaction = True
+
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         try:
+            if not self.save_in_transaction:
+                return self._changeform_view_outside_transaction(
+                    request, object_id, form_url, extra_context
+                )
             return super().changeform_view(  # type: ignore[misc]
                 request, object_id, form_url, extra_context
             )
         except WMSError as exc:
             messages.error(request, f"Not saved: {exc.detail}")
             return HttpResponseRedirect(request.get_full_path())
+
+    @csrf_protect_m
+    def _changeform_view_outside_transaction(self, request, object_id, form_url, extra_context):
+        return self._changeform_view(  # type: ignore[attr-defined]
+            request, object_id, form_url, extra_context
+        )
 
 
 class ReadOnlyAdminMixin(ServiceWriteAdminMixin):

@@ -15,15 +15,18 @@ import uuid
 
 import pytest
 from django.db import DatabaseError, connection
+from django.urls import reverse
 
 from files.dsm.http import HTTPDSMClient
 from jobs.models import Job, JobState
 from tasks.create import output_dataset_uid, task_create
+from tasks.finalizer import task_finalize
 from tasks.inputs import task_add_inputs
 from tasks.lifecycle import task_retry_failed, task_transition
 from tasks.models import Task, TaskInput, TaskState
 from tests.factories import JobFactory, UserFactory
 from tests.files.fake_dsm import FakeDSM
+from wms.exceptions import DSMError
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -196,3 +199,78 @@ def test_a_create_whose_write_failed_leaves_no_task_and_no_open_output(calls, ds
     open_outputs = [d for d in outputs(server) if d.state == "open"]
     assert [uuid.UUID(d.uid) for d in open_outputs] == [task.data_out_uid]
     assert in_transaction(calls) == []
+
+
+def test_task_finalize_ends_a_task_and_closes_its_output_outside_any_transaction(calls, dsm):
+    """The finalizer reads the inputs (closed, fully split) and closes the output dataset in
+    the DSM outside its transaction: the output is claimed first, so a retry meanwhile takes
+    a new dataset."""
+    data_in = dsm.register_dataset("owners.fin.in")
+    dsm.close_dataset(data_in.uid)
+    task = task_create(owner=UserFactory(), executable="noop", data_in_uid=data_in.uid)
+    task_transition(task_id=task.pk, target=TaskState.RUNNING, source="system")
+    calls.clear()
+
+    result = task_finalize(task_id=task.pk, dsm=dsm)
+
+    assert (result.state, result.output_closed) == (TaskState.FINISHED, True)
+    assert any(m == "GET" for m, _, _ in calls)  # the input's state read
+    assert calls and in_transaction(calls) == []
+    task.refresh_from_db()
+    assert task.output_closed_at is not None
+    assert not dsm.get_dataset(task.data_out_uid).is_open
+
+
+def test_a_close_the_dsm_refused_is_taken_back_and_done_by_the_next_cycle(calls, dsm, monkeypatch):
+    data_in = dsm.register_dataset("owners.fin2.in")
+    dsm.close_dataset(data_in.uid)
+    task = task_create(owner=UserFactory(), executable="noop", data_in_uid=data_in.uid)
+    task_transition(task_id=task.pk, target=TaskState.RUNNING, source="system")
+    real_close = dsm.close_dataset
+
+    def refuse(*args, **kwargs):
+        raise DSMError("the DSM is down")
+
+    monkeypatch.setattr(dsm, "close_dataset", refuse)
+    with pytest.raises(DSMError):
+        task_finalize(task_id=task.pk, dsm=dsm)
+    task.refresh_from_db()
+    assert task.state == TaskState.FINISHED and task.output_closed_at is None  # taken back
+    assert dsm.get_dataset(task.data_out_uid).is_open
+
+    monkeypatch.setattr(dsm, "close_dataset", real_close)
+    assert task_finalize(task_id=task.pk, dsm=dsm).output_closed
+    task.refresh_from_db()
+    assert task.output_closed_at is not None and not dsm.get_dataset(task.data_out_uid).is_open
+
+
+def test_a_task_added_in_the_admin_asks_the_dsm_outside_any_transaction(calls, dsm, client):
+    data_in = dsm.register_dataset("owners.admin.in")
+    admin_user = UserFactory(is_staff=True, is_superuser=True)
+    client.force_login(admin_user)
+    calls.clear()
+
+    response = client.post(
+        reverse("admin:tasks_task_add"),
+        {
+            "name": "from-the-admin",
+            "executable": "wms-payload-map",
+            "args": "",
+            "data_in_uid": str(data_in.uid),
+            "device_type": "cpu",
+            "mode": "map",
+            "rank": "0",
+            "files_per_job": "1",
+            "max_retries": "1",
+            "max_failed_fraction": "0",
+            "storage_url": "",
+            "data_out_url": "",
+            "splitter_enabled": "on",
+            "executor_enabled": "on",
+        },
+    )
+
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    assert ("POST", "/datasets") in {(m, p) for m, p, _ in calls}
+    assert in_transaction(calls) == []
+    assert Task.objects.filter(name="from-the-admin", owner=admin_user).exists()
