@@ -1,11 +1,12 @@
-"""The files of pilots' final reports (``jobs.reports``): FILE_DAT rows, registered in
-their tasks' output datasets through the DSM, and the jobs' ``file_out`` / ``file_log``."""
+"""The files of pilots' final reports (``jobs.reports``): registered in their tasks' output
+datasets through the DSM before the report's transaction (:func:`outputs_register`), then,
+in it, FILE_DAT rows and the jobs' ``file_out`` / ``file_log`` (:func:`store_files`)."""
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -13,11 +14,11 @@ from django.db.models import OuterRef, Subquery
 
 from files.build import NewFile, files_build
 from files.dsm import get_dsm
-from files.models import Dataset, FileStatus, FileType
+from files.models import Dataset, DatasetEntry, FileStatus, FileType
 from jobs.models import Job, task_model
 from wms import db
 from wms.contract import StatusEvent
-from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed
+from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed, WMSError
 
 log = structlog.get_logger(__name__)
 
@@ -68,80 +69,152 @@ def event_files(
     return rows
 
 
-def _register_outputs(files: list[FileRow], now: Any) -> dict[tuple[uuid.UUID, str], int | None]:
-    """Register the files in their tasks' output datasets through the DSM; one call per
-    dataset. Returns (dataset uid, name) → local catalogue entry id (None with an external
-    DSM, whose ids are not the local catalogue's). A closed dataset leaves its files
-    ``failed``; a name already there (a write of an external DSM whose answer was lost) is
-    taken as registered."""
-    by_dataset: dict[uuid.UUID, list[FileRow]] = defaultdict(list)
-    for f in files:
-        if f.register and f.dataset_uid is not None:
-            by_dataset[f.dataset_uid].append(f)
-    entries: dict[tuple[uuid.UUID, str], int | None] = {}
+@dataclass
+class Registered:
+    """What the DSM holds of a batch's files, asked before the batch's transaction
+    (:func:`outputs_register`): (dataset uid, name) → local catalogue entry id (None with an
+    external DSM, whose ids are not the local catalogue's), and the files it refused."""
+
+    entries: dict[tuple[uuid.UUID, str], int | None] = field(default_factory=dict)
+    failed: set[tuple[uuid.UUID, str]] = field(default_factory=set)
+
+    def holds(self, key: tuple[uuid.UUID, str]) -> bool:
+        return key in self.entries or key in self.failed
+
+
+class RegistrationStale(WMSError):
+    """A report's files must be registered where the registration made before the
+    transaction did not put them (the task's output dataset changed, or the attempt started
+    meanwhile): the transaction is rolled back and the batch is prepared again."""
+
+    code = "try_again"
+    status = 503
+    default_detail = "The report's outputs changed place while it was applied; send it again."
+
+
+def output_places(task_ids: set[int]) -> dict[int, tuple[uuid.UUID | None, int | None]]:
+    """Task id → its output dataset's uid and that dataset's row in the local catalogue (None
+    if it has none, as the ``http`` DSM's datasets may not), in one query."""
+    local_dataset = Dataset.objects.filter(uid=OuterRef("data_out_uid")).values("id")[:1]
+    return {
+        task_id: (uid, dataset_id)
+        for task_id, uid, dataset_id in task_model()
+        .objects.filter(pk__in=task_ids)
+        .annotate(out_dataset_id=Subquery(local_dataset))
+        .values_list("id", "data_out_uid", "out_dataset_id")
+    }
+
+
+def outputs_register(files: list[FileRow]) -> Registered:
+    """Register the files to be registered in their tasks' output datasets through the DSM,
+    one call per dataset; called OUTSIDE any transaction, before the one that writes the
+    reports (a DSM is another service: its answer must not be waited for under row locks,
+    and a rollback of ours cannot undo its write). Idempotent: a name already there (a report
+    sent again after its transaction failed, or a write whose answer was lost) is taken as
+    registered, with its entry id read from the local catalogue. A closed or missing dataset,
+    or files it refuses, are recorded as failed: their FILE_DAT rows become ``failed``."""
+    done = Registered()
+    wanted = [f for f in files if f.register]
+    if not wanted:
+        return done
+    for task_id, (uid, _) in output_places({f.task_id for f in wanted}).items():
+        for f in wanted:
+            if f.task_id == task_id:
+                f.dataset_uid = uid
+    by_dataset: dict[uuid.UUID, dict[str, FileRow]] = defaultdict(dict)
+    for f in wanted:
+        if f.dataset_uid is not None:
+            by_dataset[f.dataset_uid].setdefault(f.name, f)
     if not by_dataset:
-        return entries
+        return done
     dsm = get_dsm()
     try:
         local = dsm.catalogue_is_local
-
-        def register(uid: uuid.UUID, specs: list[dict[str, Any]]) -> list[tuple[int, str]]:
-            return [(info.id, info.name) for info in dsm.register_files(uid, specs)]
-
         for uid, group in by_dataset.items():
             specs = [
                 {"name": f.name, "size": f.size, "check_sum": f.check_sum, "url": f.url}
-                for f in group
+                for f in group.values()
             ]
             try:
-                infos = register(uid, specs)
-            except (DatasetClosed, ValidationFailed) as exc:
+                infos: list[tuple[int | None, str]] = [
+                    (info.id, info.name) for info in dsm.register_files(uid, specs)
+                ]
+            except (DatasetClosed, ValidationFailed, NotFound) as exc:
                 log.error("outputs_not_registered", dataset_uid=str(uid), detail=str(exc.detail))
-                for f in group:
-                    f.status = FileStatus.FAILED
+                done.failed.update((uid, name) for name in group)
                 continue
             except Conflict:
-                infos = []
-                for spec in specs:
-                    try:
-                        infos.extend(register(uid, [spec]))
-                    except Conflict:
-                        log.warning(
-                            "output_already_registered", dataset_uid=str(uid), name=spec["name"]
-                        )
-            except NotFound:
-                log.error("output_dataset_missing", dataset_uid=str(uid))
-                for f in group:
-                    f.status = FileStatus.FAILED
-                continue
+                infos = _register_one_by_one(dsm, uid, specs, done, local=local)
             for entry_id, name in infos:
-                entries[(uid, name)] = entry_id if local else None
+                done.entries[(uid, name)] = entry_id if local else None
     finally:
         dsm.close()
-    return entries
+    return done
 
 
-def store_files(files: list[FileRow], now: Any) -> None:
-    """FILE_DAT rows of reported files (one INSERT), registered in the tasks' output datasets
-    (one DSM call per dataset), and the jobs' ``file_out`` / ``file_log`` (one UPDATE, two
-    when some jobs have a log and no output)."""
-    # The task's output dataset, and its row in the local catalogue if there is one (the
-    # ``http`` DSM's datasets may have none), in one query.
-    local_dataset = Dataset.objects.filter(uid=OuterRef("data_out_uid")).values("id")[:1]
-    dataset_ids: dict[uuid.UUID, int | None] = {}
-    out_uids: dict[int, uuid.UUID | None] = {}
-    for task_id, uid, dataset_id in (
-        task_model()
-        .objects.filter(pk__in={f.task_id for f in files})
-        .annotate(out_dataset_id=Subquery(local_dataset))
-        .values_list("id", "data_out_uid", "out_dataset_id")
-    ):
-        out_uids[task_id] = uid
-        if uid is not None:
-            dataset_ids[uid] = dataset_id
+def _register_one_by_one(
+    dsm: Any, uid: uuid.UUID, specs: list[dict[str, Any]], done: Registered, *, local: bool
+) -> list[tuple[int | None, str]]:
+    """A batch some of whose names the dataset already holds: each file on its own; a name
+    already there is taken as registered (its local entry, if the catalogue is ours)."""
+    infos: list[tuple[int | None, str]] = []
+    taken: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        try:
+            infos.extend((info.id, info.name) for info in dsm.register_files(uid, [spec]))
+        except Conflict:
+            taken[spec["name"]] = spec
+        except (DatasetClosed, ValidationFailed, NotFound) as exc:
+            log.error(
+                "output_not_registered",
+                dataset_uid=str(uid),
+                name=spec["name"],
+                detail=str(exc.detail),
+            )
+            done.failed.add((uid, spec["name"]))
+    if not taken:
+        return infos
+    found: dict[str, tuple[int, int, str]] = {}
+    if local:
+        found = {
+            name: (pk, size, check_sum)
+            for pk, name, size, check_sum in DatasetEntry.objects.filter(
+                dataset__uid=uid, name__in=list(taken)
+            ).values_list("pk", "name", "size", "check_sum")
+        }
+    for name, spec in taken.items():
+        pk, size, check_sum = found.get(name, (None, None, None))
+        if local and (size, check_sum) != (spec["size"], spec["check_sum"]):
+            log.warning(
+                "output_registered_differently",
+                dataset_uid=str(uid),
+                name=name,
+                registered={"size": size, "check_sum": check_sum},
+                reported={"size": spec["size"], "check_sum": spec["check_sum"]},
+            )
+        else:
+            log.info("output_already_registered", dataset_uid=str(uid), name=name)
+        infos.append((pk, name))
+    return infos
+
+
+def store_files(files: list[FileRow], now: Any, registered: Registered) -> None:
+    """FILE_DAT rows of reported files (one INSERT) and the jobs' ``file_out`` / ``file_log``
+    (one UPDATE, two when some jobs have a log and no output), in the caller's transaction.
+    The files to register in their tasks' output datasets were registered before it
+    (:func:`outputs_register`, ``registered``); one the registration did not cover raises
+    :class:`RegistrationStale` (the transaction is rolled back, the batch prepared again)."""
+    places = output_places({f.task_id for f in files})
+    dataset_ids = {uid: dataset_id for uid, dataset_id in places.values() if uid is not None}
     for f in files:
-        f.dataset_uid = out_uids.get(f.task_id)
-    entries = _register_outputs(files, now)
+        f.dataset_uid = places.get(f.task_id, (None, None))[0]
+        if f.register and f.dataset_uid is not None:
+            key = (f.dataset_uid, f.name)
+            if not registered.holds(key):
+                raise RegistrationStale()
+            if key in registered.failed:
+                f.status = FileStatus.FAILED
+    entries = registered.entries
     rows = files_build(
         [
             NewFile(

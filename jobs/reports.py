@@ -1,7 +1,11 @@
 """Pilots' status events (docs/pilot-api.md): :func:`job_events_apply`, the ONE function
 behind the REST ``report``, the bulk ``events`` endpoint, the bus consumer and the
-heartbeat's running metrics; :func:`job_report` is its single-event form. The files a final
-report brings are registered by ``jobs.outputs``."""
+heartbeat's running metrics; :func:`job_report` is its single-event form.
+
+It runs in two steps: :func:`job_events_prepare` checks the events and registers the files of
+final reports in the DSM, outside any transaction; :func:`job_events_commit` applies them in
+one short transaction. A view whose call is idempotent (``wms.idempotency``) runs the first
+before its transaction and the second in it. The files are registered by ``jobs.outputs``."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -22,8 +26,15 @@ from files.models import File, FileType
 from jobs.control import kick_finalize_tasks, tasks_nearly_done
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event, outputs_outside
 from jobs.models import AttemptState, Job, JobAttempt, JobState
-from jobs.outputs import FileRow, event_files, store_files
-from jobs.reclaim import attempts_reclaim_reported
+from jobs.outputs import (
+    FileRow,
+    Registered,
+    RegistrationStale,
+    event_files,
+    outputs_register,
+    store_files,
+)
+from jobs.reclaim import RECLAIMABLE_JOB_STATES, attempts_reclaim_reported
 from wms import db
 from wms.contract import StatusEvent
 from wms.exceptions import Conflict, Forbidden, NotFound, ReportConflict, ValidationFailed, WMSError
@@ -41,14 +52,33 @@ def _raise_refused(outcome: EventOutcome) -> None:
     raise WMSError(outcome.detail, code=outcome.error)
 
 
+def job_report_prepare(
+    *, pilot_id: int, job_uuid: uuid.UUID | str, event: Mapping[str, Any]
+) -> PreparedEvents:
+    """The first step of :func:`job_report` (outside any transaction): an invalid event
+    raises (400) and nothing is registered."""
+    cleaned = clean_event(event, pilot_id=pilot_id, job_uuid=job_uuid)  # the URL's job
+    return job_events_prepare(events=[cleaned], pilot_id=pilot_id)
+
+
 def job_report(
     *, pilot_id: int, job_uuid: uuid.UUID | str, event: Mapping[str, Any]
 ) -> EventOutcome:
     """One status event of one job from its pilot (REST ``report``): the single-event form of
     :func:`job_events_apply`. A refused event raises (400, 403, 404, 409 ``report_conflict``);
     nothing is written."""
-    cleaned = clean_event(event, pilot_id=pilot_id, job_uuid=job_uuid)  # the URL's job
-    (outcome,) = job_events_apply(events=[cleaned], pilot_id=pilot_id)
+    (outcome,) = _apply_prepared(
+        lambda: job_report_prepare(pilot_id=pilot_id, job_uuid=job_uuid, event=event)
+    )
+    if not outcome.ok:
+        _raise_refused(outcome)
+    return outcome
+
+
+def job_report_commit(prepared: PreparedEvents) -> EventOutcome:
+    """The second step of :func:`job_report`, after :func:`job_report_prepare` (the REST
+    view runs the first before its transaction, this one in it)."""
+    (outcome,) = job_events_commit(prepared)
     if not outcome.ok:
         _raise_refused(outcome)
     return outcome
@@ -153,7 +183,113 @@ def _end_attempt(att: _Attempt, ev: StatusEvent, now: Any, *, state: str | None 
     att.ended = True
 
 
-@transaction.atomic
+@dataclass
+class PreparedEvents:
+    """A batch of events checked, and its final reports' files registered in the DSM:
+    what :func:`job_events_commit` applies."""
+
+    results: list[EventOutcome | None]  # the refusals of invalid events, None elsewhere
+    cleaned: list[tuple[int, StatusEvent]]
+    registered: Registered
+
+
+def job_events_prepare(
+    *, events: Sequence[Mapping[str, Any] | StatusEvent], pilot_id: int | None = None
+) -> PreparedEvents:
+    """The first step of :func:`job_events_apply`, outside any transaction: each event
+    checked (:func:`clean_event`), then the files the final reports would register in their
+    tasks' output datasets registered through the DSM (``jobs.outputs.outputs_register``).
+    What would be registered is read without locks: the reports of attempts that are running
+    (or lost, and reclaimable), by the pilot that ran them, with files under their job's
+    output URL. A DSM outage (``DSMError``) raises here, before anything is written."""
+    results: list[EventOutcome | None] = [None] * len(events)
+    cleaned: list[tuple[int, StatusEvent]] = []
+    for i, raw in enumerate(events):
+        try:
+            cleaned.append((i, clean_event(raw, pilot_id=pilot_id)))
+        except ValidationFailed as exc:
+            results[i] = EventOutcome.refused(raw, exc)
+    registered = outputs_register(_files_ahead([ev for _, ev in cleaned]))
+    return PreparedEvents(results, cleaned, registered)
+
+
+def _files_ahead(events: list[StatusEvent]) -> list[FileRow]:
+    """The files the final reports among ``events`` would register, if applied now: two
+    queries (attempts with their jobs, the jobs of lost attempts), none without files."""
+    finals = [ev for ev in events if ev.state != "running" and ev.outputs]
+    if not finals:
+        return []
+    seen: dict[tuple[str, int], Any] = {}
+    for row in JobAttempt.objects.filter(
+        **db.in_values("job__uuid", {ev.job_uuid for ev in finals}),
+        number__in={ev.attempt for ev in finals},
+    ).values_list(
+        "job_id",
+        "job__uuid",
+        "job__task_id",
+        "job__task__data_out_url",
+        "job__state",
+        "job__cur_retry",
+        "number",
+        "pilot_id",
+        "state",
+        "kill_acked_at",
+    ):
+        seen[(str(row[1]), row[6])] = row
+    places: dict[int, str] = {}
+    files: list[FileRow] = []
+    for ev in finals:
+        found = seen.get((ev.job_uuid, ev.attempt))
+        if found is None:
+            continue
+        job_id, uid, task_id, out_url, job_state, cur_retry, number, pilot, state, acked = found
+        if pilot != ev.pilot_id:
+            continue
+        job = {"id": job_id, "uuid": uid, "task_id": task_id, "task__data_out_url": out_url}
+        if outputs_outside(ev, _place(places, job)) is not None:
+            continue
+        reclaimable = (
+            state == AttemptState.LOST
+            and job_state in RECLAIMABLE_JOB_STATES
+            and cur_retry == number + 1
+        )
+        if state == AttemptState.RUNNING or reclaimable:
+            files.extend(event_files(ev, job, None, finished=ev.state == AttemptState.FINISHED))
+        elif state == AttemptState.CANCELLED and acked is None:
+            files.extend(event_files(ev, job, None, finished=False))
+    return files
+
+
+def job_events_commit(prepared: PreparedEvents) -> list[EventOutcome]:
+    """The second step of :func:`job_events_apply`: the events applied in one transaction.
+    Raises :class:`~jobs.outputs.RegistrationStale` (nothing written) when a file must be
+    registered where the first step did not register it."""
+    results = list(prepared.results)
+    if prepared.cleaned:
+        with transaction.atomic():
+            # a lost pilot's late results
+            attempts_reclaim_reported([ev for _, ev in prepared.cleaned])
+            _apply_events(prepared.cleaned, results, prepared.registered)
+    return results  # type: ignore[return-value]
+
+
+#: How many times :func:`job_events_apply` prepares a batch again after a stale registration.
+PREPARE_ROUNDS = 3
+
+
+def _apply_prepared(prepare: Any) -> list[EventOutcome]:
+    for round_ in range(1, PREPARE_ROUNDS + 1):
+        prepared = prepare()
+        try:
+            return job_events_commit(prepared)
+        except RegistrationStale:
+            # inside a caller's transaction, its rollback is the caller's to make
+            if round_ == PREPARE_ROUNDS or connection.in_atomic_block:
+                raise
+            log.info("report_registration_stale", round=round_)
+    raise AssertionError("unreachable")
+
+
 def job_events_apply(
     *, events: Sequence[Mapping[str, Any] | StatusEvent], pilot_id: int | None = None
 ) -> list[EventOutcome]:
@@ -182,27 +318,27 @@ def job_events_apply(
     - a final report of its own pilot's ``lost`` attempt whose job has not started a newer
       one is applied: the attempt is reclaimed first (``jobs.reclaim``).
 
-    A batch is one transaction with a bounded number of queries, whatever its size: the jobs
-    with a final event are locked (``FOR UPDATE``, in id order), attempts are read in one
-    query, running metrics written with one bulk UPDATE (guarded by ``state = running``),
-    ended attempts with another, FILE_DAT rows with one INSERT, job transitions with one
-    UPDATE per target state. A DSM failure (``DSMError``) fails the whole batch (retry later).
+    First the files of final reports are registered in the DSM, one call per output
+    dataset, outside any transaction (:func:`job_events_prepare`); then a batch is one short
+    transaction with a bounded number of queries, whatever its size: the jobs with a final
+    event are locked (``FOR UPDATE``, in id order), attempts are read in one query, running
+    metrics written with one bulk UPDATE (guarded by ``state = running``), ended attempts with
+    another, FILE_DAT rows with one INSERT, job transitions with one UPDATE per target state;
+    no DSM call and no lock on the output dataset's row in it. A DSM failure (``DSMError``)
+    fails the whole batch before anything is written (retry later). If the transaction finds
+    a file to register that the first step did not (the task's output dataset changed, the
+    attempt started meanwhile), the batch is prepared again (:data:`PREPARE_ROUNDS`).
+    A race can leave registered a file whose report was then not applied (a job cancelled
+    between the two steps: its outputs are in the dataset, its FILE_DAT rows ``partial``);
+    it is logged (``outputs_registered_unused``).
     """
-    results: list[EventOutcome | None] = [None] * len(events)
-    cleaned: list[tuple[int, StatusEvent]] = []
-    for i, raw in enumerate(events):
-        try:
-            cleaned.append((i, clean_event(raw, pilot_id=pilot_id)))
-        except ValidationFailed as exc:
-            results[i] = EventOutcome.refused(raw, exc)
-    if cleaned:
-        attempts_reclaim_reported([ev for _, ev in cleaned])  # a lost pilot's late results
-        _apply_events(cleaned, results)
-    return results  # type: ignore[return-value]
+    return _apply_prepared(lambda: job_events_prepare(events=events, pilot_id=pilot_id))
 
 
 def _apply_events(
-    cleaned: list[tuple[int, StatusEvent]], results: list[EventOutcome | None]
+    cleaned: list[tuple[int, StatusEvent]],
+    results: list[EventOutcome | None],
+    registered: Registered,
 ) -> None:
     now = timezone.now()
     final_uuids = {ev.job_uuid for _, ev in cleaned if ev.state != "running"}
@@ -374,10 +510,9 @@ def _apply_events(
             updates=updates,
             locked=True,
         )
-    if files:
-        # Last: registering in the DSM locks the output dataset's row until commit, and every
-        # report of the task's jobs waits for that lock.
-        store_files(files, now)
+    if files:  # registered in the DSM before the transaction (job_events_prepare)
+        store_files(files, now, registered)
+    _log_unused(registered, files)
     if transitions:
         counts: dict[str, int] = defaultdict(int)
         for (target, _, _), ids in transitions.items():
@@ -389,6 +524,18 @@ def _apply_events(
         kick_dispatch()
     if ended_tasks:
         kick_finalize_tasks(tasks_nearly_done(ended_tasks))
+
+
+def _log_unused(registered: Registered, files: list[FileRow]) -> None:
+    """Files registered before the transaction that no applied report wrote: the same report
+    sent twice at once (the other copy wrote them), or a race that changed the report's fate
+    (a job cancelled between the two steps)."""
+    if not registered.entries:
+        return
+    used = {(f.dataset_uid, f.name) for f in files if f.register}
+    unused = sorted(f"{uid}:{name}" for uid, name in registered.entries.keys() - used)
+    if unused:
+        log.info("outputs_registered_unused", count=len(unused), first=unused[:20])
 
 
 def _place(places: dict[int, str], job: dict[str, Any]) -> str:

@@ -104,6 +104,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         if exc.status >= 500:
             log.error("request_failed", error=exc.code, detail=str(exc.detail))
         headers: dict[str, str] = {}
+        if exc.status == 503:  # a passing state: try again soon
+            headers["Retry-After"] = retry_after()
         if exc.status == 401:
             challenge = _auth_challenge(context.get("request"))
             if challenge:

@@ -179,18 +179,27 @@ def idempotent(
     *,
     stored: Hook | None = None,
     replayed: Hook | None = None,
+    prepare: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
     """Wrap a DRF view's handler (``post``): see the module's text. ``scope(request)`` names
     the caller (called after authentication). A success's body is stored as
     ``stored(request, data)`` and replayed as ``replayed(request, stored data)``: an answer
     holding a secret stores it without, and the replay puts it back (a secret is never
-    stored in clear)."""
+    stored in clear).
+
+    ``prepare(view, request, *args, **kwargs)``, when given, is the call's work that must not
+    run in a transaction (a call to another service, such as the DSM: idempotent by itself);
+    it runs before the transaction (after the lookup: a replayed call does not run it), and
+    its result reaches the handler as the keyword ``prepared``. What it raises is answered as
+    a refusal of the handler would be."""
 
     def decorate(handler: Callable[..., Response]) -> Callable[..., Response]:
         @functools.wraps(handler)
         def wrapper(view: Any, request: Request, *args: Any, **kwargs: Any) -> Response:
             key = request.META.get(META_KEY)
             if key is None:
+                if prepare is not None:
+                    kwargs["prepared"] = prepare(view, request, *args, **kwargs)
                 return handler(view, request, *args, **kwargs)
             if not KEY_PATTERN.match(key):
                 raise IdempotencyKeyInvalid()
@@ -200,6 +209,8 @@ def idempotent(
             if row is not None:  # answered before: the same answer, the call is not run
                 return _replay(who, key, fingerprint, replayed, request, row)
             try:
+                if prepare is not None:
+                    kwargs["prepared"] = prepare(view, request, *args, **kwargs)
                 with transaction.atomic():
                     try:
                         response = handler(view, request, *args, **kwargs)

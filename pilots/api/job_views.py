@@ -15,7 +15,7 @@ from jobs.api.pilot_serializers import (
     JobReportSerializer,
     JobStartSerializer,
 )
-from jobs.reports import job_report
+from jobs.reports import PreparedEvents, job_report_commit, job_report_prepare
 from pilots.api.pilot_views import (
     IDEMPOTENCY_KEY,
     TAGS,
@@ -53,6 +53,14 @@ class JobStartView(PilotProtocolView):
 
 
 class JobReportView(PilotProtocolView):
+    def register_outputs(self, request: Request, job_uuid: uuid.UUID) -> PreparedEvents:
+        """The report checked and its files registered in the DSM, before the transaction."""
+        serializer = JobReportSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        return job_report_prepare(
+            pilot_id=request_pilot(request).pk, job_uuid=job_uuid, event=serializer.validated_data
+        )
+
     @extend_schema(
         tags=TAGS,
         summary="A pilot reports on its attempt of a job",
@@ -67,11 +75,7 @@ class JobReportView(PilotProtocolView):
         responses={200: JobReportReplySerializer, **error_responses(400, 404, 409, 422)},
         parameters=[IDEMPOTENCY_KEY],
     )
-    @idempotent(pilot_scope)
-    def post(self, request: Request, job_uuid: uuid.UUID) -> Response:
-        serializer = JobReportSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        outcome = job_report(
-            pilot_id=request_pilot(request).pk, job_uuid=job_uuid, event=serializer.validated_data
-        )
+    @idempotent(pilot_scope, prepare=register_outputs)
+    def post(self, request: Request, job_uuid: uuid.UUID, prepared: PreparedEvents) -> Response:
+        outcome = job_report_commit(prepared)
         return Response({"job_state": outcome.job_state, "outcome": outcome.outcome})

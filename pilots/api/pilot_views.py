@@ -17,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from jobs.reports import job_events_apply
+from jobs.reports import PreparedEvents, job_events_commit, job_events_prepare
 from pilots.api.pilot_serializers import (
     PilotEventsReplySerializer,
     PilotEventsSerializer,
@@ -205,6 +205,14 @@ class PilotTerminateView(PilotProtocolView):
 
 
 class PilotEventsView(PilotProtocolView):
+    def register_outputs(self, request: Request, pilot_id: int) -> PreparedEvents:
+        """The events checked and their files registered in the DSM, before the transaction."""
+        serializer = PilotEventsSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        return job_events_prepare(
+            events=serializer.validated_data["events"], pilot_id=request_pilot(request).pk
+        )
+
     @extend_schema(
         tags=TAGS,
         summary="Status events of a pilot's attempts, in bulk",
@@ -215,11 +223,7 @@ class PilotEventsView(PilotProtocolView):
         responses={200: PilotEventsReplySerializer, **error_responses(400, 422)},
         parameters=[IDEMPOTENCY_KEY],
     )
-    @idempotent(pilot_scope)
-    def post(self, request: Request, pilot_id: int) -> Response:
-        serializer = PilotEventsSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        results = job_events_apply(
-            events=serializer.validated_data["events"], pilot_id=request_pilot(request).pk
-        )
+    @idempotent(pilot_scope, prepare=register_outputs)
+    def post(self, request: Request, pilot_id: int, prepared: PreparedEvents) -> Response:
+        results = job_events_commit(prepared)
         return Response({"results": [r.as_dict() for r in results]})

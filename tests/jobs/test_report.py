@@ -13,7 +13,7 @@ from files.dsm import get_dsm, iter_files
 from files.models import Dataset, File, FileStatus, FileType
 from jobs.control import job_cancel
 from jobs.models import AttemptState, Job, JobAttempt, JobState, JobTransition
-from jobs.reports import job_events_apply
+from jobs.reports import job_events_apply, job_events_prepare
 from pilots.models import PilotCommand
 from pilots.reaper import pilots_reap_lost
 from tests.factories import JobFactory
@@ -130,6 +130,36 @@ def test_the_same_final_report_twice_is_a_duplicate_and_changes_nothing(make_pil
         before
     )
     assert JobAttempt.objects.get(job=job).ended_at == ended
+
+
+def test_a_report_whose_transaction_was_lost_after_registration_finds_its_entries(
+    make_pilot, output_task
+):
+    """The first step registered the files in the DSM and the transaction never came (the
+    worker died between the two): the report sent again takes the names already there as
+    registered, and its FILE_DAT rows point at those entries of the local catalogue."""
+    pilot, client = make_pilot()
+    job = started(client, output_task)
+    event = {
+        "job_uuid": str(job.uuid),
+        "attempt": 0,
+        "state": "finished",
+        "exit_code": 0,
+        "outputs": [HIST, log_file(job)],
+    }
+    prepared = job_events_prepare(events=[event], pilot_id=pilot.pk)  # and nothing more
+    assert len(prepared.registered.entries) == 2
+    first = dataset_files(output_task)
+
+    [outcome] = job_events_apply(events=[event], pilot_id=pilot.pk)
+
+    assert outcome.outcome == "applied"
+    assert dataset_files(output_task) == first  # nothing registered twice
+    files = File.objects.filter(job=job).exclude(type=FileType.INPUT).select_related("entry")
+    assert {f.file_name: f.entry_id for f in files} == {
+        name: entry_id for (_, name), entry_id in prepared.registered.entries.items()
+    }
+    assert all(f.entry.name == f.file_name and f.status == FileStatus.READY for f in files)
 
 
 def test_running_reports_store_metrics(make_pilot, output_task):

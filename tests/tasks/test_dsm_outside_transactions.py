@@ -1,6 +1,7 @@
 """The DSM is never called inside a transaction (docs/architecture.md, "The DSM"): task_create,
-task_add_inputs and task_retry_failed ask and register first, then write in one short
-transaction; a failure of that write leaves nothing half made.
+task_add_inputs, task_retry_failed, the finalizer and pilots' final reports (through each of
+their doors) ask and register first, then write in one short transaction; a failure of that
+write leaves nothing half made, and the call sent again finds what was registered.
 
 Against the fake external DSM of tests/files/fake_dsm.py (a real HTTP server): every call the
 WMS's client sends is watched, on its way out, for an open transaction on the database
@@ -18,13 +19,19 @@ from django.db import DatabaseError, connection
 from django.urls import reverse
 
 from files.dsm.http import HTTPDSMClient
-from jobs.models import Job, JobState
+from files.models import File
+from jobs.models import AttemptState, Job, JobAttempt, JobState
+from jobs.outputs import RegistrationStale
+from jobs.reports import job_events_apply, job_events_commit, job_events_prepare
 from tasks.create import output_dataset_uid, task_create
 from tasks.finalizer import task_finalize
 from tasks.inputs import task_add_inputs
 from tasks.lifecycle import task_retry_failed, task_transition
 from tasks.models import Task, TaskInput, TaskState
-from tests.factories import JobFactory, UserFactory
+from pilots.services import pilot_register
+from tests.conftest import TEST_OUTPUT_ROOT
+from tests.factories import JobAttemptFactory, JobFactory, UserFactory
+from wms import checksums
 from tests.files.fake_dsm import FakeDSM
 from wms.exceptions import DSMError
 
@@ -71,23 +78,26 @@ def in_transaction(calls):
 
 
 class PlantedFailure:
-    """``plant("INSERT")``: PostgreSQL refuses that statement on tasks_task until ``remove()``
-    (or the test's end)."""
+    """``plant("INSERT")``: PostgreSQL refuses that statement on tasks_task (or ``table``)
+    until ``remove()`` (or the test's end)."""
 
-    def plant(self, statement: str) -> None:
+    table = "tasks_task"
+
+    def plant(self, statement: str, table: str = "tasks_task") -> None:
+        self.table = table
         with connection.cursor() as cur:
             cur.execute(
                 "CREATE OR REPLACE FUNCTION owners_planted_failure() RETURNS trigger AS $$ "
                 "BEGIN RAISE EXCEPTION 'planted failure'; END $$ LANGUAGE plpgsql"
             )
             cur.execute(
-                f"CREATE TRIGGER owners_planted_failure BEFORE {statement} ON tasks_task "
+                f"CREATE TRIGGER owners_planted_failure BEFORE {statement} ON {table} "
                 "FOR EACH ROW EXECUTE FUNCTION owners_planted_failure()"
             )
 
     def remove(self) -> None:
         with connection.cursor() as cur:
-            cur.execute("DROP TRIGGER IF EXISTS owners_planted_failure ON tasks_task")
+            cur.execute(f"DROP TRIGGER IF EXISTS owners_planted_failure ON {self.table}")
             cur.execute("DROP FUNCTION IF EXISTS owners_planted_failure()")
 
 
@@ -274,3 +284,133 @@ def test_a_task_added_in_the_admin_asks_the_dsm_outside_any_transaction(calls, d
     assert ("POST", "/datasets") in {(m, p) for m, p, _ in calls}
     assert in_transaction(calls) == []
     assert Task.objects.filter(name="from-the-admin", owner=admin_user).exists()
+
+
+# --- pilots' final reports -------------------------------------------------------------------
+
+
+def running_report_job(dsm, name="owners.rep"):
+    """A task with its output dataset in the (fake, external) DSM, and a job of it whose
+    attempt 0 runs on a new pilot: (task, job, pilot, pilot token)."""
+    data_in = dsm.register_dataset(f"{name}.in")
+    task = task_create(owner=UserFactory(), executable="noop", data_in_uid=data_in.uid, name=name)
+    Task.objects.filter(pk=task.pk).update(data_out_url=TEST_OUTPUT_ROOT)
+    pilot, token = pilot_register(hostname="wn-owners")
+    job = JobFactory(task=task, state=JobState.RUNNING, pilot=pilot)
+    JobAttemptFactory(job=job, pilot=pilot, number=0)
+    return Task.objects.get(pk=task.pk), job, pilot, token
+
+
+def final_report(job, name="hist.json", data=b"hist"):
+    return {
+        "job_uuid": str(job.uuid),
+        "attempt": 0,
+        "state": "finished",
+        "exit_code": 0,
+        "outputs": [
+            {
+                "name": name,
+                "type": "output",
+                "size": len(data),
+                "check_sum": checksums.bytes_checksum(data),
+                "url": f"{TEST_OUTPUT_ROOT}/{name}",
+            }
+        ],
+    }
+
+
+def registered_names(server, uid):
+    return sorted(f["name"] for f in server.datasets[str(uid)].files)
+
+
+def send(door, job, pilot, token, report):
+    """``report`` through one of its doors: REST ``report`` or bulk ``events`` (with an
+    idempotency key, whose transaction wraps the call), or the function the bus consumer
+    calls."""
+    if door == "service":
+        report = {**report, "pilot_id": pilot.pk}
+        [outcome] = job_events_apply(events=[report])
+        return outcome.outcome
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Pilot {token}")
+    key = {"HTTP_IDEMPOTENCY_KEY": str(uuid.uuid4())}
+    if door == "report":
+        body = {k: v for k, v in report.items() if k != "job_uuid"}
+        response = client.post(f"/api/v1/jobs/{job.uuid}/report/", body, format="json", **key)
+        assert response.status_code == 200, response.json()
+        return response.json()["outcome"]
+    response = client.post(
+        f"/api/v1/pilots/{pilot.pk}/events/", {"events": [report]}, format="json", **key
+    )
+    assert response.status_code == 200, response.json()
+    return response.json()["results"][0]["outcome"]
+
+
+@pytest.mark.parametrize("door", ["report", "events", "service"])
+def test_a_final_report_registers_its_outputs_outside_any_transaction(calls, dsm, server, door):
+    task, job, pilot, token = running_report_job(dsm, f"owners.{door}")
+    calls.clear()
+
+    assert send(door, job, pilot, token, final_report(job)) == "applied"
+
+    assert ("POST", f"/datasets/{task.data_out_uid}/files") in {(m, p) for m, p, _ in calls}
+    assert in_transaction(calls) == []
+    job.refresh_from_db()
+    assert job.state == JobState.FINISHED
+    [row] = File.objects.filter(job=job)
+    assert (row.file_name, row.status) == (f"{job.uuid}/hist.json", "ready")
+    assert registered_names(server, task.data_out_uid) == [f"{job.uuid}/hist.json"]
+
+
+def test_a_report_whose_write_failed_changes_nothing_and_is_applied_when_sent_again(
+    calls, dsm, server, failure
+):
+    task, job, pilot, _ = running_report_job(dsm)
+    report = {**final_report(job), "pilot_id": pilot.pk}
+    failure.plant("INSERT", table="files_file")
+
+    with pytest.raises(DatabaseError, match="planted failure"):
+        job_events_apply(events=[report])
+
+    # nothing half made in the WMS: the job and its attempt run on, no FILE_DAT row ...
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING
+    assert JobAttempt.objects.get(job=job).state == AttemptState.RUNNING
+    assert not File.objects.filter(job=job).exists()
+    # ... and the DSM holds the output, registered before the write
+    assert registered_names(server, task.data_out_uid) == [f"{job.uuid}/hist.json"]
+
+    failure.remove()
+    [outcome] = job_events_apply(events=[report])  # the pilot's spool sends it again
+
+    assert outcome.outcome == "applied"
+    job.refresh_from_db()
+    assert job.state == JobState.FINISHED
+    assert File.objects.get(job=job).status == "ready"
+    assert registered_names(server, task.data_out_uid) == [f"{job.uuid}/hist.json"]  # once
+    assert in_transaction(calls) == []
+
+
+def test_a_report_whose_output_dataset_changed_meanwhile_is_prepared_again(calls, dsm, server):
+    """The registration made before the transaction no longer covers the report (the task
+    took another output dataset in between): the transaction writes nothing and refuses
+    (503 through REST); the whole call, made again, registers in the new dataset."""
+    task, job, pilot, _ = running_report_job(dsm)
+    report = {**final_report(job), "pilot_id": pilot.pk}
+    prepared = job_events_prepare(events=[report])
+    moved = dsm.register_dataset("owners.rep.moved", role="output")
+    Task.objects.filter(pk=task.pk).update(data_out_uid=moved.uid)
+
+    with pytest.raises(RegistrationStale):
+        job_events_commit(prepared)
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING and not File.objects.filter(job=job).exists()
+
+    [outcome] = job_events_apply(events=[report])
+
+    assert outcome.outcome == "applied"
+    assert registered_names(server, moved.uid) == [f"{job.uuid}/hist.json"]
+    assert File.objects.get(job=job).status == "ready"
+    assert in_transaction(calls) == []
