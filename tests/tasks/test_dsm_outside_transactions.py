@@ -23,16 +23,16 @@ from files.models import File
 from jobs.models import AttemptState, Job, JobAttempt, JobState
 from jobs.outputs import RegistrationStale
 from jobs.reports import job_events_apply, job_events_commit, job_events_prepare
+from pilots.services import pilot_register
 from tasks.create import output_dataset_uid, task_create
 from tasks.finalizer import task_finalize
 from tasks.inputs import task_add_inputs
 from tasks.lifecycle import task_retry_failed, task_transition
 from tasks.models import Task, TaskInput, TaskState
-from pilots.services import pilot_register
 from tests.conftest import TEST_OUTPUT_ROOT
 from tests.factories import JobAttemptFactory, JobFactory, UserFactory
-from wms import checksums
 from tests.files.fake_dsm import FakeDSM
+from wms import checksums
 from wms.exceptions import DSMError
 
 pytestmark = pytest.mark.django_db(transaction=True)
