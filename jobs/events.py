@@ -19,17 +19,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard, cast
 
 from wms import checksums
-from wms.contract import EVENT, FINAL_STATES, VERSION, StatusEvent
+from wms.contract import EVENT, EVENT_OUTCOMES, FINAL_STATES, VERSION, StatusEvent
 from wms.exceptions import ValidationFailed, WMSError
 from wms.locations import LocationError, canonical_url, is_under, name_problem
 
 EVENT_STATES = ("running", *FINAL_STATES)
 OUTPUT_TYPES = ("output", "log")
 
-APPLIED = "applied"
-DUPLICATE = "duplicate"
-IGNORED = "ignored"
-OUTCOMES = (APPLIED, DUPLICATE, IGNORED)
+OUTCOMES = EVENT_OUTCOMES  # the wire's words (wms.contract)
+APPLIED, DUPLICATE, IGNORED = EVENT_OUTCOMES
 
 MAX_OUTPUTS = 100
 MAX_NAME = 200  # the DSM name adds "<job uuid>/<attempt>/" (at most 43 characters) in front

@@ -238,3 +238,17 @@ class PilotClient:
         return self.post(
             f"/jobs/{job_uuid}/report/", payload, auth=self._pilot_auth(token), key=key
         )
+
+    def events(
+        self,
+        pilot_id: int,
+        payload: dict[str, Any],
+        *,
+        token: str | None = None,
+        key: str | None = None,
+    ) -> ApiResult:
+        """Several reports in one call (``POST /pilots/{id}/events/``); one try, as
+        :meth:`report`."""
+        return self.post(
+            f"/pilots/{pilot_id}/events/", payload, auth=self._pilot_auth(token), key=key
+        )

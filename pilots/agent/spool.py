@@ -2,7 +2,9 @@
 
 A final report is written here (temporary file, fsync, rename: atomic) *before* it is sent, and
 deleted only when the server answered 2xx, 409 or another 4xx (the contract's "done" and "final,
-nothing to retry"; the last two are logged). On 5xx, time-outs or a refused connection it stays,
+nothing to retry"; the last two are logged). The reports that wait together (those of one
+pilot) go in one call, ``POST /pilots/{id}/events/``, answered report by report; a report alone
+goes as ``POST /jobs/{uuid}/report/``. On 5xx, time-outs or a refused connection it stays,
 and :class:`ReportSender` sends it again with backoff, in the background, and at the next start
 of a pilot that uses the same spool directory. So a WMS outage loses no result.
 
@@ -31,8 +33,20 @@ from typing import Any
 
 from pilots.agent.client import CONFLICT, OK, REJECTED, ApiResult, Backoff, PilotClient, new_key
 from pilots.agent.logs import kv, log
+from wms.contract import (
+    MAX_EVENTS,
+    ContractError,
+    EventsBody,
+    ReportBody,
+    decode_events_answer,
+)
 
 SUFFIX = ".report.json"
+#: One call carries at most this many reports, and about this many bytes of them: well under
+#: the server's limits (``MAX_EVENTS``, ``WMS_API_MAX_BODY``).
+BATCH_REPORTS = min(200, MAX_EVENTS)
+BATCH_BYTES = 1 << 20
+SETTLED = (OK, CONFLICT, REJECTED)  # the WMS took the report, or refused it for good
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -216,16 +230,79 @@ class ReportSender:
             self.on_result(entry, result)
         return result
 
+    def send_batch(self, batch: list[SpoolEntry]) -> bool:
+        """Several reports of one pilot in one call; each is settled by its own result. A
+        call refused as a whole (its envelope, its size) sends them one by one instead.
+        Returns whether the WMS took the call."""
+        first = batch[0]
+        assert first.pilot_id is not None
+        try:
+            body = EventsBody(tuple((e.job_uuid, ReportBody.from_dict(e.report)) for e in batch))
+        except ContractError:  # a report the contract refuses: each alone, as the WMS answers
+            return all(self.send_one(e).outcome in SETTLED for e in batch)
+        # the same reports sent again are the same call (its answer is replayed)
+        key = str(
+            uuid.uuid5(
+                uuid.NAMESPACE_URL, "wms-pilot-events:" + ",".join(sorted(e.key for e in batch))
+            )
+        )
+        result = self._client(first.server_url).events(
+            first.pilot_id, body.to_dict(), token=first.token, key=key
+        )
+        if result.outcome in (CONFLICT, REJECTED):
+            log.warning(
+                kv(
+                    "report_batch_refused",
+                    reports=len(batch),
+                    answer=result.describe(),
+                    detail=_detail(result),
+                )
+            )
+            return all(self.send_one(e).outcome in SETTLED for e in batch)
+        if result.outcome != OK:
+            log.warning(
+                kv("report_batch_kept_in_spool", reports=len(batch), answer=result.describe())
+            )
+            return False
+        try:
+            answers = decode_events_answer(result.body, len(batch))
+        except ContractError as exc:
+            log.warning(kv("report_batch_answer_unreadable", reports=len(batch), error=exc))
+            return False
+        sent = 0
+        for entry, answer in zip(batch, answers, strict=True):
+            self.spool.remove(entry.path)
+            if answer.ok:
+                sent += 1
+            else:
+                log.warning(
+                    kv(
+                        "report_refused_dropped",
+                        job_uuid=entry.job_uuid,
+                        attempt=entry.attempt,
+                        state=entry.report.get("state"),
+                        answer=answer.error,
+                        detail=str(answer.detail)[:300],
+                    )
+                )
+            if self.on_result is not None:
+                status = 200 if answer.ok else 400
+                self.on_result(entry, ApiResult(OK if answer.ok else REJECTED, status, answer))
+        log.info(kv("reports_sent", reports=sent, refused=len(batch) - sent))
+        return True
+
     def flush(self) -> int:
-        """One pass over the spool; stops at the first report the WMS could not take. Returns
+        """One pass over the spool: the reports of one pilot together (:meth:`send_batch`),
+        a report alone on its own; stops at the first call the WMS could not take. Returns
         the number of reports still spooled."""
         with self._lock:
-            for path in self.spool.paths():
-                entry = self.spool.read(path)
-                if entry is None:
-                    continue
-                result = self.send_one(entry)
-                if result.outcome not in (OK, CONFLICT, REJECTED):
+            entries = [e for e in map(self.spool.read, self.spool.paths()) if e is not None]
+            for batch in _batches(entries):
+                if len(batch) == 1 or batch[0].pilot_id is None:
+                    taken = all(self.send_one(e).outcome in SETTLED for e in batch)
+                else:
+                    taken = self.send_batch(batch)
+                if not taken:
                     break
             return len(self.spool)
 
@@ -276,6 +353,27 @@ class ReportSender:
             self._thread = None
         for client in self._clients.values():
             client.close()
+
+
+def _batches(entries: list[SpoolEntry]) -> list[list[SpoolEntry]]:
+    """The entries, oldest first, cut into calls: those of one pilot (server, id and token)
+    together, at most ``BATCH_REPORTS`` and about ``BATCH_BYTES`` each."""
+    groups: dict[tuple[str, int | None, str], list[SpoolEntry]] = {}
+    for entry in entries:
+        groups.setdefault((entry.server_url, entry.pilot_id, entry.token), []).append(entry)
+    batches: list[list[SpoolEntry]] = []
+    for group in groups.values():
+        batch: list[SpoolEntry] = []
+        size = 0
+        for entry in group:
+            cost = len(json.dumps(entry.report, separators=(",", ":")))
+            if batch and (len(batch) >= BATCH_REPORTS or size + cost > BATCH_BYTES):
+                batches.append(batch)
+                batch, size = [], 0
+            batch.append(entry)
+            size += cost
+        batches.append(batch)
+    return batches
 
 
 def _detail(result: ApiResult) -> str:

@@ -15,8 +15,8 @@ from pilots.models import CommandKind
 from pilots.services import REPORTED_STATES
 from wms.api import StrictFieldsMixin
 from wms.choices import DeviceType
+from wms.contract import MAX_EVENTS
 
-MAX_EVENTS = 1000
 MAX_HEARTBEAT_JOBS = 10_000
 MAX_ORPHANS = 100  # jobs in one registration's ``orphans``
 MAX_ORPHAN_PIDS = 1000  # pids of one of them

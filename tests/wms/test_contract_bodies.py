@@ -12,7 +12,9 @@ import pytest
 from pilots.api.pilot_serializers import PilotHeartbeatSerializer, PilotRegisterSerializer
 from tests.pilots.agent.conftest import job_message
 from wms.contract import (
+    MAX_EVENTS,
     ContractError,
+    EventsBody,
     HeartbeatBody,
     HeartbeatJob,
     HeartbeatReply,
@@ -23,6 +25,7 @@ from wms.contract import (
     StartBody,
     StatusEvent,
     TerminateBody,
+    decode_events_answer,
     decode_start_answer,
 )
 
@@ -150,7 +153,7 @@ def test_a_report_body_is_the_status_event_without_its_envelope():
         error_message="exit code 3",
         metrics={"cpu_time": 1.0},
     )
-    body = event.report_body().to_dict()
+    body = ReportBody.from_event(event).to_dict()
     assert body == {
         "attempt": 1,
         "state": "failed",
@@ -160,7 +163,7 @@ def test_a_report_body_is_the_status_event_without_its_envelope():
         "metrics": {"cpu_time": 1.0},
         "outputs": [],
     }
-    assert ReportBody.from_dict(body) == event.report_body()
+    assert ReportBody.from_dict(body) == ReportBody.from_event(event)
     assert ReportBody.from_dict(b'{"attempt": 0, "state": "running"}').state == "running"
     with pytest.raises(ContractError):
         ReportBody(attempt=1, state="lost")
@@ -184,7 +187,16 @@ def test_start_and_terminate_bodies_and_the_start_answer(tmp_path):
 
 # --- the agent builds no body by hand -----------------------------------------------------------
 
-ENDPOINTS = {"register", "heartbeat", "start", "report", "terminate", "post", "post_retrying"}
+ENDPOINTS = {
+    "register",
+    "heartbeat",
+    "start",
+    "report",
+    "terminate",
+    "events",
+    "post",
+    "post_retrying",
+}
 
 
 def _client_calls(tree: ast.AST) -> list[ast.Call]:
@@ -214,6 +226,34 @@ def _is_to_dict(node: ast.expr) -> bool:
     )
 
 
+def test_an_events_body_holds_reports_with_their_jobs_and_its_answer_is_checked():
+    report = ReportBody(attempt=0, state="finished", exit_code=0)
+    body = EventsBody(((UUID, report),)).to_dict()
+    assert body == {"events": [{"job_uuid": UUID, **report.to_dict()}]}
+    with pytest.raises(ContractError):
+        EventsBody(())
+    with pytest.raises(ContractError):
+        EventsBody(tuple((UUID, report) for _ in range(MAX_EVENTS + 1)))
+
+    answer = {
+        "results": [
+            {"job_uuid": UUID, "attempt": 0, "outcome": "applied", "job_state": "finished"},
+            {"job_uuid": UUID, "attempt": 1, "error": "not_found", "detail": "gone"},
+        ]
+    }
+    applied, refused = decode_events_answer(answer, 2)
+    assert (applied.ok, applied.outcome, applied.job_state) == (True, "applied", "finished")
+    assert (refused.ok, refused.error, refused.detail) == (False, "not_found", "gone")
+    with pytest.raises(ContractError, match="one result per event"):
+        decode_events_answer(answer, 3)
+    with pytest.raises(ContractError, match="outcome"):
+        decode_events_answer({"results": [{"job_uuid": UUID, "outcome": "eaten"}]}, 1)
+    with pytest.raises(ContractError):
+        decode_events_answer({"results": [{"attempt": "0", "outcome": "applied"}]}, 1)
+    with pytest.raises(ContractError):
+        decode_events_answer(b"[]", 0)
+
+
 def test_the_agent_sends_only_bodies_built_by_the_contract():
     """Only the session calls the REST client (its own methods take contract objects), and
     every body it passes is a contract object's ``to_dict()``; the spool's sender re-sends
@@ -230,8 +270,9 @@ def test_the_agent_sends_only_bodies_built_by_the_contract():
         bodies = [a for a in call.args if not isinstance(a, ast.Constant)]
         body = bodies[-1]  # (job uuid,) body
         assert _is_to_dict(body), ast.unparse(call)
-    (resend,) = callers["spool.py"]
+    resend, batch = sorted(callers["spool.py"], key=lambda c: c.func.attr != "report")
     assert ast.unparse(resend.args[1]) == "entry.report"
+    assert batch.func.attr == "events" and _is_to_dict(batch.args[1]), ast.unparse(batch)
 
 
 def test_the_session_takes_contract_objects_only():

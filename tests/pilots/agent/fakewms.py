@@ -154,6 +154,8 @@ class FakeWMS:
                 return 200, {"commands": commands, "heartbeat_interval": self.heartbeat_interval}
             if verb == "terminate":
                 return 200, {"state": "terminated"}
+            if verb == "events":
+                return self._events(auth, body, call)
         if kind == "jobs" and verb == "start":
             status, answer = self.start_answer(ident, body)
             if status == 200:
@@ -168,6 +170,46 @@ class FakeWMS:
                     self.running_now -= 1
             return status, answer
         return 404, {"error": "not_found", "detail": path}
+
+    def _events(self, auth: str, body: Any, call: Call) -> Answer:
+        """The bulk reports: each event answered by ``report_answer`` as its own ``report``
+        would be (and recorded as one, so ``final_reports`` sees it); a 5xx of any answers the
+        whole call."""
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list) or not events:
+            return 400, {"error": "validation_failed", "detail": "events"}
+        results = []
+        for event in events:
+            ident = str(event.get("job_uuid", ""))
+            report = {k: v for k, v in event.items() if k != "job_uuid"}
+            with self.lock:
+                self.calls.append(
+                    Call(
+                        f"/api/v1/jobs/{ident}/report/",
+                        auth,
+                        report,
+                        key=call.key,
+                        spooled=call.spooled,
+                    )
+                )
+            status, answer = self.report_answer(ident, report)
+            if status >= 500:
+                return status, answer
+            head = {"job_uuid": ident, "attempt": report.get("attempt")}
+            if status == 200:
+                if report.get("state") in ("finished", "failed"):
+                    with self.lock:
+                        self.running_now -= 1
+                results.append({**head, "outcome": "applied", "job_state": "", **answer})
+            else:
+                results.append(
+                    {
+                        **head,
+                        "error": answer.get("error", "refused"),
+                        "detail": answer.get("detail"),
+                    }
+                )
+        return 200, {"results": results}
 
     # --- what the tests read ---------------------------------------------------------------------
 

@@ -194,3 +194,97 @@ def test_a_report_spooled_before_keys_gets_a_stable_one(spool, fake_wms, pilot):
     first, second = spool.read(path), spool.read(path)
     assert first is not None and second is not None
     assert first.key == second.key and len(first.key) == 36
+
+
+# --- several reports waiting: one call ------------------------------------------------------
+
+
+def test_the_reports_waiting_together_go_in_one_call_each_answered_on_its_own(
+    spool, fake_wms, pilot, caplog
+):
+    paths = [put(spool, fake_wms.url, pilot, f"j-{i}") for i in range(5)]
+    refused = "j-3"
+    fake_wms.report_answer = lambda uuid, body: (
+        (403, {"error": "permission_denied", "detail": "not this pilot's"})
+        if uuid == refused
+        else (200, {"outcome": "applied", "job_state": "finished"})
+    )
+
+    assert ReportSender(spool).flush() == 0
+
+    (call,) = fake_wms.calls_to("events")
+    assert call.path == f"/api/v1/pilots/{pilot[0]}/events/"
+    assert [e["job_uuid"] for e in call.body["events"]] == [f"j-{i}" for i in range(5)]
+    assert all(
+        {k: v for k, v in e.items() if k != "job_uuid"} == REPORT for e in call.body["events"]
+    )
+    assert sorted(call.spooled) == sorted(p.name for p in paths)  # all on disk when sent
+    assert not any(p.exists() for p in paths)  # taken, or refused for good: gone
+    assert "report_refused_dropped" in caplog.text and refused in caplog.text
+    # no report went on its own: every report the WMS saw came in the call
+    assert len(fake_wms.final_reports()) == 5
+    assert all(c.key == call.key for c in fake_wms.final_reports())
+
+
+def test_a_batch_the_wms_cannot_take_stays_whole_and_is_the_same_call_when_sent_again(
+    spool, fake_wms, pilot
+):
+    paths = [put(spool, fake_wms.url, pilot, f"j-{i}") for i in range(3)]
+    fake_wms.report_answer = lambda uuid, body: (503, {"error": "database_unavailable"})
+
+    assert ReportSender(spool).flush() == 3
+    assert all(p.exists() for p in paths)
+
+    fake_wms.report_answer = lambda uuid, body: (200, {"outcome": "applied"})
+    assert ReportSender(Spool(spool.directory)).flush() == 0  # a later run
+
+    first, second = fake_wms.calls_to("events")
+    assert first.key == second.key and len(first.key) == 36  # replayed if it was taken
+
+
+def test_a_batch_refused_as_a_whole_is_sent_report_by_report(spool, fake_wms, pilot):
+    paths = [put(spool, fake_wms.url, pilot, f"j-{i}") for i in range(3)]
+    real = fake_wms.dispatch
+
+    def no_bulk(path, auth, body, *, key=""):
+        if path.endswith("/events/"):
+            return 413, {"error": "request_too_large", "detail": "too big"}
+        return real(path, auth, body, key=key)
+
+    fake_wms.dispatch = no_bulk  # type: ignore[method-assign]
+
+    assert ReportSender(spool).flush() == 0
+
+    assert not any(p.exists() for p in paths)
+    singles = [c for c in fake_wms.calls if c.path.endswith("/report/")]
+    assert sorted(c.path.split("/")[4] for c in singles) == ["j-0", "j-1", "j-2"]
+    assert len({c.key for c in singles}) == 3  # each with its own report's key
+
+
+def test_the_reports_of_two_pilots_go_in_two_calls_each_with_its_token(spool, fake_wms, pilot):
+    fake_wms.tokens["pilot-token-4"] = 4
+    for i in range(2):
+        put(spool, fake_wms.url, pilot, f"a-{i}")
+        put(spool, fake_wms.url, (4, "pilot-token-4"), f"b-{i}")
+
+    assert ReportSender(spool).flush() == 0
+
+    calls = fake_wms.calls_to("events")
+    assert sorted((c.path, c.auth) for c in calls) == [
+        ("/api/v1/pilots/3/events/", "Pilot pilot-token-3"),
+        ("/api/v1/pilots/4/events/", "Pilot pilot-token-4"),
+    ]
+
+
+def test_batches_are_cut_by_count(spool, fake_wms, pilot, monkeypatch):
+    from pilots.agent import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "BATCH_REPORTS", 2)
+    for i in range(5):
+        put(spool, fake_wms.url, pilot, f"j-{i}")
+
+    assert ReportSender(spool).flush() == 0
+
+    sizes = [len(c.body["events"]) for c in fake_wms.calls_to("events")]
+    assert sizes == [2, 2]  # and the fifth alone, as a report
+    assert len(fake_wms.calls_to("report")) == 5
