@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from django.db.models import OuterRef, Subquery
 
 from files.build import NewFile, files_build
 from files.dsm import get_dsm
 from files.models import Dataset, DatasetEntry, FileStatus, FileType
-from jobs.models import Job, task_model
+from jobs.models import Job
 from wms import db
 from wms.contract import StatusEvent
 from wms.exceptions import Conflict, DatasetClosed, NotFound, ValidationFailed, WMSError
@@ -64,6 +63,7 @@ def event_files(
                 status=FileStatus.READY if register else FileStatus.PARTIAL,
                 register=register,
                 started_at=started_at,
+                dataset_uid=job["task__data_out_uid"],
             )
         )
     return rows
@@ -77,6 +77,9 @@ class Registered:
 
     entries: dict[tuple[uuid.UUID, str], int | None] = field(default_factory=dict)
     failed: set[tuple[uuid.UUID, str]] = field(default_factory=set)
+    # output dataset uid → its row in the local catalogue (None if it has none, as the
+    # ``http`` DSM's datasets may not)
+    dataset_ids: dict[uuid.UUID, int | None] = field(default_factory=dict)
 
     def holds(self, key: tuple[uuid.UUID, str]) -> bool:
         return key in self.entries or key in self.failed
@@ -92,19 +95,6 @@ class RegistrationStale(WMSError):
     default_detail = "The report's outputs changed place while it was applied; send it again."
 
 
-def output_places(task_ids: set[int]) -> dict[int, tuple[uuid.UUID | None, int | None]]:
-    """Task id → its output dataset's uid and that dataset's row in the local catalogue (None
-    if it has none, as the ``http`` DSM's datasets may not), in one query."""
-    local_dataset = Dataset.objects.filter(uid=OuterRef("data_out_uid")).values("id")[:1]
-    return {
-        task_id: (uid, dataset_id)
-        for task_id, uid, dataset_id in task_model()
-        .objects.filter(pk__in=task_ids)
-        .annotate(out_dataset_id=Subquery(local_dataset))
-        .values_list("id", "data_out_uid", "out_dataset_id")
-    }
-
-
 def outputs_register(files: list[FileRow]) -> Registered:
     """Register the files to be registered in their tasks' output datasets through the DSM,
     one call per dataset; called OUTSIDE any transaction, before the one that writes the
@@ -114,19 +104,16 @@ def outputs_register(files: list[FileRow]) -> Registered:
     registered, with its entry id read from the local catalogue. A closed or missing dataset,
     or files it refuses, are recorded as failed: their FILE_DAT rows become ``failed``."""
     done = Registered()
-    wanted = [f for f in files if f.register]
-    if not wanted:
-        return done
-    for task_id, (uid, _) in output_places({f.task_id for f in wanted}).items():
-        for f in wanted:
-            if f.task_id == task_id:
-                f.dataset_uid = uid
     by_dataset: dict[uuid.UUID, dict[str, FileRow]] = defaultdict(dict)
-    for f in wanted:
-        if f.dataset_uid is not None:
+    for f in files:
+        if f.register and f.dataset_uid is not None:
             by_dataset[f.dataset_uid].setdefault(f.name, f)
     if not by_dataset:
         return done
+    done.dataset_ids = dict.fromkeys(by_dataset)
+    done.dataset_ids.update(
+        Dataset.objects.filter(**db.in_values("uid", by_dataset)).values_list("uid", "id")
+    )
     dsm = get_dsm()
     try:
         local = dsm.catalogue_is_local
@@ -204,10 +191,8 @@ def store_files(files: list[FileRow], now: Any, registered: Registered) -> None:
     The files to register in their tasks' output datasets were registered before it
     (:func:`outputs_register`, ``registered``); one the registration did not cover raises
     :class:`RegistrationStale` (the transaction is rolled back, the batch prepared again)."""
-    places = output_places({f.task_id for f in files})
-    dataset_ids = {uid: dataset_id for uid, dataset_id in places.values() if uid is not None}
+    dataset_ids = registered.dataset_ids
     for f in files:
-        f.dataset_uid = places.get(f.task_id, (None, None))[0]
         if f.register and f.dataset_uid is not None:
             key = (f.dataset_uid, f.name)
             if not registered.holds(key):

@@ -106,7 +106,16 @@ class _Attempt:
     ended: bool = False
 
 
-_JOB_COLUMNS = ("id", "uuid", "state", "cur_retry", "retries", "task_id", "task__data_out_url")
+_JOB_COLUMNS = (
+    "id",
+    "uuid",
+    "state",
+    "cur_retry",
+    "retries",
+    "task_id",
+    "task__data_out_url",
+    "task__data_out_uid",
+)
 
 
 def _report_files(ev: StatusEvent) -> list[tuple[Any, ...]]:
@@ -228,6 +237,7 @@ def _files_ahead(events: list[StatusEvent]) -> list[FileRow]:
         "job__uuid",
         "job__task_id",
         "job__task__data_out_url",
+        "job__task__data_out_uid",
         "job__state",
         "job__cur_retry",
         "number",
@@ -235,17 +245,35 @@ def _files_ahead(events: list[StatusEvent]) -> list[FileRow]:
         "state",
         "kill_acked_at",
     ):
-        seen[(str(row[1]), row[6])] = row
+        seen[(str(row[1]), row[7])] = row
     places: dict[int, str] = {}
     files: list[FileRow] = []
     for ev in finals:
         found = seen.get((ev.job_uuid, ev.attempt))
         if found is None:
             continue
-        job_id, uid, task_id, out_url, job_state, cur_retry, number, pilot, state, acked = found
+        (
+            job_id,
+            uid,
+            task_id,
+            out_url,
+            out_uid,
+            job_state,
+            cur_retry,
+            number,
+            pilot,
+            state,
+            acked,
+        ) = found
         if pilot != ev.pilot_id:
             continue
-        job = {"id": job_id, "uuid": uid, "task_id": task_id, "task__data_out_url": out_url}
+        job = {
+            "id": job_id,
+            "uuid": uid,
+            "task_id": task_id,
+            "task__data_out_url": out_url,
+            "task__data_out_uid": out_uid,
+        }
         if outputs_outside(ev, _place(places, job)) is not None:
             continue
         reclaimable = (
