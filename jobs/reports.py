@@ -25,7 +25,7 @@ from django.utils import timezone
 from files.models import File, FileType
 from jobs.control import kick_finalize_tasks, tasks_nearly_done
 from jobs.events import APPLIED, DUPLICATE, IGNORED, EventOutcome, clean_event, outputs_outside
-from jobs.models import AttemptState, Job, JobAttempt, JobState
+from jobs.models import AttemptState, Job, JobAttempt, JobState, task_model
 from jobs.outputs import (
     FileRow,
     Registered,
@@ -223,29 +223,12 @@ def job_events_prepare(
 
 
 def _files_ahead(events: list[StatusEvent]) -> list[FileRow]:
-    """The files the final reports among ``events`` would register, if applied now: two
-    queries (attempts with their jobs, the jobs of lost attempts), none without files."""
+    """The files the final reports among ``events`` would register, if applied now: one
+    query, none without files."""
     finals = [ev for ev in events if ev.state != "running" and ev.outputs]
     if not finals:
         return []
-    seen: dict[tuple[str, int], Any] = {}
-    for row in JobAttempt.objects.filter(
-        **db.in_values("job__uuid", {ev.job_uuid for ev in finals}),
-        number__in={ev.attempt for ev in finals},
-    ).values_list(
-        "job_id",
-        "job__uuid",
-        "job__task_id",
-        "job__task__data_out_url",
-        "job__task__data_out_uid",
-        "job__state",
-        "job__cur_retry",
-        "number",
-        "pilot_id",
-        "state",
-        "kill_acked_at",
-    ):
-        seen[(str(row[1]), row[7])] = row
+    seen: dict[tuple[str, int], Any] = {(str(row[1]), row[7]): row for row in _attempt_rows(finals)}
     places: dict[int, str] = {}
     files: list[FileRow] = []
     for ev in finals:
@@ -286,6 +269,44 @@ def _files_ahead(events: list[StatusEvent]) -> list[FileRow]:
         elif state == AttemptState.CANCELLED and acked is None:
             files.extend(event_files(ev, job, None, finished=False))
     return files
+
+
+def _attempt_rows(finals: list[StatusEvent]) -> list[tuple[Any, ...]]:
+    """The attempts the events name, with their jobs and the jobs' tasks' output places:
+    (job id, job uuid, task id, output URL, output dataset uid, job state, cur_retry, attempt
+    number, pilot id, attempt state, kill_acked_at). Written in SQL: this read is on every
+    final report's path, and the ORM's compilation of the join cost more than the query."""
+    uid_field = Job._meta.get_field("uuid")
+    uids = [uid_field.get_db_prep_value(u, connection) for u in {ev.job_uuid for ev in finals}]
+    numbers = sorted({ev.attempt for ev in finals})
+    # table names from the models, values as parameters
+    attempts, jobs, tasks = (m._meta.db_table for m in (JobAttempt, Job, task_model()))
+    in_uids, in_numbers = ", ".join(["%s"] * len(uids)), ", ".join(["%s"] * len(numbers))
+    columns = (
+        "j.id, j.uuid, j.task_id, t.data_out_url, t.data_out_uid, j.state, j.cur_retry, "
+        "a.number, a.pilot_id, a.state, a.kill_acked_at"
+    )
+    joins = f"{attempts} a JOIN {jobs} j ON j.id = a.job_id JOIN {tasks} t ON t.id = j.task_id"
+    where = f"j.uuid IN ({in_uids}) AND a.number IN ({in_numbers})"
+    sql = f"SELECT {columns} FROM {joins} WHERE {where}"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*uids, *numbers])
+        rows = cursor.fetchall()
+    return [
+        (
+            job_id,
+            _as_uuid(job_uuid),
+            task_id,
+            out_url,
+            None if out_uid is None else _as_uuid(out_uid),
+            *rest,
+        )
+        for job_id, job_uuid, task_id, out_url, out_uid, *rest in rows
+    ]
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
 def job_events_commit(prepared: PreparedEvents) -> list[EventOutcome]:
