@@ -145,10 +145,13 @@ def datasets_register(
     return created
 
 
-def _kick_splitter(dataset_uid: uuid.UUID) -> None:
+def _kick_splitter(dataset: Dataset) -> None:
     """After commit, ask the splitter to look at the tasks reading this dataset: a kick by
-    name (``wms.split_dataset``, in the tasks app), which finds them itself."""
-    kick_split_dataset(dataset_uid=str(dataset_uid))
+    name (``wms.split_dataset``, in the tasks app), which finds them itself. Only input
+    datasets are read by tasks (``tasks.inputs`` refuses the others): an output dataset's
+    files (every final report's) kick nothing."""
+    if dataset.role == DatasetRole.INPUT:
+        kick_split_dataset(dataset_uid=str(dataset.uid))
 
 
 def _clean_entry(raw: Mapping[str, Any], index: int, roots: Sequence[str]) -> dict[str, Any]:
@@ -187,8 +190,7 @@ def dataset_add_files(
     default the storage roots, ``WMS_STORAGE_ROOTS``): else 400 naming ``files[i].url``, and
     nothing is registered. A pilot's report passes the output URL of its task.
 
-    Only ``dataset.pk`` and ``dataset.uid`` are used: a caller that knows them (a pilot's
-    report, through ``jobs.outputs``) may pass an unsaved ``Dataset(pk=..., uid=...)``.
+    Only ``dataset.pk``, ``dataset.uid`` and ``dataset.role`` are used.
     On PostgreSQL this is two statements: the counters' UPDATE, which takes the dataset's row
     lock and checks it is open, then one ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of the
     entries (a name that comes back missing was already there: 409, and the savepoint undoes
@@ -206,7 +208,7 @@ def dataset_add_files(
     else:
         entries = _add_entries_portable(dataset, cleaned)
     log.info("dataset_files_added", dataset_uid=str(dataset.uid), count=len(entries))
-    _kick_splitter(dataset.uid)
+    _kick_splitter(dataset)
     return entries
 
 
@@ -298,7 +300,7 @@ def dataset_close(*, dataset: Dataset, source: str, reason: str = "") -> Transit
     )
     if result.won:
         log.info("dataset_closed", dataset_uid=str(dataset.uid), source=source)
-        _kick_splitter(dataset.uid)  # a short trailing group may now become a job
+        _kick_splitter(dataset)  # a short trailing group may now become a job
     return result
 
 

@@ -306,3 +306,30 @@ def test_a_dataset_that_gained_files_kicks_the_tasks_still_reading_it(db):
 
     assert tasks_reading(dataset_uid=ds.uid) == [reading.pk]
     assert split_dataset(str(ds.uid)) == 1
+
+
+TEST_FILE_ROOT = "file:///data"
+
+
+def test_only_an_input_dataset_that_gained_files_or_closed_kicks_the_splitter(db, monkeypatch):
+    """An output dataset gains a file with every final report: it is read by no task (only
+    input datasets are), so it kicks nothing, and a worker is not woken for every job."""
+    from files import services as files_services
+    from files.models import DatasetRole
+    from tests.factories import DatasetFactory
+
+    kicked: list[str] = []
+    monkeypatch.setattr(
+        files_services, "kick_split_dataset", lambda *, dataset_uid: kicked.append(dataset_uid)
+    )
+    inputs = DatasetFactory(role=DatasetRole.INPUT)
+    outputs = DatasetFactory(role=DatasetRole.OUTPUT)
+    for ds in (inputs, outputs):
+        files_services.dataset_add_files(
+            dataset=ds,
+            files=[{"name": "a.root", "size": 1, "url": f"{TEST_FILE_ROOT}/{ds.uid}/a.root"}],
+            url_roots=[TEST_FILE_ROOT],
+        )
+        files_services.dataset_close(dataset=ds, source="test")
+
+    assert kicked == [str(inputs.uid), str(inputs.uid)]
