@@ -56,5 +56,5 @@ def done(path: str) -> tuple[int, float]:
 
 @app.task(name="noop")
 def noop() -> None:
-    subprocess.run(["wms-payload-noop"], check=True)
+    subprocess.run([os.environ.get("BENCH_PAYLOAD", "wms-payload-noop")], check=True)
     record(os.environ["BENCH_COUNTER"])
