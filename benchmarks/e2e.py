@@ -107,7 +107,11 @@ def run_celery(
 
     def alive() -> None:
         if proc.poll() is not None:
-            raise RuntimeError(f"the Celery worker exited ({proc.returncode}): see {log.name}")
+            log.flush()
+            tail = Path(log.name).read_text().splitlines()[-15:]
+            raise RuntimeError(
+                f"the Celery worker exited ({proc.returncode}):\n" + "\n".join(tail)
+            )
 
     try:
         # warm-up: every pool process has run one task before the clock starts

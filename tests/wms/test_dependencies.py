@@ -350,3 +350,28 @@ def test_no_module_is_longer_than_600_lines():
         and (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, long
+
+
+def test_every_project_package_is_installed_by_the_package():
+    """``pip install`` (not only a checkout on ``sys.path``) carries every app in
+    INSTALLED_APPS and every top-level package of the project: a package left out of
+    ``[tool.setuptools.packages.find]`` imports from the repository's folder only (a worker
+    started elsewhere, a wheel, an image) and fails at ``django.setup()``."""
+    import fnmatch
+    import tomllib
+
+    from django.conf import settings
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    ours = {
+        path.parent.name
+        for path in ROOT.glob("*/__init__.py")
+        if path.parent.name not in {"tests", "benchmarks"}
+    }
+    ours |= {
+        app.split(".")[0] for app in settings.INSTALLED_APPS if (ROOT / app.split(".")[0]).is_dir()
+    }
+    missing = sorted(p for p in ours if not any(fnmatch.fnmatch(p, pat) for pat in include))
+    assert missing == []
