@@ -113,6 +113,61 @@ def test_a_final_report_sent_again_gets_applied_again_and_registers_once(make_pi
     assert after == before
 
 
+def test_a_report_refused_before_its_transaction_is_replayed_as_refused(make_pilot, output_task):
+    """A bad report is refused by the step before the transaction (``prepare``): the refusal
+    is stored like any other 4xx and sent again as it was; nothing is registered."""
+    _, client = make_pilot()
+    job = started(client, output_task)
+    url = f"/api/v1/jobs/{job.uuid}/report/"
+    k = key()
+    bad = {"attempt": 0, "state": "finished", "exit_code": "zero"}
+
+    first = post(client, url, bad, k)
+    again = post(client, url, bad, k)
+
+    assert first.status_code == again.status_code == 400
+    assert first.json() == again.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert IdempotentRequest.objects.get(key=k).status == 400
+    assert JobAttempt.objects.get(job=job).state == "running"
+
+
+def test_a_dsm_failure_before_the_transaction_is_not_stored_and_the_retry_registers(
+    make_pilot, output_task, monkeypatch
+):
+    """The DSM fails while the report's files are registered (before the transaction): a 502
+    is not stored, nothing is written; the report sent again with its key is applied."""
+    from files.dsm.local import LocalDSMClient
+    from wms.exceptions import DSMError
+
+    _, client = make_pilot()
+    job = started(client, output_task)
+    body = {"attempt": 0, "state": "finished", "exit_code": 0, "outputs": [HIST, log_file(job)]}
+    url = f"/api/v1/jobs/{job.uuid}/report/"
+    k = key()
+    real = LocalDSMClient.register_files
+
+    def down(self, *args, **kwargs):
+        raise DSMError("the DSM is away")
+
+    monkeypatch.setattr(LocalDSMClient, "register_files", down)
+    first = post(client, url, body, k)
+    assert first.status_code == 502 and first.json()["error"] == "dsm_error"
+    assert not IdempotentRequest.objects.filter(key=k).exists()
+    assert JobAttempt.objects.get(job=job).state == "running"
+    assert not File.objects.filter(job=job).exists()
+
+    monkeypatch.setattr(LocalDSMClient, "register_files", real)
+    again = post(client, url, body, k)
+
+    assert again.status_code == 200 and again.json()["outcome"] == "applied"
+    assert "Idempotent-Replayed" not in again.headers
+    assert set(dataset_files(output_task)) == {
+        f"{job.uuid}/hist.json",
+        f"{job.uuid}/0/{job.uuid}.0.log",
+    }
+
+
 def test_a_heartbeat_sent_again_gets_the_same_commands_and_writes_nothing(make_pilot):
     pilot, client = make_pilot()
     pilot_commands_create(commands=[CommandSpec(pilot_id=pilot.pk, command=CommandKind.DRAIN)])
