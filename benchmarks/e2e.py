@@ -109,9 +109,7 @@ def run_celery(
         if proc.poll() is not None:
             log.flush()
             tail = Path(log.name).read_text().splitlines()[-15:]
-            raise RuntimeError(
-                f"the Celery worker exited ({proc.returncode}):\n" + "\n".join(tail)
-            )
+            raise RuntimeError(f"the Celery worker exited ({proc.returncode}):\n" + "\n".join(tail))
 
     try:
         # warm-up: every pool process has run one task before the clock starts

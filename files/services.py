@@ -194,7 +194,7 @@ def dataset_add_files(
     On PostgreSQL this is two statements: the counters' UPDATE, which takes the dataset's row
     lock and checks it is open, then one ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of the
     entries (a name that comes back missing was already there: 409, and the savepoint undoes
-    the counters); plus the read of the tasks to kick.
+    the counters); an input dataset then kicks the splitter by name after commit.
     """
     roots = storage_roots() if url_roots is None else tuple(url_roots)
     cleaned = [_clean_entry(f, i, roots) for i, f in enumerate(files)]

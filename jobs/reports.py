@@ -13,7 +13,7 @@ import hashlib
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,17 +326,17 @@ def job_events_commit(prepared: PreparedEvents) -> list[EventOutcome]:
 PREPARE_ROUNDS = 3
 
 
-def _apply_prepared(prepare: Any) -> list[EventOutcome]:
-    for round_ in range(1, PREPARE_ROUNDS + 1):
-        prepared = prepare()
+def _apply_prepared(prepare: Callable[[], PreparedEvents]) -> list[EventOutcome]:
+    """Prepare, then commit; a stale registration prepares again, :data:`PREPARE_ROUNDS`
+    times in all, except inside a caller's transaction (its rollback is the caller's)."""
+    for round_ in range(1, PREPARE_ROUNDS):
         try:
-            return job_events_commit(prepared)
+            return job_events_commit(prepare())
         except RegistrationStale:
-            # inside a caller's transaction, its rollback is the caller's to make
-            if round_ == PREPARE_ROUNDS or connection.in_atomic_block:
+            if connection.in_atomic_block:
                 raise
             log.info("report_registration_stale", round=round_)
-    raise AssertionError("unreachable")
+    return job_events_commit(prepare())
 
 
 def job_events_apply(

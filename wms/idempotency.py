@@ -11,7 +11,9 @@ sent again with every retry of that call). A view method wrapped with :func:`ide
   (status and JSON body), with the header ``Idempotent-Replayed: true``, and the call is not
   run; if the stored call was another one (method, path or body differ, compared by sha256):
   **422** ``idempotency_key_reused``;
-- else runs the call in a transaction and, if it succeeded (2xx), inserts the answer keyed by
+- else runs the view's ``prepare`` step, if it has one (work that must not run in a
+  transaction, such as a report's registration in the DSM; idempotent by itself), then the
+  call in a transaction and, if it succeeded (2xx), inserts the answer keyed by
   (scope, key) **in the same transaction**: the change and its record commit together or not
   at all. A refusal (other 4xx) changed nothing: its answer is stored after the rollback
   (except a refusal that keeps its change, ``WMSError.keeps_changes``: the change and the

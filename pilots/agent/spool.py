@@ -366,7 +366,7 @@ def _batches(entries: list[SpoolEntry]) -> list[list[SpoolEntry]]:
         batch: list[SpoolEntry] = []
         size = 0
         for entry in group:
-            cost = len(json.dumps(entry.report, separators=(",", ":")))
+            cost = _size(entry.path)  # the spool file: the report and a few fields more
             if batch and (len(batch) >= BATCH_REPORTS or size + cost > BATCH_BYTES):
                 batches.append(batch)
                 batch, size = [], 0
@@ -374,6 +374,13 @@ def _batches(entries: list[SpoolEntry]) -> list[list[SpoolEntry]]:
             size += cost
         batches.append(batch)
     return batches
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _detail(result: ApiResult) -> str:
