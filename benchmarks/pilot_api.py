@@ -4,7 +4,7 @@ its log) of N queued jobs, by a few pilots at once, against the web app under gu
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/wms \
     CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
     .venv/bin/python benchmarks/pilot_api.py [N] [--clients 4] [--workers 2] \
-        [--worker-class sync|gthread] [--threads 2]
+        [--worker-class sync|gthread] [--threads 2] [--batch B]
 
 N jobs are split and dispatched (the executor, on a bus prefix of the run; the job queue is
 then emptied), so they are ``queued`` as a pilot finds them. Each client is a process of its
@@ -15,7 +15,9 @@ the job messages one after the other (start, then report). The web app runs unde
 
 Against: ``GET /healthz`` (Django's request cycle and one ``SELECT 1``, no authentication) by
 the same clients on the same server, in the same run: the floor of one HTTP request here.
-Target (issue 4): >= 1,000 jobs/s (start + report pairs).
+With ``--batch B`` each pilot starts B jobs in one ``POST /pilots/{id}/starts/`` and reports
+them in one ``POST /pilots/{id}/events/`` (the agent's batched path, issue 15).
+Target (issues 4 and 15): >= 1,000 jobs/s (start + report pairs).
 """
 
 from __future__ import annotations
@@ -70,13 +72,39 @@ def report_body(job_uuid: str, attempt: int, output_url: str) -> dict:
     }
 
 
-def client_pairs(barrier, url: str, pilot_id: int, token: str, jobs: list[tuple[str, int]]):
-    """One pilot: start + report each of its jobs; the latencies of both calls."""
+def client_pairs(
+    barrier, url: str, pilot_id: int, token: str, jobs: list[tuple[str, int]], batch: int = 1
+):
+    """One pilot: start + report each of its jobs; the latencies of both calls. With
+    ``batch`` > 1, ``batch`` jobs at a time: one ``starts`` call, then one ``events`` call
+    with their final reports (the agent's batched path)."""
     client = PilotSession(url, pilot_id, token)
     client.session.get(url + "/healthz", timeout=10)  # the connection is open before the clock
     barrier.wait()
     cpu0 = time.process_time()
     starts, reports = [], []
+    if batch > 1:
+        for i in range(0, len(jobs), batch):
+            group = jobs[i : i + batch]
+            t, body = client.post(
+                f"/pilots/{pilot_id}/starts/",
+                {"starts": [{"job_uuid": u, "attempt": a} for u, a in group]},
+            )
+            starts.append(t)
+            results = body["results"]
+            assert all(r.get("outcome") == "started" for r in results), results[:3]
+            events = [
+                {
+                    "job_uuid": r["job_uuid"],
+                    **report_body(r["job_uuid"], r["attempt"], r["job"]["output_url"]),
+                }
+                for r in results
+            ]
+            t, body = client.post(f"/pilots/{pilot_id}/events/", {"events": events})
+            reports.append(t)
+            assert {r.get("outcome") for r in body["results"]} == {"applied"}, body["results"][:3]
+        client.close()
+        return starts, reports, time.process_time() - cpu0
     for job_uuid, attempt in jobs:
         t, body = client.post(f"/jobs/{job_uuid}/start/", {"attempt": attempt})
         starts.append(t)
@@ -113,6 +141,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
     parser.add_argument("--worker-class", default="sync", choices=("sync", "gthread"))
     parser.add_argument("--threads", type=int, default=2, help="threads of a gthread worker (2)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="jobs per call: 1 = start + report per job; B > 1 = one starts call and one "
+        "events call per B jobs (1)",
+    )
     args = parser.parse_args()
     n, k = args.n, args.clients
 
@@ -136,7 +171,7 @@ def main() -> None:
                 results = run_processes(
                     client_pairs,
                     [
-                        (web.url, pid, token, share)
+                        (web.url, pid, token, share, args.batch)
                         for (pid, token), share in zip(pilots, shares, strict=True)
                     ],
                     start=cpu_pairs.start,
@@ -162,15 +197,16 @@ def main() -> None:
     pairs_rate = n / cpu_pairs.wall
     health_rate = len(health_lat) / cpu_health.wall
     report(
-        f"pilot API: start + final report of {n} jobs, {k} pilots, {web.describe()}",
+        f"pilot API: start + final report of {n} jobs, {k} pilots, {web.describe()}"
+        + (f", batches of {args.batch}" if args.batch > 1 else ""),
         [
             (
                 "start + report",
                 f"{cpu_pairs.wall:.2f} s = {pairs_rate:,.0f} jobs/s"
                 f" ({2 * pairs_rate:,.0f} requests/s)  (target >= 1,000 jobs/s)",
             ),
-            ("  start latency", summary(starts)),
-            ("  report latency", summary(reports)),
+            ("  start latency" + (" (per call)" if args.batch > 1 else ""), summary(starts)),
+            ("  report latency" + (" (per call)" if args.batch > 1 else ""), summary(reports)),
             ("  CPU per job", cpu_pairs.per(n, clients=sum(c for _, _, c in results))),
             (
                 "GET /healthz",

@@ -38,10 +38,11 @@ from pilots.agent.commands import CommandConsumer, CommandDispatcher
 from pilots.agent.config import PilotConfig
 from pilots.agent.guard import Orphan, PayloadGuard
 from pilots.agent.heartbeat import Heartbeat
-from pilots.agent.intake import Intake, RunningJob, Slots
+from pilots.agent.intake import Intake
 from pilots.agent.logs import kv, log
 from pilots.agent.sandbox import PayloadSandbox, SandboxError, from_config, is_dumpable
 from pilots.agent.session import Session, StartupError
+from pilots.agent.slots import RunningJob, Slots
 from pilots.agent.spool import Spool
 from pilots.agent.watchdog import SlotWatchdog
 from wms.contract import Command
@@ -384,12 +385,12 @@ class Agent:
                 self.exit_reason = f"idle for {idle:.0f}s"
                 log.info(kv("pilot_idle_exit", idle=f"{idle:.1f}"))
                 break
-            message = self.intake.get()
-            if message is None:
+            messages = self.intake.get_batch(self.cfg.slots - running)
+            if not messages:
                 self.wait(poll.next())
                 continue
             poll.reset()
-            delay = self.intake.take(message)
+            delay = self.intake.take_many(messages)
             if delay is None:
                 start_backoff.reset()
             else:

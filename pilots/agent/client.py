@@ -225,6 +225,13 @@ class PilotClient:
         unknown (``retry``), then requeues the message."""
         return self.post(f"/jobs/{job_uuid}/start/", payload, auth=self._pilot_auth(), key=key)
 
+    def starts(self, payload: dict[str, Any], *, key: str | None = None) -> ApiResult:
+        """Several starts in one call (``POST /pilots/{id}/starts/``); one try, as
+        :meth:`start`."""
+        return self.post(
+            f"/pilots/{self.pilot_id}/starts/", payload, auth=self._pilot_auth(), key=key
+        )
+
     def report(
         self,
         job_uuid: str,

@@ -72,6 +72,7 @@ class PilotConfig:
     http_timeout: float = 30.0
     register_retries: int = 10
     start_retries: int = 5
+    start_gather: float = 0.005
     broker_timeout: float = 30.0
     slot_stuck_after: float = 900.0
     log_level: str = "INFO"
@@ -278,6 +279,12 @@ OPTIONS: tuple[Option, ...] = (
         "start_retries",
         _number(int, minimum=0),
         "tries of a start whose answer was lost (same idempotency key), after the first",
+    ),
+    Option(
+        "start_gather",
+        _number(float, minimum=0),
+        "seconds to wait for more job messages when the queue holds fewer than the free slots, "
+        "so that they are started in one call (0: start what is there)",
     ),
     Option(
         "broker_timeout",

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from pilots.agent.client import ApiResult
     from pilots.agent.commands import CommandDispatcher
     from pilots.agent.config import PilotConfig
-    from pilots.agent.intake import Intake, RunningJob, Slots
+    from pilots.agent.intake import Intake
     from pilots.agent.session import Session
+    from pilots.agent.slots import RunningJob, Slots
 
 
 class HeartbeatOwner(Protocol):

@@ -1,16 +1,18 @@
-"""Taking jobs: the slots, the job queue, starting a job at the WMS, and the job's thread.
+"""Taking jobs: the job queue, starting jobs at the WMS, and the jobs' threads.
 
-When a slot is free the main loop (``pilots.agent.agent``) asks :meth:`Intake.get` for one job
-message (``basic_get``, reconnecting after broker trouble) and :meth:`Intake.take` starts it:
-decode (a malformed one is acked and dropped), ``POST start``, and only then ack. 200 → ack and
-run it in a thread of its own; 409 (and other 4xx) → ack and drop; 5xx or no answer → the same
-start again with the same idempotency key (``start_retries`` times, backoff with jitter: the
-server answers a start it already made with the same job message), then reject with requeue
-and back off. So at most ``slots`` jobs run, and no message stays unacked longer than one
-``start`` call and its retries.
+When slots are free the main loop (``pilots.agent.agent``) asks :meth:`Intake.get_batch` for
+job messages for them (``basic_get`` while the queue holds some, once more after
+``start_gather``; reconnecting after broker trouble) and :meth:`Intake.take_many` starts them:
+decode (a malformed one is acked and dropped; the same message twice, or one whose attempt
+runs here, too), ``POST start`` for one message or ``POST /pilots/{id}/starts/`` for several,
+and only then ack each by its own answer. Started → ack and run it in a thread of its own;
+refused (409, other 4xx) → ack and drop; 5xx or no answer → the same call again with the same
+idempotency key (``start_retries`` times, backoff with jitter: the server answers a start it
+already made with the same job message), then reject with requeue and back off; a batched
+call refused as a whole (a server without it) → one ``start`` per message. So at most
+``slots`` jobs run, and no message stays unacked longer than one call and its retries.
 
-:class:`Slots` holds the running jobs, the kills ordered for jobs not (yet) here, and the jobs
-that ended here.
+:class:`~pilots.agent.slots.Slots` (``pilots/agent/slots.py``) holds the running jobs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,8 +33,15 @@ from pilots.agent.client import CONFLICT, OK, REJECTED, RETRY, ApiResult, Backof
 from pilots.agent.logs import kv, log
 from pilots.agent.runner import FAILED, JobResult, JobRunner
 from pilots.agent.session import StartupError, head
+from pilots.agent.slots import RunningJob, Slots
 from pilots.agent.watchdog import SLOT_STUCK
-from wms.contract import ContractError, JobMessage, decode_job, decode_start_answer
+from wms.contract import (
+    ContractError,
+    JobMessage,
+    decode_job,
+    decode_start_answer,
+    decode_starts_answer,
+)
 from wms.topology import broker_urls
 
 if TYPE_CHECKING:
@@ -65,103 +74,6 @@ class IntakeOwner(Protocol):
     def wait(self, seconds: float) -> None: ...
 
     def token_refused_by_wms(self, result: ApiResult) -> None: ...
-
-
-PENDING_KILL_TTL = 120.0  # a kill_job for a job not (yet) here is remembered this long
-REMEMBERED_ENDED = 10_000  # job uuids that ended here (a late kill for them is not kept)
-
-
-@dataclass
-class RunningJob:
-    job: JobMessage
-    runner: JobRunner
-    thread: threading.Thread | None = None
-    started: float = field(default_factory=time.monotonic)
-
-
-class Slots:
-    """The jobs running here (at most ``size``), under one lock."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.jobs: dict[str, RunningJob] = {}
-        self.lock = threading.Lock()
-        self.done = 0
-        self.pending_kills: dict[str, tuple[int | None, str, float]] = {}
-        self.ended: dict[str, int] = {}  # job uuid -> last attempt that ended here
-        self.last_activity = time.monotonic()
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.jobs)
-
-    def running(self) -> list[RunningJob]:
-        with self.lock:
-            return list(self.jobs.values())
-
-    def add(self, running: RunningJob) -> tuple[int | None, str, float] | None:
-        """Put a job on a slot; returns a kill ordered for it before it came, if any."""
-        job = running.job
-        with self.lock:
-            self.jobs[job.job_uuid] = running
-            pending = self.pending_kills.pop(job.job_uuid, None)
-            now = time.monotonic()
-            for uuid, (_, _, at) in list(self.pending_kills.items()):
-                if now - at > PENDING_KILL_TTL:
-                    del self.pending_kills[uuid]
-        return pending
-
-    def release(self, running: RunningJob) -> bool:
-        """Take a job off its slot, once: False if it was off already (the watchdog freed
-        its slot, and this is its thread ending late)."""
-        job = running.job
-        with self.lock:
-            if self.jobs.get(job.job_uuid) is not running:
-                return False
-            del self.jobs[job.job_uuid]
-            self.ended[job.job_uuid] = job.attempt
-            while len(self.ended) > REMEMBERED_ENDED:
-                del self.ended[next(iter(self.ended))]
-            self.done += 1
-            self.last_activity = time.monotonic()
-        return True
-
-    def kill_job(self, job_uuid: str, attempt: int | None, reason: str) -> bool:
-        """Kill one job's attempt if it runs here; remember the order a while if not (yet)."""
-        with self.lock:
-            running = self.jobs.get(job_uuid)
-            ended = self.ended.get(job_uuid)
-            # not here (yet?): its start may be on its way; not if that attempt already ended here
-            keep = running is None and (ended is None or (attempt is not None and attempt > ended))
-            if keep:
-                self.pending_kills[job_uuid] = (attempt, reason, time.monotonic())
-        if running is None:
-            log.info(
-                kv("kill_job_not_running_here", job_uuid=job_uuid, attempt=attempt, remembered=keep)
-            )
-            return False
-        if attempt is not None and attempt != running.job.attempt:
-            log.info(
-                kv(
-                    "kill_job_other_attempt_ignored",
-                    job_uuid=job_uuid,
-                    attempt=attempt,
-                    running_attempt=running.job.attempt,
-                )
-            )
-            return False
-        running.runner.kill(reason or "kill_job command")
-        return True
-
-    def kill_all(self, reason: str) -> None:
-        with self.lock:
-            runners = [r.runner for r in self.jobs.values()]
-        for runner in runners:
-            runner.kill(reason)
-
-    def threads(self) -> list[threading.Thread]:
-        with self.lock:
-            return [r.thread for r in self.jobs.values() if r.thread is not None]
 
 
 class Intake:
@@ -255,6 +167,24 @@ class Intake:
             agent.wait(min(5.0, self.cfg.poll_interval * 2))
             return None
 
+    def get_batch(self, limit: int) -> list[Message]:
+        """Up to ``limit`` messages for the free slots: what the queue holds now, then, when
+        that is fewer, once more after ``start_gather`` seconds (a few milliseconds: a lone
+        job is not delayed noticeably, a burst is started in one call)."""
+        batch: list[Message] = []
+        for round_ in range(2):
+            while len(batch) < limit:
+                message = self.get()
+                if message is None:
+                    break
+                batch.append(message)
+            if not batch or len(batch) >= limit or round_ or self.cfg.start_gather <= 0:
+                break
+            if self.conn is None:  # broker trouble: start what is here
+                break
+            time.sleep(self.cfg.start_gather)
+        return batch
+
     def drop_connection(self) -> None:
         conn, self.conn = self.conn, None
         self._job_queue = None
@@ -287,12 +217,109 @@ class Intake:
 
     def take(self, message: Message) -> float | None:
         """Start (or drop, or requeue) one message. Returns a truthy delay to back off after."""
-        try:
-            job = decode_job(message.body)
-        except ContractError as exc:
-            log.error(kv("job_message_malformed_dropped", error=exc, body=head(message.body)))
-            self._settle(message, ack=True)
+        return self.take_many([message])
+
+    def take_many(self, messages: list[Message]) -> float | None:
+        """Start (or drop, or requeue) the messages taken for the free slots: one of them
+        with ``POST /jobs/{uuid}/start/``, several in one ``POST /pilots/{id}/starts/``.
+        Returns a truthy delay to back off after."""
+        taken: list[tuple[Message, JobMessage]] = []
+        for message in messages:
+            try:
+                job = decode_job(message.body)
+            except ContractError as exc:
+                log.error(kv("job_message_malformed_dropped", error=exc, body=head(message.body)))
+                self._settle(message, ack=True)
+                continue
+            if self._here_already(job, taken):
+                # the same message delivered twice (the executor published it again): the
+                # attempt runs here (or is being started here) already
+                log.info(
+                    kv("job_message_duplicate_dropped", job_uuid=job.job_uuid, attempt=job.attempt)
+                )
+                self._settle(message, ack=True)
+                continue
+            taken.append((message, job))
+        if not taken:
             return None
+        if len(taken) == 1:
+            return self.take_one(*taken[0])
+        return self._take_several(taken)
+
+    def _here_already(self, job: JobMessage, taken: list[tuple[Message, JobMessage]]) -> bool:
+        with self.slots.lock:
+            running = self.slots.jobs.get(job.job_uuid)
+        if running is not None and running.job.attempt == job.attempt:
+            return True
+        return any(t.job_uuid == job.job_uuid and t.attempt == job.attempt for _, t in taken)
+
+    def _take_several(self, taken: list[tuple[Message, JobMessage]]) -> float | None:
+        jobs = [job for _, job in taken]
+        result = self._with_retries(
+            lambda key: self.session.starts(jobs, key),
+            what={"starts": len(jobs), "first_job_uuid": jobs[0].job_uuid},
+        )
+        if result.outcome == OK:
+            try:
+                answers = decode_starts_answer(
+                    result.body if isinstance(result.body, dict) else {}, len(jobs)
+                )
+            except ContractError as exc:
+                log.error(kv("starts_answer_malformed_requeued", starts=len(jobs), error=exc))
+                for message, _ in taken:
+                    self._settle(message, ack=False)
+                return 1.0
+            to_launch: list[RunningJob] = []
+            requeued = False
+            for (message, job), answer in zip(taken, answers, strict=True):
+                context = {"job_uuid": job.job_uuid, "attempt": job.attempt}
+                if answer.ok:
+                    to_launch.append(self.register_job(answer.job or job))
+                    self._settle(message, ack=True)
+                elif answer.error == "pilot_not_live":
+                    log.warning(kv("job_start_refused_pilot_not_live_requeued", **context))
+                    self._settle(message, ack=False)
+                    requeued = True
+                else:
+                    log.info(
+                        kv(
+                            "job_start_refused_dropped",
+                            **context,
+                            answer=f"409 {answer.error}: {answer.detail}",
+                        )
+                    )
+                    self._settle(message, ack=True)
+            for running in to_launch:
+                self.launch(running)
+            return 1.0 if requeued else None
+        if result.outcome == CONFLICT and result.error == "pilot_not_live":
+            log.warning(kv("job_starts_refused_pilot_not_live_requeued", starts=len(jobs)))
+            for message, _ in taken:
+                self._settle(message, ack=False)
+            return 1.0
+        if result.outcome in (CONFLICT, REJECTED) and result.status not in (401, 403):
+            # refused as a whole (an old server without the call, a body it cannot read):
+            # each message on its own, as one start each
+            log.warning(
+                kv("job_starts_refused_one_by_one", starts=len(jobs), answer=result.describe())
+            )
+            delays = [self.take_one(message, job) for message, job in taken]
+            return max((d for d in delays if d), default=None)
+        if result.outcome == REJECTED:
+            log.error(
+                kv("starts_unauthorized_requeued", starts=len(jobs), answer=result.describe())
+            )
+            for message, _ in taken:
+                self._settle(message, ack=False)
+            self.agent.token_refused_by_wms(result)
+            return None
+        log.warning(kv("job_starts_failed_requeued", starts=len(jobs), answer=result.describe()))
+        for message, _ in taken:
+            self._settle(message, ack=False)
+        return 1.0
+
+    def take_one(self, message: Message, job: JobMessage) -> float | None:
+        """Start (or drop, or requeue) one decoded message."""
         context = {"job_uuid": job.job_uuid, "attempt": job.attempt}
         result = self.start(job)
         if result.outcome == OK:
@@ -339,31 +366,32 @@ class Intake:
         return 1.0
 
     def start(self, job: JobMessage) -> ApiResult:
-        """``POST start``; while its outcome is unknown (no answer, time-out, 5xx: the server
-        may have started the job for this pilot) sent again with the same idempotency key,
+        """``POST start`` with its retries (:meth:`_with_retries`)."""
+        return self._with_retries(
+            lambda key: self.session.start(job, key),
+            what={"job_uuid": job.job_uuid, "attempt": job.attempt},
+        )
+
+    def _with_retries(self, call: Callable[[str], ApiResult], what: dict[str, Any]) -> ApiResult:
+        """A start call; while its outcome is unknown (no answer, time-out, 5xx: the server
+        may have started the jobs for this pilot) sent again with the same idempotency key,
         with backoff and jitter, up to ``start_retries`` more times. The server answers a
         start it already made with the same job message (docs/pilot-api.md)."""
         key = new_key()
         backoff = Backoff(0.5, 10.0)
-        result = self.session.start(job, key)
+        result = call(key)
         for _ in range(self.cfg.start_retries):
             if result.outcome != RETRY or self.agent.shutting_down:
                 break
             delay = backoff.next()
             log.warning(
-                kv(
-                    "job_start_retry",
-                    job_uuid=job.job_uuid,
-                    attempt=job.attempt,
-                    answer=result.describe(),
-                    wait=f"{delay:.1f}",
-                )
+                kv("job_start_retry", **what, answer=result.describe(), wait=f"{delay:.1f}")
             )
             deadline = time.monotonic() + delay
             while not self.agent.shutting_down and (left := deadline - time.monotonic()) > 0:
                 time.sleep(min(left, 0.25))
-                self.keep_alive()  # the message stays unacked: keep the link alive
-            result = self.session.start(job, key)
+                self.keep_alive()  # the messages stay unacked: keep the link alive
+            result = call(key)
         return result
 
     # --- the job's slot and thread ---------------------------------------------------------------

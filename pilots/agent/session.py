@@ -30,6 +30,7 @@ from wms.contract import (
     RegistrationAnswer,
     ReportBody,
     StartBody,
+    StartsBody,
     TerminateBody,
 )
 
@@ -131,6 +132,10 @@ class Session:
 
     def start(self, job: JobMessage, key: str) -> ApiResult:
         return self.client.start(job.job_uuid, StartBody(job.attempt).to_dict(), key=key)
+
+    def starts(self, jobs: list[JobMessage], key: str) -> ApiResult:
+        body = StartsBody(tuple((job.job_uuid, job.attempt) for job in jobs))
+        return self.client.starts(body.to_dict(), key=key)
 
     def heartbeat(self, body: HeartbeatBody) -> ApiResult:
         return self.client.heartbeat(body.to_dict())

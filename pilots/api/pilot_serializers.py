@@ -10,12 +10,13 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from jobs.api.pilot_serializers import JobMessageSerializer
 from jobs.events import OUTCOMES
 from pilots.models import CommandKind
 from pilots.services import REPORTED_STATES
 from wms.api import StrictFieldsMixin
 from wms.choices import DeviceType
-from wms.contract import MAX_EVENTS
+from wms.contract import MAX_EVENTS, MAX_STARTS
 
 MAX_HEARTBEAT_JOBS = 10_000
 MAX_ORPHANS = 100  # jobs in one registration's ``orphans``
@@ -220,3 +221,38 @@ class PilotEventResultSerializer(serializers.Serializer):
 
 class PilotEventsReplySerializer(serializers.Serializer):
     results = PilotEventResultSerializer(many=True)
+
+
+class StartListField(serializers.ListField):
+    """Starts are checked one by one by the service: one bad entry spoils no other."""
+
+    child = serializers.JSONField()
+
+    def run_child_validation(self, data: list) -> list:
+        return list(data)  # decoded JSON already (see StatusEventListField)
+
+
+class PilotStartsSerializer(StrictFieldsMixin, serializers.Serializer):
+    """Several starts at once (the batched form of ``POST /jobs/{uuid}/start/``)."""
+
+    starts = StartListField(
+        min_length=1,
+        max_length=MAX_STARTS,
+        help_text="Objects `{job_uuid, attempt}`: the job messages the pilot took from its queue.",
+    )
+
+
+class PilotStartResultSerializer(serializers.Serializer):
+    """What became of one start: ``outcome`` ``started`` with the job message to run, or
+    ``error`` and ``detail``."""
+
+    job_uuid = serializers.CharField()
+    attempt = serializers.IntegerField(allow_null=True)
+    outcome = serializers.ChoiceField(choices=["started"], required=False)
+    job = JobMessageSerializer(required=False)
+    error = serializers.CharField(required=False)
+    detail = serializers.JSONField(required=False)
+
+
+class PilotStartsReplySerializer(serializers.Serializer):
+    results = PilotStartResultSerializer(many=True)

@@ -6,6 +6,7 @@ from pilots.api.pilot_views import (
     PilotEventsView,
     PilotHeartbeatView,
     PilotRegisterView,
+    PilotStartsView,
     PilotTerminateView,
 )
 
@@ -14,4 +15,5 @@ urlpatterns = [
     path("pilots/<int:pilot_id>/heartbeat/", PilotHeartbeatView.as_view(), name="pilot-heartbeat"),
     path("pilots/<int:pilot_id>/terminate/", PilotTerminateView.as_view(), name="pilot-terminate"),
     path("pilots/<int:pilot_id>/events/", PilotEventsView.as_view(), name="pilot-events"),
+    path("pilots/<int:pilot_id>/starts/", PilotStartsView.as_view(), name="pilot-starts"),
 ]

@@ -25,6 +25,8 @@ from pilots.api.pilot_serializers import (
     PilotHeartbeatSerializer,
     PilotRegisterSerializer,
     PilotRegistrationSerializer,
+    PilotStartsReplySerializer,
+    PilotStartsSerializer,
     PilotTerminatedSerializer,
     PilotTerminateSerializer,
 )
@@ -36,6 +38,7 @@ from pilots.auth import (
     registration_token,
     request_pilot,
 )
+from pilots.protocol import clean_starts, pilot_jobs_start
 from pilots.services import (
     hash_token,
     pilot_heartbeat,
@@ -227,3 +230,61 @@ class PilotEventsView(PilotProtocolView):
     def post(self, request: Request, pilot_id: int, prepared: PreparedEvents) -> Response:
         results = job_events_commit(prepared)
         return Response({"results": [r.as_dict() for r in results]})
+
+
+class PilotStartsView(PilotProtocolView):
+    @extend_schema(
+        tags=TAGS,
+        summary="A pilot starts several jobs",
+        description="The batched form of `POST /jobs/{uuid}/start/`: up to 1,000 job messages' "
+        "attempts claimed at once (`queued → running` with this pilot), in one transaction of "
+        "a fixed number of statements. Each start is answered on its own, in order: "
+        "`outcome: started` with the job message to run, or `error` and `detail` "
+        "(`validation_failed`, `not_found`, `job_not_queued`, `stale_attempt`, "
+        "`wrong_device`, `task_paused`: drop that message); one bad entry spoils no other. "
+        "A pilot that is not live is refused as a whole (409 `pilot_not_live`: put the "
+        "messages back). The same call sent again answers the same job messages.",
+        request=PilotStartsSerializer,
+        responses={200: PilotStartsReplySerializer, **error_responses(400, 409, 422)},
+        parameters=[IDEMPOTENCY_KEY],
+    )
+    @idempotent(pilot_scope)
+    def post(self, request: Request, pilot_id: int) -> Response:
+        serializer = PilotStartsSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        entries = serializer.validated_data["starts"]
+        cleaned = clean_starts(entries)
+        valid = [c for c in cleaned if isinstance(c, tuple)]
+        claims = iter(pilot_jobs_start(pilot=request_pilot(request), starts=valid) if valid else [])
+        results = []
+        attempt: int | None
+        for entry, item in zip(entries, cleaned, strict=True):
+            if isinstance(item, tuple):
+                job_uuid, attempt = str(item[0]), item[1]
+                claim = next(claims)
+                if claim.refusal is None:
+                    assert claim.message is not None
+                    results.append(
+                        {
+                            "job_uuid": job_uuid,
+                            "attempt": attempt,
+                            "outcome": "started",
+                            "job": claim.message.to_dict(),
+                        }
+                    )
+                    continue
+                error = claim.refusal
+            else:
+                job_uuid = str(entry.get("job_uuid") or "") if isinstance(entry, dict) else ""
+                raw_attempt = entry.get("attempt") if isinstance(entry, dict) else None
+                attempt = raw_attempt if type(raw_attempt) is int else None
+                error = item
+            results.append(
+                {
+                    "job_uuid": job_uuid,
+                    "attempt": attempt,
+                    "error": error.code,
+                    "detail": error.detail,
+                }
+            )
+        return Response({"results": results})

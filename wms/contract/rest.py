@@ -246,6 +246,81 @@ class StartBody:
         return {"attempt": _attempt(self.attempt)}
 
 
+MAX_STARTS = 1000
+
+
+@dataclass(frozen=True)
+class StartsBody:
+    """The body of ``POST /pilots/{id}/starts/``: the starts of several job messages' attempts
+    at once (the batched form of :class:`StartBody`), as (job uuid, attempt) pairs."""
+
+    starts: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.starts) <= MAX_STARTS:
+            raise ContractError(f"a starts body holds 1 to {MAX_STARTS} starts")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "starts": [
+                {"job_uuid": str(job_uuid), "attempt": _attempt(attempt)}
+                for job_uuid, attempt in self.starts
+            ]
+        }
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """What became of one start of a :class:`StartsBody`: started (``job``, the job message
+    to run: ``None`` when the server's copy could not be read, and the pilot's own copy is
+    run), or refused (``error`` code and its ``detail``; the message is dropped, except
+    ``pilot_not_live``)."""
+
+    job_uuid: str
+    attempt: int | None
+    job: JobMessage | None = None
+    error: str = ""
+    detail: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def decode_starts_answer(raw: bytes | str | dict, expected: int) -> list[StartResult]:
+    """The answer of ``POST /pilots/{id}/starts/``: one result per start sent, in order."""
+    data = _load_unversioned(raw)
+    results = data.get("results")
+    if not isinstance(results, list) or len(results) != expected:
+        raise ContractError(f"a starts answer holds one result per start ({expected})")
+    decoded = []
+    for item in results:
+        if not isinstance(item, dict):
+            raise ContractError("a start result is an object")
+        attempt = item.get("attempt")
+        if attempt is not None and (not isinstance(attempt, int) or isinstance(attempt, bool)):
+            raise ContractError("field 'attempt' has the wrong type")
+        error = str(item.get("error") or "")
+        job: JobMessage | None = None
+        if not error:
+            if item.get("outcome") != "started":
+                raise ContractError(f"unknown start outcome {item.get('outcome')!r}")
+            try:
+                job = decode_start_answer(item.get("job") or {})
+            except ContractError:
+                job = None
+        decoded.append(
+            StartResult(
+                job_uuid=str(item.get("job_uuid") or ""),
+                attempt=attempt,
+                job=job,
+                error=error,
+                detail=item.get("detail"),
+            )
+        )
+    return decoded
+
+
 @dataclass(frozen=True)
 class ReportBody:
     """The body of ``POST /jobs/{uuid}/report/``: a :class:`StatusEvent` without what the URL

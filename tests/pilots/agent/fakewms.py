@@ -59,6 +59,7 @@ class FakeWMS:
         self.commands: list[dict] = []  # handed out by the next heartbeat, once
         self.running_now = 0  # jobs started and not yet finally reported
         self.max_running = 0
+        self.starts_calls: list[int] = []  # the size of each batched starts call
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -156,6 +157,8 @@ class FakeWMS:
                 return 200, {"state": "terminated"}
             if verb == "events":
                 return self._events(auth, body, call)
+            if verb == "starts":
+                return self._starts(auth, body, call)
         if kind == "jobs" and verb == "start":
             status, answer = self.start_answer(ident, body)
             if status == 200:
@@ -170,6 +173,40 @@ class FakeWMS:
                     self.running_now -= 1
             return status, answer
         return 404, {"error": "not_found", "detail": path}
+
+    def _starts(self, auth: str, body: Any, call: Call) -> Answer:
+        """The batched starts: each answered by ``start_answer`` as its own ``start`` would be
+        (and recorded as one, so ``calls_to("start")`` sees it); a 5xx of any answers the whole
+        call. ``starts_calls`` counts the calls."""
+        starts = body.get("starts") if isinstance(body, dict) else None
+        if not isinstance(starts, list) or not starts:
+            return 400, {"error": "validation_failed", "detail": "starts"}
+        with self.lock:
+            self.starts_calls.append(len(starts))
+        results = []
+        for entry in starts:
+            ident = str(entry.get("job_uuid", ""))
+            start = {k: v for k, v in entry.items() if k != "job_uuid"}
+            with self.lock:
+                self.calls.append(Call(f"/api/v1/jobs/{ident}/start/", auth, start, key=call.key))
+            status, answer = self.start_answer(ident, start)
+            if status >= 500:
+                return status, answer
+            head = {"job_uuid": ident, "attempt": start.get("attempt")}
+            if status == 200:
+                with self.lock:
+                    self.running_now += 1
+                    self.max_running = max(self.max_running, self.running_now)
+                results.append({**head, "outcome": "started", "job": answer})
+            else:
+                results.append(
+                    {
+                        **head,
+                        "error": answer.get("error", "refused"),
+                        "detail": answer.get("detail"),
+                    }
+                )
+        return 200, {"results": results}
 
     def _events(self, auth: str, body: Any, call: Call) -> Answer:
         """The bulk reports: each event answered by ``report_answer`` as its own ``report``
