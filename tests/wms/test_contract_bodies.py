@@ -13,6 +13,7 @@ from pilots.api.pilot_serializers import PilotHeartbeatSerializer, PilotRegister
 from tests.pilots.agent.conftest import job_message
 from wms.contract import (
     MAX_EVENTS,
+    MAX_STARTS,
     ContractError,
     EventsBody,
     HeartbeatBody,
@@ -23,10 +24,12 @@ from wms.contract import (
     RegistrationAnswer,
     ReportBody,
     StartBody,
+    StartsBody,
     StatusEvent,
     TerminateBody,
     decode_events_answer,
     decode_start_answer,
+    decode_starts_answer,
 )
 
 AGENT = Path(__file__).resolve().parents[2] / "pilots" / "agent"
@@ -191,6 +194,7 @@ ENDPOINTS = {
     "register",
     "heartbeat",
     "start",
+    "starts",
     "report",
     "terminate",
     "events",
@@ -224,6 +228,42 @@ def _is_to_dict(node: ast.expr) -> bool:
         and isinstance(node.func, ast.Attribute)
         and node.func.attr == "to_dict"
     )
+
+
+def test_a_starts_body_holds_attempts_and_its_answer_is_read_per_start(tmp_path):
+    assert StartsBody(((UUID, 0), (UUID, 3))).to_dict() == {
+        "starts": [{"job_uuid": UUID, "attempt": 0}, {"job_uuid": UUID, "attempt": 3}]
+    }
+    for bad in ((), tuple((UUID, 0) for _ in range(MAX_STARTS + 1))):
+        with pytest.raises(ContractError):
+            StartsBody(bad)
+    with pytest.raises(ContractError):
+        StartsBody(((UUID, -1),)).to_dict()
+
+    message = job_message(tmp_path)
+    job = {k: v for k, v in message.to_dict().items() if k not in ("v", "kind")}
+    answer = {
+        "results": [
+            {"job_uuid": message.job_uuid, "attempt": 0, "outcome": "started", "job": job},
+            {"job_uuid": UUID, "attempt": 0, "outcome": "started", "job": {"job_uuid": UUID}},
+            {"job_uuid": UUID, "attempt": 1, "error": "job_not_queued", "detail": "taken"},
+        ]
+    }
+    started, unreadable, refused = decode_starts_answer(answer, 3)
+    assert (started.ok, started.job) == (True, message)
+    assert (unreadable.ok, unreadable.job) == (True, None)  # the pilot runs its own copy
+    assert (refused.ok, refused.error, refused.detail, refused.job) == (
+        False,
+        "job_not_queued",
+        "taken",
+        None,
+    )
+    with pytest.raises(ContractError, match="one result per start"):
+        decode_starts_answer(answer, 2)
+    with pytest.raises(ContractError, match="outcome"):
+        decode_starts_answer({"results": [{"job_uuid": UUID, "outcome": "eaten"}]}, 1)
+    with pytest.raises(ContractError):
+        decode_starts_answer({"results": ["x"]}, 1)
 
 
 def test_an_events_body_holds_reports_with_their_jobs_and_its_answer_is_checked():
