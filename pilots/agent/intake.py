@@ -429,13 +429,16 @@ class Intake:
                 slots=self.cfg.slots,
             )
         )
-        running.thread = threading.Thread(
+        thread = threading.Thread(
             target=self._run_job,
             args=(running,),
             name=f"job-{running.job.job_uuid[:8]}",
             daemon=True,
         )
-        running.thread.start()
+        thread.start()
+        # Only a started thread is shown to the watchdog: one not started yet is not alive,
+        # and would be taken for a job thread that ended without freeing its slot.
+        running.thread = thread
 
     def _run_job(self, running: RunningJob) -> None:
         job, runner = running.job, running.runner
