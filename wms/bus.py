@@ -89,18 +89,31 @@ def _publish_confirmed(conn: Connection, channel, items: list[tuple[bytes, str, 
         channel.confirm_select()
         channel._wms_confirm = True
         channel._wms_tag = 0
-    outstanding: set[int] = set()
+    # Delivery tags are consecutive on a channel: those of this batch are first..last. The
+    # broker confirms every tag up to one at once (``multiple``) or one tag alone.
+    first = channel._wms_tag + 1
+    last = channel._wms_tag + len(items)
+    upto = first - 1  # every tag up to this one is confirmed
+    singles: set[int] = set()  # confirmed one by one, above upto
     nacked: list[int] = []
 
     def on_ack(tag: int, multiple: bool) -> None:
+        nonlocal upto, singles
+        if tag <= upto:
+            return
         if multiple:
-            outstanding.difference_update([t for t in outstanding if t <= tag])
+            upto = tag
+            if singles:
+                singles = {t for t in singles if t > tag}
         else:
-            outstanding.discard(tag)
+            singles.add(tag)
 
     def on_nack(tag: int, multiple: bool) -> None:
         nacked.append(tag)
         on_ack(tag, multiple)
+
+    def outstanding() -> int:
+        return last - upto - len(singles)
 
     channel.events["basic_ack"].add(on_ack)
     channel.events["basic_nack"].add(on_nack)
@@ -115,12 +128,11 @@ def _publish_confirmed(conn: Connection, channel, items: list[tuple[bytes, str, 
             )
             channel.basic_publish(msg, exchange=exchange, routing_key=routing_key)
             channel._wms_tag += 1
-            outstanding.add(channel._wms_tag)
         deadline = time.monotonic() + settings.WMS_PUBLISH_CONFIRM_TIMEOUT
-        while outstanding:
+        while (left := outstanding()) > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BrokerError(f"{len(outstanding)} message(s) not confirmed in time.")
+                raise BrokerError(f"{left} message(s) not confirmed in time.")
             try:
                 conn.drain_events(timeout=min(remaining, 1.0))
             except TimeoutError:
