@@ -96,12 +96,16 @@ class Spool:
         }
         final = self.directory / self._name(job_uuid, attempt)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        data = json.dumps(document, separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(document, fh, separators=(",", ":"))
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                view = memoryview(data)
+                while view:  # one write for a report (json.dump to a file: one per token)
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
