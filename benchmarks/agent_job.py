@@ -77,6 +77,7 @@ class Cost:
     cpu: float  # seconds: this process + its reaped children + the guardian
     children: float
     wall: float
+    guardian: float = 0.0
     thread: float = 0.0  # the CPU of the thread that ran the jobs (serial run only)
 
 
@@ -110,7 +111,7 @@ class Meter:
         children = children_cpu() - self._c
         own = time.process_time() - self._p
         guard = pid_cpu(self.guardian) - self._g
-        self.cost = Cost(own + children + guard, children, time.perf_counter() - self._t)
+        self.cost = Cost(own + children + guard, children, time.perf_counter() - self._t, guard)
 
 
 class Bench:
@@ -266,7 +267,13 @@ def line(name: str, n: int, cost: Cost, base: Cost) -> str:
     return (
         f"  {name:<8} CPU {per:6.2f} ms/job (children {cost.children / n * 1000:.2f}),"
         f" wall {cost.wall / n * 1000:6.2f} ms/job, {per / (base.cpu / n * 1000):4.1f}x the floor"
-        + (f"; the jobs' thread {cost.thread / n * 1000:.2f}" if cost.thread else "")
+        f"\n           of which guardian {cost.guardian / n * 1000:.2f}"
+        + (
+            f", the jobs' thread {cost.thread / n * 1000:.2f}, the other threads (the sender)"
+            f" {(cost.cpu - cost.children - cost.guardian - cost.thread) / n * 1000:.2f}"
+            if cost.thread
+            else ""
+        )
     )
 
 

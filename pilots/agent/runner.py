@@ -192,9 +192,15 @@ class JobRunner:
     # --- the attempt, start to end -------------------------------------------------------------
 
     def run(self) -> JobResult:
-        if self.dir.exists():
+        try:
+            self.dir.mkdir()  # <work_dir>/jobs/ is the agent's: it exists
+        except FileExistsError:  # a crashed run's: not this attempt's
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.inputs_dir.mkdir(parents=True)
+            self.dir.mkdir()
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True)
+        if self.stager.stage_in_mode == "copy":  # inputs/ holds copies only
+            self.inputs_dir.mkdir()
         self.outputs_dir.mkdir()
         self.stager.real_dir = self.dir.resolve()  # before the payload runs (it may move things)
         with open(self.log_path, "ab", buffering=0) as logfh:
@@ -435,9 +441,8 @@ class JobRunner:
 
     def cleanup(self) -> None:
         """Remove the work directory (called once the report is spooled, if the log is safe)."""
-        try:  # the usual case, empty inputs/ and outputs/: four calls, without rmtree's walk
+        try:  # the usual case, an empty outputs/ and no inputs/: three calls, without rmtree
             self.log_path.unlink()
-            self.inputs_dir.rmdir()
             self.outputs_dir.rmdir()
             self.dir.rmdir()
         except OSError:  # anything else in it (outputs, scratch files, staged-in inputs)

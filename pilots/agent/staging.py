@@ -121,12 +121,19 @@ def _real_root(root: str) -> str:
 
 
 def copy_with_checksum(
-    src: Path, dst: Path, algorithm: str = "adler32", *, fin: IO[bytes] | None = None
+    src: Path,
+    dst: Path,
+    algorithm: str = "adler32",
+    *,
+    fin: IO[bytes] | None = None,
+    make_parent: bool = True,
 ) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` (through a temporary file and a rename), reading it once;
     returns (size, checksum of the content). ``fin``: ``src`` already opened (by
-    :func:`open_inside`), read instead of opening ``src`` by its name."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    :func:`open_inside`), read instead of opening ``src`` by its name. ``make_parent``:
+    False when the caller made ``dst``'s folder (:meth:`Stager.destination`)."""
+    if make_parent:
+        dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     size = 0
     try:
@@ -361,7 +368,7 @@ class Stager:
             for name, path in files:
                 dst = self.destination(root, name)
                 fin = self.open_in_job(path)
-                size, checksum = copy_with_checksum(path, dst, fin=fin)
+                size, checksum = copy_with_checksum(path, dst, fin=fin, make_parent=False)
                 url = dst.as_uri()
                 entry = {"name": name, "type": "output", "size": size, "check_sum": checksum}
                 result.outputs.append({**entry, "url": url})
@@ -402,7 +409,9 @@ class Stager:
                 root = self.output_root() / safe_name(self.job.job_uuid)
                 target = self.destination(root, f"{self.job.attempt}/{self.log_name}")
                 dst = target.parent
-                size, checksum = copy_with_checksum(self.log_path, target, fin=fin)
+                size, checksum = copy_with_checksum(
+                    self.log_path, target, fin=fin, make_parent=False
+                )
         except StageRefused as exc:
             self.refused(result, exc)
             return
