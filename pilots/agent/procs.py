@@ -113,6 +113,7 @@ def _pids(proc: Path = PROC) -> list[int]:
 # process of the node (~2.5 ms of CPU on a node of 100 processes, ~25 us a process).
 
 RESERVED_PIDS = 300  # the kernel's: the allocator starts again there after pid_max
+PROBE_AT_MOST = 64  # pids in the range tried one by one; more: the listing of /proc filtered
 _FORKS = b"\nprocesses "
 
 
@@ -158,12 +159,12 @@ def _own_namespace(proc: str) -> bool:
 
 
 def born_since(since: PidClock | None, proc: Path = PROC) -> list[int] | None:
-    """The pids of the live processes (thread group leaders) created after ``since`` and
-    some more (pids reused in the range): a superset of what was born since. None when it
-    cannot be told (no clock, or the allocator may have gone round): then every process."""
+    """The pids to look at for the processes created after ``since``: a superset of them
+    (every pid of the range when it is short, some maybe of no process or of a thread; the
+    live processes in it otherwise). None when it cannot be told (no clock, or the allocator
+    may have gone round): then every process."""
     if since is None:
         return None
-    pids = _pids(proc)  # before the clock: a process listed here was born before ``now``
     now = pid_clock(proc)
     raw = _read(f"{proc}/sys/kernel/pid_max")
     try:
@@ -173,6 +174,11 @@ def born_since(since: PidClock | None, proc: Path = PROC) -> list[int] | None:
     if now is None or not pid_max or now.forks - since.forks >= pid_max - RESERVED_PIDS:
         return None
     low, high = since.last_pid, now.last_pid
+    if 0 <= high - low <= PROBE_AT_MOST:
+        # a few pids: each is tried as it is, without listing /proc (one that is a thread
+        # of a marked process is that process: a signal to it is one to the process)
+        return list(range(low + 1, high + 1))
+    pids = _pids(proc)  # those born after ``now`` are not in the range: as with a listing
     if low <= high:
         return [p for p in pids if low < p <= high]
     return [p for p in pids if p > low or p <= high]  # wrapped round pid_max

@@ -263,6 +263,9 @@ def test_the_pids_born_since_a_moment_follow_the_cyclic_allocator(tmp_path):
 
     fake_proc(tmp_path, last_pid=1500, forks=5600, pids=pids)
     assert sorted(procs_module.born_since(since, proc) or []) == [1001, 1500]
+    # a short range: each of its pids, without a listing of /proc
+    fake_proc(tmp_path, last_pid=1010, forks=5010, pids=pids)
+    assert procs_module.born_since(since, proc) == list(range(1001, 1011))
     # wrapped round pid_max (back to 300): above the start or up to the cursor
     fake_proc(tmp_path, last_pid=400, forks=5600 + 31_000, pids=pids)
     assert sorted(procs_module.born_since(since, proc) or []) == [1, 350, 1001, 1500, 32000, 32700]
