@@ -91,15 +91,22 @@ MAX_REPORTED_PIDS = 1000  # per job, in the registration's ``orphans`` (the serv
 # --- records in the work directory ------------------------------------------------------------
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a temporary file, fsync, rename."""
+def write_json(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
+    """Atomically: a temporary file, fsync (if ``durable``), rename. A payload's record is
+    not made durable: it is read only while the node runs (after a crash of the node its
+    processes are gone with it, and the run file, durable, names the run)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        raw = json.dumps(data).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -274,7 +281,7 @@ class PayloadGuard:
             "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
         try:
-            write_json(self.dir / record_name(job_uuid, attempt), record)
+            write_json(self.dir / record_name(job_uuid, attempt), record, durable=False)
         except OSError as exc:  # the mark still finds it; say why the record is missing
             log.warning(kv("payload_record_not_written", job_uuid=job_uuid, error=exc))
         with self._lock:

@@ -8,6 +8,7 @@ Events are snake_case words followed by ``key=value`` context, built by :func:`k
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -21,9 +22,12 @@ FORMAT = (
 log = logging.getLogger(LOGGER_NAME)
 
 
+_QUOTE = re.compile(r'[\s"]')
+
+
 def _fmt(value: Any) -> str:
-    text = str(value)
-    if text == "" or any(c.isspace() for c in text) or '"' in text:
+    text = value if type(value) is str else str(value)
+    if text == "" or _QUOTE.search(text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MARK_VAR = "WMS_PAYLOAD_MARK"
+_MARK_BYTES = MARK_VAR.encode()
 LINUX = sys.platform.startswith("linux")
 PROC = Path("/proc")
 KILL_ROUNDS = 5  # SIGKILL sweeps (a payload forking while it is killed is caught by the next)
@@ -40,12 +41,29 @@ class ProcInfo:
         return self.state in ("Z", "X", "x")
 
 
-def proc_stat(pid: int, proc: Path = PROC) -> ProcInfo | None:
-    """The process ``pid`` as ``/proc/<pid>/stat`` tells it; None if there is none."""
+def _read(path: str) -> bytes | None:
+    """A whole (small, /proc) file with plain system calls; None if it cannot be read."""
     try:
-        raw = (proc / str(pid) / "stat").read_bytes().decode("utf-8", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def proc_stat(pid: int, proc: Path = PROC) -> ProcInfo | None:
+    """The process ``pid`` as ``/proc/<pid>/stat`` tells it; None if there is none."""
+    data = _read(f"{proc}/{pid}/stat")
+    if data is None:
+        return None
+    raw = data.decode("utf-8", "replace")
     # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
     rest = raw[raw.rfind(")") + 2 :].split()
     try:
@@ -57,16 +75,13 @@ def proc_stat(pid: int, proc: Path = PROC) -> ProcInfo | None:
 def proc_marks(pid: int, proc: Path = PROC) -> list[str]:
     """The payload marks in the environment of ``pid`` (``WMS_PAYLOAD_MARK``, or a container
     runtime's prefixed copy such as ``APPTAINERENV_WMS_PAYLOAD_MARK``); [] if unreadable."""
-    try:
-        raw = (proc / str(pid) / "environ").read_bytes()
-    except OSError:
-        return []
-    if MARK_VAR.encode() not in raw:
+    raw = _read(f"{proc}/{pid}/environ")
+    if raw is None or _MARK_BYTES not in raw:
         return []
     marks = []
     for entry in raw.split(b"\0"):
         name, sep, value = entry.partition(b"=")
-        if sep and name.endswith(MARK_VAR.encode()):
+        if sep and name.endswith(_MARK_BYTES):
             marks.append(value.decode("utf-8", "replace"))
     return marks
 
@@ -83,6 +98,90 @@ def _pids(proc: Path = PROC) -> list[int]:
         return [int(name) for name in os.listdir(proc) if name.isdigit()]
     except OSError:
         return []
+
+
+# --- the processes born since a moment --------------------------------------------------------
+#
+# The kernel hands out pids in increasing order, wrapping round at ``pid_max`` to
+# ``RESERVED_PIDS``, and skipping the pids in use (``alloc_pid``: ``idr_alloc_cyclic``). So
+# every process created after a moment has a pid in the cyclic range (the last pid allocated
+# then, the last pid allocated now], unless the allocator has gone all the way round since,
+# which takes more than ``pid_max - RESERVED_PIDS`` allocations: more forks than that (the
+# kernel's count of forks since boot, ``/proc/stat``'s ``processes``, threads included) and
+# the range says nothing. A job's processes are all born after its payload was started: at
+# the job's end the pilot reads the few files of the pids in that range instead of every
+# process of the node (~2.5 ms of CPU on a node of 100 processes, ~25 us a process).
+
+RESERVED_PIDS = 300  # the kernel's: the allocator starts again there after pid_max
+PROBE_AT_MOST = 64  # pids in the range tried one by one; more: the listing of /proc filtered
+_FORKS = b"\nprocesses "
+
+
+@dataclass(frozen=True)
+class PidClock:
+    """A moment of the pid allocator: the last pid allocated, and the forks since boot."""
+
+    last_pid: int
+    forks: int
+
+
+def pid_clock(proc: Path = PROC) -> PidClock | None:
+    """Now (``/proc/loadavg``'s last field, ``/proc/stat``'s ``processes``); None where it
+    cannot be read, or when ``proc`` is not this process's pid namespace."""
+    if not _own_namespace(str(proc)):
+        return None
+    loadavg, stat = _read(f"{proc}/loadavg"), _read(f"{proc}/stat")
+    if loadavg is None or stat is None:
+        return None
+    at = stat.find(_FORKS)
+    try:
+        last_pid = int(loadavg.split()[4])
+        forks = int(stat[at + len(_FORKS) : stat.index(b"\n", at + 1)]) if at >= 0 else -1
+    except (IndexError, ValueError):
+        return None
+    return PidClock(last_pid, forks) if forks >= 0 else None
+
+
+_namespaces: dict[str, bool] = {}
+
+
+def _own_namespace(proc: str) -> bool:
+    """Whether ``proc`` shows this process's pid namespace (its ``self`` is this pid): the
+    last pid of ``loadavg`` is the reader's namespace's."""
+    known = _namespaces.get(proc)
+    if known is None:
+        try:
+            known = os.readlink(f"{proc}/self") == str(os.getpid())
+        except OSError:
+            known = False
+        _namespaces[proc] = known
+    return known
+
+
+def born_since(since: PidClock | None, proc: Path = PROC) -> list[int] | None:
+    """The pids to look at for the processes created after ``since``: a superset of them
+    (every pid of the range when it is short, some maybe of no process or of a thread; the
+    live processes in it otherwise). None when it cannot be told (no clock, or the allocator
+    may have gone round): then every process."""
+    if since is None:
+        return None
+    now = pid_clock(proc)
+    raw = _read(f"{proc}/sys/kernel/pid_max")
+    try:
+        pid_max = int(raw) if raw is not None else 0
+    except ValueError:
+        pid_max = 0
+    if now is None or not pid_max or now.forks - since.forks >= pid_max - RESERVED_PIDS:
+        return None
+    low, high = since.last_pid, now.last_pid
+    if 0 <= high - low <= PROBE_AT_MOST:
+        # a few pids: each is tried as it is, without listing /proc (one that is a thread
+        # of a marked process is that process: a signal to it is one to the process)
+        return list(range(low + 1, high + 1))
+    pids = _pids(proc)  # those born after ``now`` are not in the range: as with a listing
+    if low <= high:
+        return [p for p in pids if low < p <= high]
+    return [p for p in pids if p > low or p <= high]  # wrapped round pid_max
 
 
 # --- marks and targets ------------------------------------------------------------------------
@@ -232,10 +331,28 @@ def terminate(
     return {mark: sorted(pids) for mark, pids in killed.items()}
 
 
-def signal_marked(mark: str, sig: int, *, exclude: Iterable[int] = ()) -> list[int]:
+def signal_marked(
+    mark: str,
+    sig: int,
+    *,
+    exclude: Iterable[int] = (),
+    since: PidClock | None = None,
+    proc: Path = PROC,
+) -> list[int]:
     """One signal to every live process carrying ``mark`` (the runner's kill of one job:
-    reaches what left the job's session). Returns the pids signalled."""
+    reaches what left the job's session). ``since``: the moment before the job's first
+    process was started; only the processes born after it are looked at (:func:`born_since`),
+    else every process. Returns the pids signalled."""
     if not LINUX:
         return []
-    found = find([Target(mark)], exclude=exclude)
-    return sorted(info.pid for info, _ in found.values() if _send(info, sig))
+    target = Target(mark)
+    skip = {1, os.getpid(), *exclude}
+    candidates = born_since(since, proc)
+    signalled = []
+    for pid in _pids(proc) if candidates is None else candidates:
+        if pid in skip or not any(map(target.matches_mark, proc_marks(pid, proc))):
+            continue
+        info = proc_stat(pid, proc)
+        if info is not None and not info.dead and _send(info, sig, proc):
+            signalled.append(pid)
+    return sorted(signalled)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -39,6 +40,7 @@ import psutil
 from pilots.agent import __version__
 from pilots.agent.guard import MARK_VAR, PayloadGuard, signal_marked
 from pilots.agent.logs import kv, log
+from pilots.agent.procs import PidClock, pid_clock
 from pilots.agent.sandbox import PayloadSandbox
 from pilots.agent.staging import (
     EXEC_FAILED,
@@ -82,6 +84,9 @@ __all__ = [  # what the runner's callers take from here (the staging names among
 ]
 
 MB = 1024 * 1024
+#: longest wait between two looks at a kill request where the runner cannot be woken at once
+#: (no pidfd): the kill latency
+KILL_CHECK = 0.1
 
 
 def _exit_code(returncode: int) -> int:
@@ -143,6 +148,8 @@ class JobRunner:
         self._started = 0.0
         self._ended = 0.0
         self._log_ident: tuple[int, int] = (0, 0)
+        self._clock: PidClock | None = None  # the pid allocator just before the payload
+        self._wake_fd: int | None = None  # written by kill(): wakes the watch at once
         self._cpu_time = 0.0
         self._rss = 0
         self._max_rss = 0
@@ -168,6 +175,9 @@ class JobRunner:
             if not self._kill.is_set():
                 self._kill_reason = reason or "killed by the pilot"
                 self._kill.set()
+                if self._wake_fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_write(self._wake_fd, 1)
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:
@@ -182,9 +192,15 @@ class JobRunner:
     # --- the attempt, start to end -------------------------------------------------------------
 
     def run(self) -> JobResult:
-        if self.dir.exists():
+        try:
+            self.dir.mkdir()  # <work_dir>/jobs/ is the agent's: it exists
+        except FileExistsError:  # a crashed run's: not this attempt's
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.inputs_dir.mkdir(parents=True)
+            self.dir.mkdir()
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True)
+        if self.stager.stage_in_mode == "copy":  # inputs/ holds copies only
+            self.inputs_dir.mkdir()
         self.outputs_dir.mkdir()
         self.stager.real_dir = self.dir.resolve()  # before the payload runs (it may move things)
         with open(self.log_path, "ab", buffering=0) as logfh:
@@ -245,6 +261,9 @@ class JobRunner:
         with self._lock:
             if self._kill.is_set():
                 return self._failed(KILLED, f"killed before it started: {self._kill_reason}", logfh)
+            # every process of the job is born after this: the kill of what it left behind
+            # looks at those only (pilots.agent.procs.born_since), not at every process
+            self._clock = pid_clock() if self.mark else None
             try:
                 self._proc = subprocess.Popen(
                     argv,
@@ -319,13 +338,30 @@ class JobRunner:
         """Wait for the process (reaped with wait4 for the tree's exact CPU time), sampling
         its tree and obeying a kill request. Returns Popen's return code (-N: signal N)."""
         pid = proc.pid
+        waiter = _ExitWaiter.open(pid, self)
+        try:
+            returncode, rusage = self._watch_loop(pid, waiter)
+        finally:
+            if waiter is not None:
+                waiter.close(self)
+        proc.returncode = returncode  # reaped here: tell Popen, or it would wait for nothing
+        with self._lock:
+            self._ended = time.monotonic()
+            if rusage is not None:
+                self._cpu_time = max(self._cpu_time, rusage.ru_utime + rusage.ru_stime)
+                self._max_rss = max(self._max_rss, rusage.ru_maxrss * 1024)  # Linux: KiB
+        # what the job left behind (daemons, background children) goes with it
+        self._signal_tree(pid, signal.SIGKILL)
+        return returncode
+
+    def _watch_loop(self, pid: int, waiter: _ExitWaiter | None) -> tuple[int, Any]:
         term_at = kill_at = None
         # the first sample after one interval, not at the start: a walk of the process tree
         # costs ~2 ms of CPU (psutil reads every process of the node), and a job that ends
         # sooner is measured exactly by wait4 (CPU time, max RSS) anyway; at the start the
         # tree is the freshly exec'd process alone
         next_sample = time.monotonic() + self.sample_interval
-        poll = 0.005  # doubled up to 0.1 s: a short job is seen ending within a few ms
+        poll = 0.005  # without a pidfd: doubled up to KILL_CHECK, a short job seen within ms
         while True:
             try:
                 done, status, rusage = os.wait4(pid, os.WNOHANG)
@@ -333,7 +369,7 @@ class JobRunner:
                 done, status, rusage = pid, 0, None
             now = time.monotonic()
             if done:
-                break
+                return os.waitstatus_to_exitcode(status), rusage
             if now >= next_sample:
                 self._sample(pid)
                 next_sample = now + self.sample_interval
@@ -356,20 +392,16 @@ class JobRunner:
                     log.warning(kv("job_kill_sigkill", job_uuid=self.job.job_uuid, pid=pid))
                     self._sample(pid)
                     self._signal_tree(pid, signal.SIGKILL)
-                time.sleep(0.05)
+                if waiter is not None:
+                    waiter.wait(0.05, wake=False)
+                else:
+                    time.sleep(0.05)
+            elif waiter is not None:
+                # woken by the exit (pidfd), a kill (eventfd) or the next sample
+                waiter.wait(max(0.0, next_sample - now), wake=True)
             else:
-                self._kill.wait(poll)
-                poll = min(0.1, poll * 2)
-        returncode = os.waitstatus_to_exitcode(status)
-        proc.returncode = returncode  # reaped here: tell Popen, or it would wait for nothing
-        with self._lock:
-            self._ended = time.monotonic()
-            if rusage is not None:
-                self._cpu_time = max(self._cpu_time, rusage.ru_utime + rusage.ru_stime)
-                self._max_rss = max(self._max_rss, rusage.ru_maxrss * 1024)  # Linux: KiB
-        # what the job left behind (daemons, background children) goes with it
-        self._signal_tree(pid, signal.SIGKILL)
-        return returncode
+                self._kill.wait(min(poll, max(0.0, next_sample - now)))
+                poll = min(KILL_CHECK, poll * 2)
 
     def _sample(self, pid: int) -> None:
         try:
@@ -405,14 +437,60 @@ class JobRunner:
                 if p.pid != pid and p.is_running():  # is_running: not a recycled pid
                     p.send_signal(sig)
         if self.mark:
-            signal_marked(self.mark, sig)
+            signal_marked(self.mark, sig, since=self._clock)
 
     def cleanup(self) -> None:
         """Remove the work directory (called once the report is spooled, if the log is safe)."""
-        try:  # the usual case, empty inputs/ and outputs/: four calls, without rmtree's walk
+        try:  # the usual case, an empty outputs/ and no inputs/: three calls, without rmtree
             self.log_path.unlink()
-            self.inputs_dir.rmdir()
             self.outputs_dir.rmdir()
             self.dir.rmdir()
         except OSError:  # anything else in it (outputs, scratch files, staged-in inputs)
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _ExitWaiter:
+    """Sleeps until a payload exits (its pidfd becomes readable) or the runner is asked to
+    kill it (an eventfd :meth:`JobRunner.kill` writes): no polling, a short job is seen
+    ending at once (Linux >= 5.3; elsewhere the runner polls)."""
+
+    def __init__(self, pidfd: int, wake_fd: int) -> None:
+        self.pidfd = pidfd
+        self.wake_fd = wake_fd
+        self.poller = select.poll()
+        self.poller.register(pidfd, select.POLLIN)
+        self.poller.register(wake_fd, select.POLLIN)
+        self.woken = False
+
+    @classmethod
+    def open(cls, pid: int, runner: JobRunner) -> _ExitWaiter | None:
+        if not (hasattr(os, "pidfd_open") and hasattr(os, "eventfd")):
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # an old kernel, or a seccomp filter: poll
+            return None
+        try:
+            wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except OSError:
+            os.close(pidfd)
+            return None
+        waiter = cls(pidfd, wake_fd)
+        with runner._lock:
+            runner._wake_fd = wake_fd
+            if runner._kill.is_set():  # asked before the fd was there
+                os.eventfd_write(wake_fd, 1)
+        return waiter
+
+    def wait(self, seconds: float, *, wake: bool) -> None:
+        """Until the exit, ``seconds``, or (``wake``) a kill request."""
+        if not wake and not self.woken:  # the kill is being handled: its fd stays readable
+            self.poller.unregister(self.wake_fd)
+            self.woken = True
+        self.poller.poll(max(1, int(seconds * 1000 + 0.999)))
+
+    def close(self, runner: JobRunner) -> None:
+        with runner._lock:
+            runner._wake_fd = None
+        os.close(self.pidfd)
+        os.close(self.wake_fd)

@@ -67,6 +67,10 @@ class Spool:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)  # it holds pilot tokens, whoever made it before
+        # the entries this process wrote, by file name, with the file's identity (inode, size,
+        # mtime) then: read back from memory while the file is still that one (no read and
+        # parse of a file the sender takes a moment after it was written)
+        self._written: dict[str, tuple[tuple[int, int, int], SpoolEntry]] = {}
 
     def _name(self, job_uuid: str, attempt: int) -> str:
         return f"{_SAFE.sub('_', job_uuid)}.{int(attempt)}{SUFFIX}"
@@ -96,19 +100,51 @@ class Spool:
         }
         final = self.directory / self._name(job_uuid, attempt)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        data = json.dumps(document, separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(document, fh, separators=(",", ":"))
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                view = memoryview(data)
+                while view:  # one write for a report (json.dump to a file: one per token)
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                ident = _ident(os.fstat(fd))
+            finally:
+                os.close(fd)
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
         self._fsync_dir()
+        entry = SpoolEntry(
+            path=final,
+            job_uuid=job_uuid,
+            attempt=int(attempt),
+            pilot_id=pilot_id,
+            server_url=server_url,
+            token=token,
+            report=report,
+            key=str(document["idempotency_key"]),
+        )
+        self._written[final.name] = (ident, entry)
         return final
+
+    def _known(self, path: Path) -> SpoolEntry | None:
+        """The entry this process wrote at ``path``, if the file is still the one it wrote
+        (raises FileNotFoundError when the file is gone)."""
+        known = self._written.get(path.name)
+        if known is None or path.parent != self.directory:
+            return None
+        try:
+            ident = _ident(os.stat(path))
+        except FileNotFoundError:
+            self._written.pop(path.name, None)
+            raise
+        if ident != known[0]:
+            self._written.pop(path.name, None)
+            return None
+        return known[1]
 
     def _fsync_dir(self) -> None:
         try:
@@ -122,19 +158,28 @@ class Spool:
         finally:
             os.close(fd)
 
+    def _names(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return [n for n in names if n.endswith(SUFFIX) and not n.startswith(".")]
+
     def paths(self) -> list[Path]:
         """The spooled reports, oldest first (temporary files are not reports yet)."""
         found = []
-        for path in self.directory.glob(f"*{SUFFIX}"):
-            if path.name.startswith("."):
-                continue
+        for name in self._names():
+            path = self.directory / name
             with contextlib.suppress(FileNotFoundError):
-                found.append((path.stat().st_mtime, path))
+                found.append((os.stat(path).st_mtime, path))
         return [p for _, p in sorted(found)]
 
     def read(self, path: Path) -> SpoolEntry | None:
         """An entry, or None if it is gone (sent by someone else) or unreadable (set aside)."""
         try:
+            known = self._known(path)
+            if known is not None:
+                return known
             data = json.loads(path.read_text())
             return SpoolEntry(
                 path=path,
@@ -163,6 +208,11 @@ class Spool:
         found = []
         for path in self.paths():
             try:
+                known = self._known(path)
+                if known is not None:
+                    if pilot_id is None or known.pilot_id == pilot_id:
+                        found.append((known.job_uuid, known.attempt))
+                    continue
                 data = json.loads(path.read_text())
                 if pilot_id is not None and data.get("pilot_id") != pilot_id:
                     continue
@@ -172,11 +222,13 @@ class Spool:
         return found
 
     def remove(self, path: Path) -> None:
+        if path.parent == self.directory:
+            self._written.pop(path.name, None)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
     def __len__(self) -> int:
-        return len(self.paths())
+        return len(self._names())
 
 
 class ReportSender:
@@ -374,6 +426,10 @@ def _batches(entries: list[SpoolEntry]) -> list[list[SpoolEntry]]:
             size += cost
         batches.append(batch)
     return batches
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _size(path: Path) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import stat
 from collections.abc import Iterator
@@ -85,7 +86,13 @@ def _now() -> str:
 
 
 def safe_name(text: str) -> str:
+    """``text`` with every character but letters, digits, ``-``, ``_`` and ``.`` as ``_``."""
+    if _SAFE_NAME.fullmatch(text):  # a uuid, a plain file name: as it is
+        return text
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "_"
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 # --- URLs and paths ---------------------------------------------------------------------------
@@ -114,12 +121,19 @@ def _real_root(root: str) -> str:
 
 
 def copy_with_checksum(
-    src: Path, dst: Path, algorithm: str = "adler32", *, fin: IO[bytes] | None = None
+    src: Path,
+    dst: Path,
+    algorithm: str = "adler32",
+    *,
+    fin: IO[bytes] | None = None,
+    make_parent: bool = True,
 ) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` (through a temporary file and a rename), reading it once;
     returns (size, checksum of the content). ``fin``: ``src`` already opened (by
-    :func:`open_inside`), read instead of opening ``src`` by its name."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    :func:`open_inside`), read instead of opening ``src`` by its name. ``make_parent``:
+    False when the caller made ``dst``'s folder (:meth:`Stager.destination`)."""
+    if make_parent:
+        dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     size = 0
     try:
@@ -207,13 +221,16 @@ class Stager:
         # canonical URL prefixes inputs may come from (besides the job's own output URL)
         self.storage_roots = tuple(storage_roots)
         self.real_dir: Path | None = None  # the job's directory resolved before the payload ran
+        self._place: str | None = None
 
     def place(self) -> str:
         """The job's output URL, canonical; one that cannot be read is refused."""
-        try:
-            return canonical_url(self.job.output_url)
-        except LocationError as exc:
-            raise StageRefused(f"output_url {self.job.output_url!r}: {exc}") from exc
+        if self._place is None:
+            try:
+                self._place = canonical_url(self.job.output_url)
+            except LocationError as exc:
+                raise StageRefused(f"output_url {self.job.output_url!r}: {exc}") from exc
+        return self._place
 
     def input_source(self, url: str, what: str) -> Path:
         """The local path of an input, once the pilot's rules allow it: its URL, and the file
@@ -235,9 +252,12 @@ class Stager:
             )
         src = local_path(url, what)
         real = src.resolve()
-        # the roots as they really are too (a root may itself be reached through a link)
-        real_roots = [*roots, *(_real_root(r) for r in roots if r.startswith("file:///"))]
-        if not any(is_under(canonical_url(real.as_uri()), r) for r in real_roots):
+        real_url = canonical_url(real.as_uri())
+        # under a root as written, or under one as it really is (a root may itself be reached
+        # through a link: resolved only then)
+        if not any(is_under(real_url, r) for r in roots) and not any(
+            is_under(real_url, _real_root(r)) for r in roots if r.startswith("file:///")
+        ):
             raise StageRefused(f"{what}: {src} is a link to {real}, outside the storage roots")
         return real
 
@@ -281,7 +301,8 @@ class Stager:
         place = self.place()
         if not is_under(canonical_url(dst.as_uri()), place):
             raise StageRefused(f"output {name!r}: {dst} is not under the job's output URL")
-        top = self.output_root().resolve()
+        output_root = self.output_root()
+        top = output_root.resolve()
 
         def inside(path: Path) -> bool:
             return path == top or top in path.parents
@@ -290,7 +311,7 @@ class Stager:
         existing = dst.parent
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
-        real = existing.resolve()
+        real = top if existing == output_root else existing.resolve()
         if not (inside(real) or real in top.parents):
             raise StageRefused(f"output {name!r}: {existing} leads out of the job's output URL")
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +368,7 @@ class Stager:
             for name, path in files:
                 dst = self.destination(root, name)
                 fin = self.open_in_job(path)
-                size, checksum = copy_with_checksum(path, dst, fin=fin)
+                size, checksum = copy_with_checksum(path, dst, fin=fin, make_parent=False)
                 url = dst.as_uri()
                 entry = {"name": name, "type": "output", "size": size, "check_sum": checksum}
                 result.outputs.append({**entry, "url": url})
@@ -388,7 +409,9 @@ class Stager:
                 root = self.output_root() / safe_name(self.job.job_uuid)
                 target = self.destination(root, f"{self.job.attempt}/{self.log_name}")
                 dst = target.parent
-                size, checksum = copy_with_checksum(self.log_path, target, fin=fin)
+                size, checksum = copy_with_checksum(
+                    self.log_path, target, fin=fin, make_parent=False
+                )
         except StageRefused as exc:
             self.refused(result, exc)
             return

@@ -8,6 +8,7 @@ Modes:
   escape PIDFILE                  start a child that sleeps and one that leaves the session
                                   (setsid, double fork: its parent is gone); write their pids
                                   as JSON {"leader", "child", "escaped"}; sleep
+  escape-and-exit PIDFILE         as escape, but exit 0 at once instead of sleeping
   ignore-term PIDFILE             ignore SIGTERM, write the pid, sleep
   swap-log TARGET                 replace the job's log by a symlink to TARGET
   spy PATH ...                    a hostile payload: read what it can of its parent (the pilot)
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> int:
         Path(rest[0]).write_text(f"{os.getpid()} {child.pid}")
         time.sleep(60)
         return 0
-    if mode == "escape":
+    if mode in ("escape", "escape-and-exit"):
         sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
         child = subprocess.Popen(sleeper)
         r, w = os.pipe()
@@ -115,7 +116,8 @@ def main(argv: list[str]) -> int:
         tmp = Path(rest[0] + ".tmp")
         tmp.write_text(json.dumps({"leader": os.getpid(), "child": child.pid, "escaped": escaped}))
         tmp.rename(rest[0])
-        time.sleep(60)
+        if mode == "escape":
+            time.sleep(60)
         return 0
     if mode == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pilots.agent import procs as procs_module
 from pilots.agent.guard import (
     MARK_VAR,
     PayloadGuard,
@@ -210,6 +211,79 @@ def test_the_runner_records_marks_and_kills_a_payload_that_left_its_session(tmp_
     assert result[0].error_code == KILLED
     wait_until(lambda: not any(alive(p) for p in pids.values()), timeout=5)
     assert not record.exists()
+
+
+def test_what_a_job_leaves_behind_is_killed_at_its_end_found_among_the_pids_born_since(
+    tmp_path, outdir
+):
+    guard = PayloadGuard(tmp_path / "work", grace=1, run_id="beef")
+    guard.dir.parent.mkdir()
+    guard.prepare()
+    pidfile = tmp_path / "pids.json"
+    job = job_message(outdir, "escape-and-exit", str(pidfile))
+    runner = JobRunner(job, work_root=tmp_path / "work", grace_period=1, guard=guard)
+    bystander = subprocess.Popen(SLEEPER, env={MARK_VAR: "beef:someone-else:0"})
+    try:
+        result = runner.run()  # the leader exits 0 at once, its two children live on
+
+        assert result.state == "finished"
+        pids = json.loads(pidfile.read_text())
+        # the end of the job looked at the processes born since its start, not at all of
+        # them, and found both: the one in its session and the one that left it
+        assert runner._clock is not None
+        born = procs_module.born_since(runner._clock)
+        assert born is not None and bystander.pid not in born
+        wait_until(lambda: not alive(pids["child"]) and not alive(pids["escaped"]), timeout=5)
+        assert alive(bystander.pid)  # another job's mark, born before: untouched
+    finally:
+        bystander.kill()
+        bystander.wait(5)
+
+
+def fake_proc(
+    tmp_path: Path, *, last_pid: int, forks: int, pids: list[int], pid_max: int = 32768
+) -> Path:
+    proc = tmp_path / "proc"
+    (proc / "sys" / "kernel").mkdir(parents=True, exist_ok=True)
+    if not (proc / "self").is_symlink():
+        (proc / "self").symlink_to(str(os.getpid()))
+    (proc / "loadavg").write_text(f"0.10 0.20 0.30 1/99 {last_pid}\n")
+    (proc / "stat").write_text(f"cpu 1 2 3\nintr 5 6\nctxt 7\nprocesses {forks}\nprocs_running 1\n")
+    (proc / "sys" / "kernel" / "pid_max").write_text(f"{pid_max}\n")
+    for pid in pids:
+        (proc / str(pid)).mkdir(exist_ok=True)
+    return proc
+
+
+def test_the_pids_born_since_a_moment_follow_the_cyclic_allocator(tmp_path):
+    pids = [1, 350, 900, 1000, 1001, 1500, 32000, 32700]
+    proc = fake_proc(tmp_path, last_pid=1000, forks=5000, pids=pids)
+    since = procs_module.pid_clock(proc)
+    assert since == procs_module.PidClock(1000, 5000)
+
+    fake_proc(tmp_path, last_pid=1500, forks=5600, pids=pids)
+    assert sorted(procs_module.born_since(since, proc) or []) == [1001, 1500]
+    # a short range: each of its pids, without a listing of /proc
+    fake_proc(tmp_path, last_pid=1010, forks=5010, pids=pids)
+    assert procs_module.born_since(since, proc) == list(range(1001, 1011))
+    # wrapped round pid_max (back to 300): above the start or up to the cursor
+    fake_proc(tmp_path, last_pid=400, forks=5600 + 31_000, pids=pids)
+    assert sorted(procs_module.born_since(since, proc) or []) == [1, 350, 1001, 1500, 32000, 32700]
+    # so many forks that the allocator may have gone round past the start: no telling
+    fake_proc(tmp_path, last_pid=1200, forks=5000 + 32768 - 300, pids=pids)
+    assert procs_module.born_since(since, proc) is None
+    assert procs_module.born_since(None, proc) is None
+
+
+def test_no_pid_clock_from_another_pid_namespace_s_proc(tmp_path):
+    proc = fake_proc(tmp_path, last_pid=1000, forks=5000, pids=[1])
+    (proc / "self").unlink()
+    (proc / "self").symlink_to("4242" if os.getpid() != 4242 else "4243")
+    procs_module._namespaces.clear()
+    try:
+        assert procs_module.pid_clock(proc) is None
+    finally:
+        procs_module._namespaces.clear()
 
 
 # --- real pilots ------------------------------------------------------------------------------

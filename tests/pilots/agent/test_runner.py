@@ -190,6 +190,25 @@ def test_kill_reaches_the_whole_process_group(tmp_path, outdir):
     assert [o["type"] for o in result.outputs] == ["log"]  # the log is kept
 
 
+def test_a_kill_is_obeyed_at_once_and_a_short_job_is_seen_ending_at_once(tmp_path, outdir):
+    runner = JobRunner(job_message(outdir, "sleep", "30"), work_root=tmp_path / "work")
+    thread, out = _start_in_thread(runner)
+    wait_until(lambda: runner.pid is not None)
+    time.sleep(0.3)  # well into its wait for the exit
+
+    t0 = time.monotonic()
+    runner.kill("cancelled")
+    thread.join(10)
+
+    assert time.monotonic() - t0 < 0.5  # SIGTERM at once, not at the next look
+    assert out[0].error_code == "killed"
+
+    quick = JobRunner(job_message(outdir, executable="/bin/true"), work_root=tmp_path / "w2")
+    t0 = time.monotonic()
+    assert quick.run().state == "finished"
+    assert quick.metrics()["wall_time"] < 0.5
+
+
 def test_a_job_ignoring_sigterm_gets_sigkill_after_the_grace_period(tmp_path, outdir):
     pidfile = tmp_path / "pid"
     runner = JobRunner(
