@@ -73,6 +73,7 @@ class PilotConfig:
     register_retries: int = 10
     start_retries: int = 5
     start_gather: float = 0.005
+    report_gather: float = 0.02
     broker_timeout: float = 30.0
     slot_stuck_after: float = 900.0
     log_level: str = "INFO"
@@ -285,6 +286,12 @@ OPTIONS: tuple[Option, ...] = (
         _number(float, minimum=0),
         "seconds to wait for more job messages when the queue holds fewer than the free slots, "
         "so that they are started in one call (0: start what is there)",
+    ),
+    Option(
+        "report_gather",
+        _number(float, minimum=0),
+        "seconds the spool's sender waits, once a final report is spooled, for more before it "
+        "sends them in one call (0: send at once)",
     ),
     Option(
         "broker_timeout",

@@ -56,7 +56,9 @@ class Session:
             self.spool = Spool(self.cfg.spool_path)
         except OSError as exc:
             raise StartupError(f"spool dir {self.cfg.spool_path}: {exc}") from exc
-        self.sender = ReportSender(self.spool, timeout=self.cfg.http_timeout)
+        self.sender = ReportSender(
+            self.spool, timeout=self.cfg.http_timeout, gather=self.cfg.report_gather
+        )
         left = len(self.spool)
         if left:
             log.info(kv("spool_has_reports_from_before", reports=left, spool=self.spool.directory))

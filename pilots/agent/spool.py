@@ -241,10 +241,14 @@ class ReportSender:
         timeout: float = 30.0,
         first_backoff: float = 1.0,
         max_backoff: float = 60.0,
+        gather: float = 0.0,
         on_result: Callable[[SpoolEntry, ApiResult], None] | None = None,
     ) -> None:
         self.spool = spool
         self.timeout = timeout
+        # woken by a new report, the thread waits this long for more before it sends: the
+        # reports of jobs that end close together go in one call (a slot is not held by it)
+        self.gather = gather
         self.backoff = Backoff(first_backoff, max_backoff)
         self.on_result = on_result
         self._clients: dict[str, PilotClient] = {}
@@ -380,6 +384,8 @@ class ReportSender:
             if woken:
                 self._wake.clear()
                 self.backoff.reset()
+                if self.gather > 0 and self._stop.wait(self.gather):
+                    break
             try:
                 left = self.flush()
             except Exception as exc:  # keep the thread alive whatever one pass hits

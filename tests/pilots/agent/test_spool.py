@@ -288,3 +288,34 @@ def test_batches_are_cut_by_count(spool, fake_wms, pilot, monkeypatch):
     sizes = [len(c.body["events"]) for c in fake_wms.calls_to("events")]
     assert sizes == [2, 2]  # and the fifth alone, as a report
     assert len(fake_wms.calls_to("report")) == 5
+
+
+def test_reports_spooled_close_together_are_gathered_into_one_call(spool, fake_wms, pilot):
+    """Woken by a report, the sender waits ``gather`` seconds for more: three jobs ending
+    within it are reported in one call; without it the first goes alone."""
+    import time
+
+    sender = ReportSender(spool, gather=0.3)
+    sender.start()
+    try:
+        for i in range(3):
+            put(spool, fake_wms.url, pilot, f"g-{i}")
+            sender.wake()
+            time.sleep(0.02)
+        wait_until(lambda: len(fake_wms.final_reports()) == 3, timeout=5)
+    finally:
+        sender.stop()
+    (call,) = fake_wms.calls_to("events")
+    assert [e["job_uuid"] for e in call.body["events"]] == ["g-0", "g-1", "g-2"]
+    assert all(c.key == call.key for c in fake_wms.final_reports())  # none went alone
+    assert len(spool) == 0
+
+    at_once = ReportSender(spool, gather=0)
+    at_once.start()
+    try:
+        put(spool, fake_wms.url, pilot, "n-0")
+        at_once.wake()
+        wait_until(lambda: fake_wms.final_reports("n-0"), timeout=5)
+    finally:
+        at_once.stop()
+    assert len(fake_wms.calls_to("events")) == 1  # the lone report went as a report
