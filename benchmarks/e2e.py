@@ -296,6 +296,7 @@ def run_wms(
 
     return {
         "seconds": since(times["last_end"]),
+        "running": (times["last_end"] - times["first_start"]).total_seconds(),
         "phases": (
             f"split done {since(times['split']):.1f} s, first queued"
             f" {since(times['queued']['first']):.1f} s, first started"
@@ -369,6 +370,11 @@ def main() -> None:
                 f" last job's end ({finished}/{n} finished, {wms['attempts']} attempts)",
             ),
             ("  after the task's creation", wms["phases"]),
+            (
+                "  first start to last end",
+                f"{wms['running']:.1f} s = {n / max(wms['running'], 1e-9):,.1f} jobs/s (the pilots'"
+                " pace, without the wait for the first split and dispatch)",
+            ),
             ("  CPU per job", wms["cpu"].per(n)),
             (
                 "  of which",
