@@ -8,6 +8,7 @@ left, :func:`pilot_orphans_record`), :func:`pilot_heartbeat`,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import uuid
@@ -20,11 +21,11 @@ import structlog
 from django.conf import settings
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from pilots.commands import CommandSpec, command_message, pilot_commands_create
+from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import (
     LIVE_PILOT_STATES,
     CommandKind,
@@ -272,16 +273,116 @@ class HeartbeatReply:
     state: str = ""
 
 
-def _command_job_uuids(rows: list[PilotCommand]) -> dict[int, str]:
+def _command_job_uuids(rows: Iterable[tuple[Any, ...]]) -> dict[int, str]:
     from jobs.models import Job
 
-    ids = {r.job_id for r in rows if r.job_id is not None}
+    ids = {r[_CMD_JOB] for r in rows if r[_CMD_JOB] is not None}
     if not ids:
         return {}
     return {pk: str(u) for pk, u in Job.objects.filter(pk__in=ids).values_list("pk", "uuid")}
 
 
-@transaction.atomic
+def _qn(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+@functools.cache
+def _touch_sql(vendor: str, with_metrics: bool) -> str:
+    """The heartbeat's first statement on PostgreSQL: the pilot's row locked and its
+    heartbeat, status (and metrics) written, returning the state and the previous heartbeat
+    read under the lock, and whether an attempt runs on the pilot (the partial index
+    ``attempt_running_pilot``)."""
+    from jobs.models import AttemptState, JobAttempt
+
+    pilot = _qn(Pilot._meta.db_table)
+    attempt = _qn(JobAttempt._meta.db_table)
+    sets = ["last_heartbeat", "updated_at", "status"] + (["metrics"] if with_metrics else [])
+    assignments = ", ".join(f"{_qn(c)} = %s" for c in sets)
+    return (
+        f"UPDATE {pilot} SET {assignments} "  # noqa: S608 - names from the models
+        f"FROM (SELECT {_qn('id')}, {_qn('state')}, {_qn('last_heartbeat')} FROM {pilot} "
+        f"WHERE {_qn('id')} = %s FOR UPDATE) AS old "
+        f"WHERE {pilot}.{_qn('id')} = old.{_qn('id')} "
+        f"RETURNING old.{_qn('state')}, old.{_qn('last_heartbeat')}, EXISTS (SELECT 1 FROM "
+        f"{attempt} WHERE {attempt}.{_qn('pilot_id')} = old.{_qn('id')} AND "
+        f"{attempt}.{_qn('state')} = '{AttemptState.RUNNING.value}')"
+    )
+
+
+def _touch(pilot_id: int, updates: dict[str, Any]) -> tuple[str, Any, bool] | None:
+    """Lock the pilot's row and write ``updates`` (heartbeat, status, metrics): its state and
+    previous heartbeat as read under the lock, and whether an attempt runs on it; None if
+    there is no such pilot. One statement on PostgreSQL; elsewhere (the embedded SQLite,
+    whose writers take turns anyway) a read and an UPDATE."""
+    if connection.vendor == "postgresql":
+        with_metrics = "metrics" in updates
+        params: list[Any] = [updates["last_heartbeat"], updates["updated_at"], updates["status"]]
+        if with_metrics:
+            params.append(
+                Pilot._meta.get_field("metrics").get_db_prep_value(updates["metrics"], connection)
+            )
+        params.append(pilot_id)
+        with connection.cursor() as cursor:
+            cursor.execute(_touch_sql(connection.vendor, with_metrics), params)
+            row = cursor.fetchone()
+        return None if row is None else (row[0], row[1], bool(row[2]))
+    from jobs.models import AttemptState, JobAttempt
+
+    found = (
+        Pilot.objects.select_for_update()
+        .filter(pk=pilot_id)
+        .values_list("state", "last_heartbeat")
+        .first()
+    )
+    if found is None:
+        return None
+    Pilot.objects.filter(pk=pilot_id).update(**updates)
+    running = JobAttempt.objects.filter(pilot_id=pilot_id, state=AttemptState.RUNNING).exists()
+    return found[0], found[1], running
+
+
+_CMD_COLUMNS = ("id", "command", "job_id", "attempt", "reason", "created_at")
+_CMD_JOB = _CMD_COLUMNS.index("job_id")
+
+
+@functools.cache
+def _deliver_sql(vendor: str) -> str:
+    table = _qn(PilotCommand._meta.db_table)
+    return (
+        f"UPDATE {table} SET {_qn('delivered_at')} = %s "  # noqa: S608 - names from the model
+        f"WHERE {_qn('pilot_id')} = %s AND {_qn('delivered_at')} IS NULL "
+        f"AND {_qn('acked_at')} IS NULL "
+        f"RETURNING {', '.join(_qn(c) for c in _CMD_COLUMNS)}"
+    )
+
+
+def _deliver_commands(pilot_id: int, now: Any) -> list[Command]:
+    """The commands not given to the pilot yet, marked delivered by ONE statement (an UPDATE
+    ... RETURNING: each is delivered once), in the order they were made."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _deliver_sql(connection.vendor),
+            [connection.ops.adapt_datetimefield_value(now), pilot_id],
+        )
+        rows = cursor.fetchall()
+    if not rows:
+        return []
+    rows = [(r[0] if isinstance(r[0], uuid.UUID) else uuid.UUID(str(r[0])), *r[1:]) for r in rows]
+    rows.sort(key=lambda r: (r[5], str(r[0])))
+    job_uuids = _command_job_uuids(rows)
+    return [
+        Command(
+            command=command,
+            pilot_id=pilot_id,
+            id=str(pk),
+            job_uuid=job_uuids.get(job_id, "") if job_id is not None else "",
+            attempt=attempt,
+            reason=reason,
+        )
+        for pk, command, job_id, attempt, reason, _created in rows
+    ]
+
+
 def pilot_heartbeat(
     *,
     pilot_id: int,
@@ -297,7 +398,9 @@ def pilot_heartbeat(
     - ``registered`` moves to the reported state (``idle`` at first); ``idle``/``busy`` follow
       the report; ``draining`` stays until the pilot ends. A ``lost`` pilot was heard from
       again: it moves to the reported state (reason "heard from again") and carries on. A
-      terminated pilot keeps its state and is told (once) to shut down.
+      terminated pilot keeps its state and is told (once) to shut down. Only a change of
+      state writes a transition row (and an INFO line); a heartbeat that changes nothing
+      logs nothing.
     - The attempts the pilot names, running (``jobs``: ``{job_uuid, attempt, <metric>:
       number}``) or with a final report in its spool (``reporting``: ``{job_uuid, attempt}``),
       are reconciled with the server's (``pilots.reconcile.pilot_attempts_reconcile``): its own
@@ -312,34 +415,64 @@ def pilot_heartbeat(
 
     The pilot's row is locked first, so two heartbeats of one pilot are served one after the
     other, and the reaper (``SKIP LOCKED``) leaves a pilot alone while it is heard from.
-    A constant number of queries.
+    A constant number of queries: a pilot that runs nothing and names nothing, whose state
+    does not change, costs two statements on PostgreSQL (the row's lock and update, and the
+    commands' delivery), plus one to mark acknowledged commands when it sends some.
     """
     if state not in REPORTED_STATES:
         raise ValidationFailed({"state": [f"Must be one of {list(REPORTED_STATES)}."]})
-    row = (
-        Pilot.objects.select_for_update()
-        .filter(pk=pilot_id)
-        .values_list("state", "last_heartbeat")
-        .first()
-    )  # the state and the previous heartbeat only: the auth already read the whole row
-    if row is None:
-        raise NotFound(f"Pilot {pilot_id} does not exist.")
-    current, previous_heartbeat = row
-    now = timezone.now()
-    source = pilot_source(pilot_id)
-
     try:
         acked = [a if isinstance(a, uuid.UUID) else uuid.UUID(str(a)) for a in acked_commands]
     except ValueError as exc:
         raise ValidationFailed({"acked_commands": ["Must be a list of command ids."]}) from exc
+    reply = _heartbeat(
+        pilot_id=pilot_id,
+        state=state,
+        status=status,
+        metrics=metrics,
+        jobs=jobs,
+        reporting=reporting,
+        acked=acked,
+    )
+    if reply is None:
+        raise NotFound(f"Pilot {pilot_id} does not exist.")
+    return reply
+
+
+# Inside its caller's transaction when there is one (the idempotency key's): no savepoint of
+# its own (two statements less). Bad input is refused before it (above), a missing pilot
+# writes nothing and is answered after it; any other error spoils the caller's transaction,
+# which is then rolled back whole, as the idempotent call's is.
+@transaction.atomic(savepoint=False)
+def _heartbeat(
+    *,
+    pilot_id: int,
+    state: str,
+    status: str,
+    metrics: Mapping[str, Any] | None,
+    jobs: Sequence[Mapping[str, Any]],
+    reporting: Sequence[Mapping[str, Any]] | None,
+    acked: list[uuid.UUID],
+) -> HeartbeatReply | None:
+    now = timezone.now()
+    updates: dict[str, Any] = {
+        "last_heartbeat": now,
+        "updated_at": now,
+        "status": (status or "")[:255],
+    }
+    if metrics is not None:
+        updates["metrics"] = dict(metrics)
+    touched = _touch(pilot_id, updates)
+    if touched is None:
+        return None  # nothing written
+    current, previous_heartbeat, running_here = touched
+    source = pilot_source(pilot_id)
+
     if acked:
         PilotCommand.objects.filter(pilot_id=pilot_id, pk__in=acked, acked_at__isnull=True).update(
             acked_at=now
         )
 
-    updates: dict[str, Any] = {"last_heartbeat": now, "status": (status or "")[:255]}
-    if metrics is not None:
-        updates["metrics"] = dict(metrics)
     target, reason = None, "heartbeat"
     if current == PilotState.LOST:
         target, reason = state, "heard from again"
@@ -349,13 +482,7 @@ def pilot_heartbeat(
         target = state
     if target is not None:
         apply_transition(
-            Pilot,
-            pilot_id,
-            target,
-            source=source,
-            reason=reason,
-            updates=updates,
-            locked_state=current,
+            Pilot, pilot_id, target, source=source, reason=reason, locked_state=current
         )
         log.info(
             "pilot_state_changed",
@@ -367,18 +494,17 @@ def pilot_heartbeat(
         if current == PilotState.LOST:
             log.warning("pilot_heard_from_again", pilot_id=pilot_id, state=target)
         current = target
-    else:
-        Pilot.objects.filter(pk=pilot_id).update(updated_at=now, **updates)
 
-    if current in LIVE_PILOT_STATES:
-        from pilots.reconcile import pilot_attempts_reconcile
+    if current in LIVE_PILOT_STATES and (jobs or reporting is not None):
+        from pilots.reconcile import pilot_attempts_reconcile_locked
 
-        pilot_attempts_reconcile(
+        pilot_attempts_reconcile_locked(
             pilot_id=pilot_id,
             running=jobs,
             reporting=reporting,
             now=now,
             previous_heartbeat=previous_heartbeat,
+            running_here=running_here,
         )
     if jobs:
         from jobs.reports import job_events_apply
@@ -423,19 +549,8 @@ def pilot_heartbeat(
             ]
         )
 
-    pending = list(
-        PilotCommand.objects.filter(
-            pilot_id=pilot_id, delivered_at__isnull=True, acked_at__isnull=True
-        ).order_by("created_at", "id")
-    )
-    if pending:
-        PilotCommand.objects.filter(pk__in=[c.pk for c in pending]).update(delivered_at=now)
-    job_uuids = _command_job_uuids(pending)
     return HeartbeatReply(
-        commands=[
-            command_message(c, job_uuids.get(c.job_id, "") if c.job_id is not None else "")
-            for c in pending
-        ],
+        commands=_deliver_commands(pilot_id, now),
         heartbeat_interval=settings.WMS_HEARTBEAT_INTERVAL,
         state=current,
     )
