@@ -323,9 +323,10 @@ def test_a_heartbeat_that_changes_nothing_costs_two_statements(make_pilot):
     assert pilot.transitions.count() == before
 
 
-def test_a_keyed_heartbeat_through_the_api_costs_seven_statements(make_pilot):
-    """What the agent sends: its token (one read), an idempotency key (one read, one INSERT,
-    the transaction: here a savepoint in the test's), the heartbeat's two statements."""
+def test_a_keyed_heartbeat_through_the_api_costs_six_statements(make_pilot):
+    """What the agent sends: its token and its idempotency key (one read: the pilot's row and
+    the remembered answer), the answer's INSERT, the transaction (here a savepoint in the
+    test's, and its release), the heartbeat's two statements."""
     pilot, client = make_pilot()
     beat(client, pilot)  # registered → idle
     url = f"/api/v1/pilots/{pilot.pk}/heartbeat/"
@@ -335,7 +336,23 @@ def test_a_keyed_heartbeat_through_the_api_costs_seven_statements(make_pilot):
         response = client.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="hb-cost-0001")
 
     assert response.status_code == 200, response.json()
-    assert len(ctx.captured_queries) == 7, [q["sql"][:80] for q in ctx.captured_queries]
+    assert len(ctx.captured_queries) == 6, [q["sql"][:80] for q in ctx.captured_queries]
+    assert "wms_idempotentrequest" in ctx.captured_queries[0]["sql"]  # read with the token
+
+    again = client.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="hb-cost-0001")
+    assert again.json() == response.json() and again["Idempotent-Replayed"] == "true"
+
+
+def test_a_heartbeat_does_not_wait_for_the_wal_flush(make_pilot):
+    """Its transaction commits asynchronously (``synchronous_commit`` off for it alone): a
+    heartbeat's writes are all written again by the next one."""
+    pilot, _ = make_pilot()
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+        pilot_heartbeat(pilot_id=pilot.pk, state="idle")
+        cursor.execute("SHOW synchronous_commit")  # in the same (the test's) transaction
+        assert cursor.fetchone()[0] == "off"
 
 
 def test_an_idle_pilot_with_a_forgotten_attempt_still_fails_it(make_pilot, settings):
