@@ -52,7 +52,7 @@ HOST_METRICS = {
 
 
 def body(running: tuple[str, int] | None, *, bare: bool = False) -> dict:
-    agent = {} if bare else {"reporting": []}
+    agent: dict[str, list] = {} if bare else {"reporting": []}
     if running is None:
         return {
             "state": "idle",

@@ -410,5 +410,5 @@ def test_a_healthy_heartbeat_writes_no_log_line(make_pilot, caplog):
     assert [_event(r) for r in caplog.records if r.levelno >= 20] == []
 
 
-def _event(record) -> str:
+def _event(record) -> str | None:
     return record.msg.get("event") if isinstance(record.msg, dict) else record.getMessage()

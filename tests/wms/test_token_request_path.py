@@ -13,7 +13,7 @@ from wms.middleware import TokenRequestPath
 pytestmark = pytest.mark.django_db
 
 
-def _events(caplog, level: int = 20) -> list[tuple[str, dict]]:
+def _events(caplog, level: int = 20) -> list[tuple[str | None, dict]]:
     return [
         (r.msg.get("event"), r.msg)
         for r in caplog.records
