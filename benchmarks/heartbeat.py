@@ -3,16 +3,19 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/wms \
     CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// \
     .venv/bin/python benchmarks/heartbeat.py [--pilots 200] [--rounds 25] [--clients 4] [--busy]
+        [--bare]
 
 The web app: gunicorn, 2 ``sync`` workers (``--worker-class gthread --threads T`` to compare).
 
 P pilots are registered (the service) and each sends one heartbeat before the clock starts
 (``registered → idle``). Then C client processes, one ``requests.Session`` each, send R
 rounds of heartbeats of their share of the pilots, each with that pilot's own token, as fast
-as the answers come (a closed loop: C heartbeats in flight). The body is what the agent
-sends: state, status, host metrics, no acknowledged command. With ``--busy`` every pilot first
-starts one job and its heartbeats carry that attempt's metrics (``jobs``: one running event
-each, applied by ``job_events_apply``).
+as the answers come (a closed loop: C heartbeats in flight). Each call is what the agent
+sends (``pilots.agent.heartbeat``): a new ``Idempotency-Key``, state, status, host metrics,
+``reporting`` (empty: nothing in the spool), no acknowledged command. With ``--busy`` every
+pilot first starts one job and its heartbeats carry that attempt's metrics (``jobs``: one
+running event each, applied by ``job_events_apply``). ``--bare``: the body and headers of
+the issue-4 runs (no key, no ``reporting``), to compare with the figures of that time.
 
 Against: ``GET /healthz`` by the same clients on the same server, in the same run.
 Target (issue 4): >= 1,000 heartbeats/s with p99 < 50 ms.
@@ -48,7 +51,8 @@ HOST_METRICS = {
 }
 
 
-def body(running: tuple[str, int] | None) -> dict:
+def body(running: tuple[str, int] | None, *, bare: bool = False) -> dict:
+    agent: dict[str, list] = {} if bare else {"reporting": []}
     if running is None:
         return {
             "state": "idle",
@@ -56,9 +60,11 @@ def body(running: tuple[str, int] | None) -> dict:
             "metrics": HOST_METRICS,
             "jobs": [],
             "acked_commands": [],
+            **agent,
         }
     job_uuid, attempt = running
     return {
+        **agent,
         "state": "busy",
         "status": "busy: 1/1 slots busy, 17 done",
         "metrics": {**HOST_METRICS, "running_jobs": 1},
@@ -76,20 +82,34 @@ def body(running: tuple[str, int] | None) -> dict:
     }
 
 
-def client(barrier, url: str, pilots: list[tuple[int, str, tuple[str, int] | None]], rounds: int):
+def client(
+    barrier,
+    url: str,
+    pilots: list[tuple[int, str, tuple[str, int] | None]],
+    rounds: int,
+    bare: bool = False,
+):
+    import uuid
+
     import requests
 
     session = requests.Session()
     session.get(url + "/healthz", timeout=10)
     calls = [
-        (f"{url}/api/v1/pilots/{pid}/heartbeat/", {"Authorization": f"Pilot {token}"}, body(job))
+        (
+            f"{url}/api/v1/pilots/{pid}/heartbeat/",
+            {"Authorization": f"Pilot {token}"},
+            body(job, bare=bare),
+        )
         for pid, token, job in pilots
     ]
     barrier.wait()
     cpu0 = time.process_time()
     lat = []
     for _ in range(rounds):
-        for path, headers, payload in calls:
+        for path, auth, payload in calls:
+            # as the agent does: a new key for every heartbeat (the same in its retries)
+            headers = auth if bare else {**auth, "Idempotency-Key": str(uuid.uuid4())}
             t0 = time.perf_counter()
             resp = session.post(path, json=payload, headers=headers, timeout=60)
             lat.append(time.perf_counter() - t0)
@@ -122,6 +142,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25, help="heartbeats per pilot (25)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (4)")
     parser.add_argument("--busy", action="store_true", help="each pilot runs one job")
+    parser.add_argument(
+        "--bare", action="store_true", help="no idempotency key, no `reporting` (issue 4's runs)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (2)")
     parser.add_argument("--worker-class", default="sync", choices=("sync", "gthread"))
     parser.add_argument("--threads", type=int, default=2, help="threads of a gthread worker (2)")
@@ -156,7 +179,9 @@ def main() -> None:
             with web:
                 cpu_hb = CpuMeter(web.proc.pid)
                 results = run_processes(
-                    client, [(web.url, rows[i::k], rounds) for i in range(k)], start=cpu_hb.start
+                    client,
+                    [(web.url, rows[i::k], rounds, args.bare) for i in range(k)],
+                    start=cpu_hb.start,
                 )
                 cpu_hb.stop()
                 n_health = max(1000, p * rounds // k)
@@ -175,6 +200,7 @@ def main() -> None:
     rate = len(lat) / cpu_hb.wall
     health_rate = len(health_lat) / cpu_health.wall
     kind = "busy (one running job's metrics each)" if args.busy else "idle"
+    kind += ", bare calls" if args.bare else ""
     report(
         f"heartbeats of {p} {kind} pilots, {rounds} each, {k} clients, {web.describe()}",
         [

@@ -81,6 +81,11 @@ MIDDLEWARE = [
     # First: requests under /api/ with a body over WMS_API_MAX_BODY or a NUL in the path or
     # query are refused before anything reads them (wms.middleware).
     "wms.middleware.ApiRequestGuard",
+    # Then: a pilot's call of the pilot protocol (Authorization: Pilot <token>, one of
+    # WMS_LEAN_PATHS) takes the short chain WMS_LEAN_MIDDLEWARE instead of what follows
+    # (sessions, CSRF, users, messages, static files, the lockout and the request log lines
+    # serve browsers and users, not pilots): wms.middleware.TokenRequestPath.
+    "wms.middleware.TokenRequestPath",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's and the API docs' static files from STATIC_ROOT under gunicorn
     # (after `manage.py collectstatic`); runserver serves them itself in DEBUG.
@@ -94,6 +99,17 @@ MIDDLEWARE = [
     "django_structlog.middlewares.RequestMiddleware",
     # Last (django-axes): answers a locked-out login attempt (see "Accounts" below).
     "axes.middleware.AxesMiddleware",
+]
+
+WMS_LEAN_AUTH_SCHEMES = ["Pilot"]
+WMS_LEAN_PATHS = [
+    r"/api/v1/pilots/[0-9]+/[a-z_-]+/\Z",  # heartbeat, terminate, events
+    r"/api/v1/jobs/[0-9a-fA-F-]{32,36}/(?:start|report)/\Z",
+]
+WMS_LEAN_MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",  # HTTPS redirect, security headers
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"

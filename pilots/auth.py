@@ -1,8 +1,11 @@
 """How pilots authenticate (docs/pilot-api.md): ``Authorization: Pilot <token>``.
 
 Only the token's sha256 is stored (``Pilot.token_hash``, unique): a request costs one hash and
-one indexed lookup (:func:`pilot_by_token_hash`), whatever the token. A revoked token (its
-hash cleared) or an unknown one answers 401. The authenticated request carries the pilot in
+one indexed lookup (:func:`pilot_by_token_hash`), whatever the token. The row is read on every
+request, so a revoked token is refused at once. A call with an ``Idempotency-Key`` reads the
+answer remembered for it in the same statement (``wms.idempotency``: one statement fewer).
+A revoked token (its hash cleared) or an unknown one answers 401. The authenticated request
+carries the pilot in
 ``request.auth`` and a :class:`PilotPrincipal` in ``request.user``: an anonymous-like user, so
 every user endpoint (``IsAuthenticated``) refuses a pilot, and a user's token never passes
 :class:`IsPilot`.
@@ -20,17 +23,24 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from django.db import connection
+from django.db import connection, connections
 from django.utils.crypto import salted_hmac
 from rest_framework import authentication, exceptions, permissions
 
 from pilots.models import Pilot
 from pilots.services import TOKEN_PREFIX
+from wms.idempotency import (
+    prefetched,
+    remembered_columns,
+    remembered_join_sql,
+    request_key,
+)
 
 KEYWORD = "Pilot"
 BUS_KEY_SALT = "wms.pilots.auth.bus-events"
@@ -62,7 +72,13 @@ class PilotTokenAuthentication(authentication.BaseAuthentication):
                 "Invalid pilot token header: expected 'Pilot <token>'."
             )
         digest = hashlib.sha256(header[1]).hexdigest()
-        pilot = pilot_by_token_hash(digest)
+        key = request_key(request)
+        if key is None:
+            pilot = pilot_by_token_hash(digest)
+        else:
+            pilot, remembered = _pilot_and_answer(digest, key)
+            if pilot is not None:
+                prefetched(request, scope=pilot_scope_of(pilot.pk), key=key, row=remembered)
         if pilot is None:
             raise exceptions.AuthenticationFailed("Invalid or revoked pilot token.")
         return PilotPrincipal(pilot), pilot
@@ -71,15 +87,56 @@ class PilotTokenAuthentication(authentication.BaseAuthentication):
         return KEYWORD
 
 
+SCOPE_PREFIX = "pilot:"
+
+
+def pilot_scope_of(pilot_id: int) -> str:
+    """Whose idempotency keys a pilot's call is compared with: its own (``pilot:<id>``)."""
+    return f"{SCOPE_PREFIX}{pilot_id}"
+
+
 @functools.cache
-def _token_lookup_sql(vendor: str) -> str:
+def _token_lookup_sql(vendor: str, with_answer: bool = False) -> str:
     """The lookup's statement, built once per process (``vendor`` keys it: the quoting is
-    the backend's)."""
+    the backend's). ``with_answer``: the answer remembered for the call's idempotency key
+    joined (``wms.idempotency.remembered_join_sql``; the key is the first parameter)."""
     meta = Pilot._meta
     qn = connection.ops.quote_name
     table = qn(meta.db_table)
     columns = ", ".join(f"{table}.{qn(f.column or f.name)}" for f in meta.concrete_fields)
-    return f"SELECT {columns} FROM {table} WHERE {table}.{qn('token_hash')} = %s"  # noqa: S608
+    where = f"WHERE {table}.{qn('token_hash')} = %s"
+    if not with_answer:
+        return f"SELECT {columns} FROM {table} {where}"  # noqa: S608
+    scope = f"'{SCOPE_PREFIX}' || {table}.{qn('id')}"
+    return (
+        f"SELECT {columns}, {remembered_columns()} FROM {table} "  # noqa: S608
+        f"{remembered_join_sql(vendor, scope)} {where}"
+    )
+
+
+_CONVERTERS: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def _pilot_from_row(row: tuple[Any, ...]) -> Pilot:
+    """The row as ``Pilot.objects.get()`` would return it (the ORM's converters, found once
+    per connection)."""
+    meta = Pilot._meta
+    fields = meta.concrete_fields
+    wrapper = connections[connection.alias]  # this thread's connection (not the proxy)
+    converters = _CONVERTERS.get(wrapper)
+    if converters is None:
+        compiler = Pilot._default_manager.all().query.get_compiler(connection.alias)
+        converters = compiler.get_converters([f.get_col(meta.db_table) for f in fields])
+        _CONVERTERS[wrapper] = converters
+    if converters:
+        values = list(row)
+        for pos, (functions, expression) in converters.items():
+            value = values[pos]
+            for convert in functions:
+                value = convert(value, expression, connection)
+            values[pos] = value
+        row = tuple(values)
+    return Pilot.from_db(connection.alias, [f.attname for f in fields], row)
 
 
 def pilot_by_token_hash(digest: str) -> Pilot | None:
@@ -87,19 +144,22 @@ def pilot_by_token_hash(digest: str) -> Pilot | None:
     ``Pilot.objects.get(token_hash=digest)`` would return it, or None. The statement is
     built once per process rather than compiled by the ORM each time (half the CPU of the
     lookup); the row is still read every time, so a revoked token is refused at once."""
-    meta = Pilot._meta
-    fields = meta.concrete_fields
     with connection.cursor() as cursor:
         cursor.execute(_token_lookup_sql(connection.vendor), [digest])
         row = cursor.fetchone()
+    return None if row is None else _pilot_from_row(row)
+
+
+def _pilot_and_answer(digest: str, key: str) -> tuple[Pilot | None, tuple[Any, ...]]:
+    """:func:`pilot_by_token_hash` and, in the same statement, the answer remembered for the
+    call's idempotency ``key`` in the pilot's scope (three NULLs if none)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_token_lookup_sql(connection.vendor, True), [key, digest])
+        row = cursor.fetchone()
     if row is None:
-        return None
-    compiler = Pilot._default_manager.all().query.get_compiler(connection.alias)
-    columns = [f.get_col(meta.db_table) for f in fields]
-    converters = compiler.get_converters(columns)
-    if converters:
-        (row,) = compiler.apply_converters([row], converters)
-    return Pilot.from_db(connection.alias, [f.attname for f in fields], row)
+        return None, ()
+    n = len(Pilot._meta.concrete_fields)
+    return _pilot_from_row(row[:n]), row[n:]
 
 
 def pilot_bus_key(*, pilot_id: int, token_hash: str, secret: str | None = None) -> str:

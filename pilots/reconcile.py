@@ -91,6 +91,29 @@ def pilot_attempts_reconcile(
     The caller (the heartbeat) holds the pilot's row; jobs are locked after it
     (``FOR UPDATE``, in id order), the order every start and terminate uses.
     """
+    return pilot_attempts_reconcile_locked(
+        pilot_id=pilot_id,
+        running=running,
+        reporting=reporting,
+        now=now,
+        previous_heartbeat=previous_heartbeat,
+    )
+
+
+def pilot_attempts_reconcile_locked(
+    *,
+    pilot_id: int,
+    running: Sequence[Mapping[str, Any]] = (),
+    reporting: Sequence[Mapping[str, Any]] | None = None,
+    now: datetime | None = None,
+    previous_heartbeat: datetime | None = None,
+    running_here: bool = True,
+) -> ReconcileResult:
+    """:func:`pilot_attempts_reconcile` inside the caller's transaction, which holds the
+    pilot's row (the heartbeat's): no savepoint of its own, so an error spoils the caller's
+    transaction (the heartbeat's is then rolled back whole). ``running_here=False``: the
+    caller read, under that lock, that no attempt runs on this pilot (no query for the
+    attempts it does not name)."""
     now = now or timezone.now()
     runs = _named(running, "jobs")
     reports = _named(reporting or (), "reporting")
@@ -141,7 +164,7 @@ def pilot_attempts_reconcile(
             kills.append((job_id, uid, number, "the job moved on while it was reclaimed"))
     killed = _kill(pilot_id, kills)
     failed = 0
-    if reporting is not None:
+    if reporting is not None and running_here:
         failed = _fail_not_on_pilot(pilot_id, named, now, previous_heartbeat)
     result = ReconcileResult(
         carried_on=carried_on, reclaimed=reclaimed, killed=killed, not_on_pilot=failed

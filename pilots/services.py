@@ -24,7 +24,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from pilots.commands import CommandSpec, command_message, pilot_commands_create
+from pilots.commands import CommandSpec, pilot_commands_create
+from pilots.heartbeat_rows import deliver_commands, touch
 from pilots.models import (
     LIVE_PILOT_STATES,
     CommandKind,
@@ -272,16 +273,6 @@ class HeartbeatReply:
     state: str = ""
 
 
-def _command_job_uuids(rows: list[PilotCommand]) -> dict[int, str]:
-    from jobs.models import Job
-
-    ids = {r.job_id for r in rows if r.job_id is not None}
-    if not ids:
-        return {}
-    return {pk: str(u) for pk, u in Job.objects.filter(pk__in=ids).values_list("pk", "uuid")}
-
-
-@transaction.atomic
 def pilot_heartbeat(
     *,
     pilot_id: int,
@@ -297,7 +288,9 @@ def pilot_heartbeat(
     - ``registered`` moves to the reported state (``idle`` at first); ``idle``/``busy`` follow
       the report; ``draining`` stays until the pilot ends. A ``lost`` pilot was heard from
       again: it moves to the reported state (reason "heard from again") and carries on. A
-      terminated pilot keeps its state and is told (once) to shut down.
+      terminated pilot keeps its state and is told (once) to shut down. Only a change of
+      state writes a transition row (and an INFO line); a heartbeat that changes nothing
+      logs nothing.
     - The attempts the pilot names, running (``jobs``: ``{job_uuid, attempt, <metric>:
       number}``) or with a final report in its spool (``reporting``: ``{job_uuid, attempt}``),
       are reconciled with the server's (``pilots.reconcile.pilot_attempts_reconcile``): its own
@@ -312,34 +305,64 @@ def pilot_heartbeat(
 
     The pilot's row is locked first, so two heartbeats of one pilot are served one after the
     other, and the reaper (``SKIP LOCKED``) leaves a pilot alone while it is heard from.
-    A constant number of queries.
+    A constant number of queries: a pilot that runs nothing and names nothing, whose state
+    does not change, costs two statements on PostgreSQL (the row's lock and update, and the
+    commands' delivery), plus one to mark acknowledged commands when it sends some.
     """
     if state not in REPORTED_STATES:
         raise ValidationFailed({"state": [f"Must be one of {list(REPORTED_STATES)}."]})
-    row = (
-        Pilot.objects.select_for_update()
-        .filter(pk=pilot_id)
-        .values_list("state", "last_heartbeat")
-        .first()
-    )  # the state and the previous heartbeat only: the auth already read the whole row
-    if row is None:
-        raise NotFound(f"Pilot {pilot_id} does not exist.")
-    current, previous_heartbeat = row
-    now = timezone.now()
-    source = pilot_source(pilot_id)
-
     try:
         acked = [a if isinstance(a, uuid.UUID) else uuid.UUID(str(a)) for a in acked_commands]
     except ValueError as exc:
         raise ValidationFailed({"acked_commands": ["Must be a list of command ids."]}) from exc
+    reply = _heartbeat(
+        pilot_id=pilot_id,
+        state=state,
+        status=status,
+        metrics=metrics,
+        jobs=jobs,
+        reporting=reporting,
+        acked=acked,
+    )
+    if reply is None:
+        raise NotFound(f"Pilot {pilot_id} does not exist.")
+    return reply
+
+
+# Inside its caller's transaction when there is one (the idempotency key's): no savepoint of
+# its own (two statements less). Bad input is refused before it (above), a missing pilot
+# writes nothing and is answered after it; any other error spoils the caller's transaction,
+# which is then rolled back whole, as the idempotent call's is.
+@transaction.atomic(savepoint=False)
+def _heartbeat(
+    *,
+    pilot_id: int,
+    state: str,
+    status: str,
+    metrics: Mapping[str, Any] | None,
+    jobs: Sequence[Mapping[str, Any]],
+    reporting: Sequence[Mapping[str, Any]] | None,
+    acked: list[uuid.UUID],
+) -> HeartbeatReply | None:
+    now = timezone.now()
+    updates: dict[str, Any] = {
+        "last_heartbeat": now,
+        "updated_at": now,
+        "status": (status or "")[:255],
+    }
+    if metrics is not None:
+        updates["metrics"] = dict(metrics)
+    touched = touch(pilot_id, updates)
+    if touched is None:
+        return None  # nothing written
+    current, previous_heartbeat, running_here = touched
+    source = pilot_source(pilot_id)
+
     if acked:
         PilotCommand.objects.filter(pilot_id=pilot_id, pk__in=acked, acked_at__isnull=True).update(
             acked_at=now
         )
 
-    updates: dict[str, Any] = {"last_heartbeat": now, "status": (status or "")[:255]}
-    if metrics is not None:
-        updates["metrics"] = dict(metrics)
     target, reason = None, "heartbeat"
     if current == PilotState.LOST:
         target, reason = state, "heard from again"
@@ -349,13 +372,7 @@ def pilot_heartbeat(
         target = state
     if target is not None:
         apply_transition(
-            Pilot,
-            pilot_id,
-            target,
-            source=source,
-            reason=reason,
-            updates=updates,
-            locked_state=current,
+            Pilot, pilot_id, target, source=source, reason=reason, locked_state=current
         )
         log.info(
             "pilot_state_changed",
@@ -367,18 +384,17 @@ def pilot_heartbeat(
         if current == PilotState.LOST:
             log.warning("pilot_heard_from_again", pilot_id=pilot_id, state=target)
         current = target
-    else:
-        Pilot.objects.filter(pk=pilot_id).update(updated_at=now, **updates)
 
-    if current in LIVE_PILOT_STATES:
-        from pilots.reconcile import pilot_attempts_reconcile
+    if current in LIVE_PILOT_STATES and (jobs or reporting is not None):
+        from pilots.reconcile import pilot_attempts_reconcile_locked
 
-        pilot_attempts_reconcile(
+        pilot_attempts_reconcile_locked(
             pilot_id=pilot_id,
             running=jobs,
             reporting=reporting,
             now=now,
             previous_heartbeat=previous_heartbeat,
+            running_here=running_here,
         )
     if jobs:
         from jobs.reports import job_events_apply
@@ -423,19 +439,8 @@ def pilot_heartbeat(
             ]
         )
 
-    pending = list(
-        PilotCommand.objects.filter(
-            pilot_id=pilot_id, delivered_at__isnull=True, acked_at__isnull=True
-        ).order_by("created_at", "id")
-    )
-    if pending:
-        PilotCommand.objects.filter(pk__in=[c.pk for c in pending]).update(delivered_at=now)
-    job_uuids = _command_job_uuids(pending)
     return HeartbeatReply(
-        commands=[
-            command_message(c, job_uuids.get(c.job_id, "") if c.job_id is not None else "")
-            for c in pending
-        ],
+        commands=deliver_commands(pilot_id, now),
         heartbeat_interval=settings.WMS_HEARTBEAT_INTERVAL,
         state=current,
     )

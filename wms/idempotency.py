@@ -22,8 +22,11 @@ sent again with every retry of that call). A view method wrapped with :func:`ide
   stored: they are answered afresh when the call is sent again.
 
 So a call costs one indexed read and one INSERT (``ON CONFLICT DO NOTHING``), plus the
-savepoint the service's own transaction becomes. Two copies of one call at the same time
-both pass the read; the second one's INSERT waits on the first one's uncommitted row (the
+savepoint the service's own transaction becomes (none for a service that joins its
+caller's transaction, such as the heartbeat). An authentication that reads the caller's row
+anyway may do the read in the same statement (:func:`remembered_join_sql`, the pilots').
+Two copies of one call at the same time both pass the read; the second one's INSERT waits
+on the first one's uncommitted row (the
 unique index), then finds it: the second copy's work is rolled back and it answers the
 first one's answer (so does a second copy that fails on a unique row the first one made,
 e.g. a pilot's token). If the first copy rolled back, the second goes on as a first call.
@@ -39,7 +42,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -149,6 +152,55 @@ def _lookup(scope: str, key: str) -> tuple[str, int, str] | None:
         return cursor.fetchone()
 
 
+# --- the lookup done by the authentication ------------------------------------------------------
+
+_PREFETCHED = "_wms_idempotency_prefetched"
+REMEMBERED_ALIAS = "wms_idem"
+
+
+@functools.cache
+def remembered_join_sql(vendor: str, scope_sql: str) -> str:
+    """``LEFT JOIN`` of the remembered answer to a caller's own row, for an authentication
+    that reads that row anyway (``pilots.auth``): ``scope_sql`` is the SQL of the caller's
+    scope in terms of that row; the one parameter is the key. Its columns are
+    :data:`REMEMBERED_COLUMNS` (NULLs when the key is not stored). The read and the wrapper's
+    own (:func:`_lookup`) are the same read, at the same moment (before the call's
+    transaction): one statement fewer."""
+    qn = connection.ops.quote_name
+    table = qn(IdempotentRequest._meta.db_table)
+    alias = qn(REMEMBERED_ALIAS)
+    return (
+        f"LEFT JOIN {table} AS {alias} ON {alias}.{qn('scope')} = {scope_sql} "
+        f"AND {alias}.{qn('key')} = %s"
+    )
+
+
+def remembered_columns() -> str:
+    qn = connection.ops.quote_name
+    alias = qn(REMEMBERED_ALIAS)
+    return ", ".join(f"{alias}.{qn(c)}" for c in ("fingerprint", "status", "body"))
+
+
+def prefetched(request: Any, *, scope: str, key: str, row: Sequence[Any]) -> None:
+    """Hand the wrapper the lookup of ``key`` for ``scope`` done with the authentication:
+    ``row`` is the three :func:`remembered_columns` (all None: not stored)."""
+    fingerprint, status, body = row
+    found = None if fingerprint is None else (fingerprint, int(status), body)
+    setattr(_http_request(request), _PREFETCHED, (scope, key, found))
+
+
+def _http_request(request: Any) -> Any:
+    return getattr(request, "_request", request)
+
+
+def _lookup_once(request: Any, scope: str, key: str) -> tuple[str, int, str] | None:
+    """:func:`_lookup`, or what the authentication read for this very scope and key."""
+    done = getattr(_http_request(request), _PREFETCHED, None)
+    if done is not None and done[0] == scope and done[1] == key:
+        return done[2]  # type: ignore[no-any-return]
+    return _lookup(scope, key)
+
+
 def _replay(
     scope: str,
     key: str,
@@ -207,7 +259,7 @@ def idempotent(
                 raise IdempotencyKeyInvalid()
             who = scope(request)
             fingerprint = _fingerprint(request)
-            row = _lookup(who, key)
+            row = _lookup_once(request, who, key)
             if row is not None:  # answered before: the same answer, the call is not run
                 return _replay(who, key, fingerprint, replayed, request, row)
             try:

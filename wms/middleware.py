@@ -10,6 +10,14 @@
   ``validation_failed`` naming ``path`` or the parameter: PostgreSQL cannot store or compare
   text holding it.
 
+:class:`TokenRequestPath` sits right after it: a call with a token of one of the schemes in
+``WMS_LEAN_AUTH_SCHEMES`` (``Authorization: Pilot <token>``) to a path of
+``WMS_LEAN_PATHS`` (the pilot protocol's endpoints, which take that token only) goes through
+the short chain ``WMS_LEAN_MIDDLEWARE`` instead of the rest of ``MIDDLEWARE``: no session,
+CSRF, user, messages, static files, lockout or per-request log lines, which serve browsers
+and users, never a pilot (its calls carry no cookie). Every call is still authenticated by
+its view (the token is checked there), and errors are still logged (below).
+
 What the body holds (JSON depth, NUL in strings, non-finite numbers, form fields) is the
 parsers' business (``wms.parsers``); errors raised outside DRF's views are answered by the
 handlers in ``wms.api``.
@@ -18,12 +26,19 @@ handlers in ``wms.api``.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
-from typing import Any
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
+import structlog
 from django.conf import settings
+from django.core.exceptions import MiddlewareNotUsed
+from django.core.handlers.base import BaseHandler
+from django.core.handlers.exception import convert_exception_to_response
 from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.module_loading import import_string
 
 from wms.parsers import NUL_MESSAGE
 
@@ -117,3 +132,90 @@ class ApiRequestGuard:
         request.META["CONTENT_LENGTH"] = str(size)
         request._stream = LimitedStream(buffer, size)  # type: ignore[attr-defined,assignment]
         return None
+
+
+# --- the short path of token calls ---------------------------------------------------------------
+
+request_log = structlog.get_logger("wms.request")
+
+
+class _ShortChain(BaseHandler):
+    """Django's request handling (URL resolution, view, exception and template-response
+    middleware) behind the middleware of ``paths`` only: ``BaseHandler.load_middleware`` for a
+    list other than ``settings.MIDDLEWARE`` (synchronous)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        handler = convert_exception_to_response(self._get_response)  # type: ignore[attr-defined]
+        for path in reversed(paths):
+            try:
+                mw = import_string(path)(handler)
+            except MiddlewareNotUsed:
+                continue
+            if hasattr(mw, "process_view"):
+                self._view_middleware.insert(0, mw.process_view)
+            if hasattr(mw, "process_template_response"):
+                self._template_response_middleware.append(mw.process_template_response)
+            if hasattr(mw, "process_exception"):
+                self._exception_middleware.append(mw.process_exception)
+            handler = convert_exception_to_response(mw)
+        self._middleware_chain = handler
+
+
+def _scheme_of(authorization: str, schemes: frozenset[str]) -> bool:
+    scheme, _, _rest = authorization.partition(" ")
+    return scheme.lower() in schemes
+
+
+class TokenRequestPath:
+    """A token call of the pilot protocol takes the short chain (see the module's text).
+
+    The log: every line a call writes carries its ``request_id`` (the client's
+    ``X-Request-ID`` is not trusted: a new uuid); a call answered >= 400 writes
+    ``request_finished`` (WARNING, ERROR for 5xx) as django-structlog does, a call answered
+    2xx writes nothing of its own (its service logs what changed); an exception is logged
+    with its traceback by Django (``django.request``) and django-structlog's
+    ``request_failed``, as on the long path.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+        schemes = getattr(settings, "WMS_LEAN_AUTH_SCHEMES", ())
+        paths = getattr(settings, "WMS_LEAN_PATHS", ())
+        if not schemes or not paths:
+            raise MiddlewareNotUsed()
+        self.schemes = frozenset(s.lower() for s in schemes)
+        self.paths = re.compile("|".join(f"(?:{p})" for p in paths))
+        self.short = cast(
+            Callable[[HttpRequest], HttpResponse],
+            _ShortChain(getattr(settings, "WMS_LEAN_MIDDLEWARE", ()))._middleware_chain,
+        )
+
+    def takes(self, request: HttpRequest) -> bool:
+        authorization = request.META.get("HTTP_AUTHORIZATION")
+        return (
+            authorization is not None
+            and _scheme_of(authorization, self.schemes)
+            and self.paths.match(request.path_info) is not None
+        )
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if not self.takes(request):
+            return self.get_response(request)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=str(uuid.uuid4()))
+        try:
+            response = self.short(request)
+            status = response.status_code
+            if status >= 400:
+                request_log.log(
+                    40 if status >= 500 else 30,
+                    "request_finished",
+                    code=status,
+                    request=f"{request.method} {request.get_full_path()}",
+                )
+            return response
+        finally:
+            structlog.contextvars.clear_contextvars()

@@ -298,3 +298,117 @@ def test_a_heartbeat_costs_the_same_queries_whatever_it_carries(make_pilot):
         return len(ctx.captured_queries)
 
     assert cost(2) == cost(40)
+
+
+# --- the cost of a heartbeat (issue 15) --------------------------------------------------------
+
+
+def test_a_heartbeat_that_changes_nothing_costs_two_statements(make_pilot):
+    """The agent's heartbeat of an idle pilot (no attempt named, ``reporting`` sent): the
+    row's lock and update in one statement, the commands' delivery in another. Nothing is
+    written about a state that does not change."""
+    pilot, _ = make_pilot()
+    pilot_heartbeat(pilot_id=pilot.pk, state="idle")  # registered → idle
+    before = pilot.transitions.count()
+
+    with CaptureQueriesContext(connection) as ctx:
+        reply = pilot_heartbeat(
+            pilot_id=pilot.pk, state="idle", status="idle", metrics={"load1": 0.1}, reporting=[]
+        )
+
+    assert [q["sql"].split()[0] for q in ctx.captured_queries] == ["UPDATE", "UPDATE"]
+    assert reply.state == PilotState.IDLE and reply.commands == []
+    pilot.refresh_from_db()
+    assert pilot.status == "idle" and pilot.metrics == {"load1": 0.1}
+    assert pilot.transitions.count() == before
+
+
+def test_a_keyed_heartbeat_through_the_api_costs_six_statements(make_pilot):
+    """What the agent sends: its token and its idempotency key (one read: the pilot's row and
+    the remembered answer), the answer's INSERT, the transaction (here a savepoint in the
+    test's, and its release), the heartbeat's two statements."""
+    pilot, client = make_pilot()
+    beat(client, pilot)  # registered → idle
+    url = f"/api/v1/pilots/{pilot.pk}/heartbeat/"
+    body = {"state": "idle", "status": "idle", "metrics": {"load1": 0.1}, "reporting": []}
+
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="hb-cost-0001")
+
+    assert response.status_code == 200, response.json()
+    assert len(ctx.captured_queries) == 6, [q["sql"][:80] for q in ctx.captured_queries]
+    assert "wms_idempotentrequest" in ctx.captured_queries[0]["sql"]  # read with the token
+
+    again = client.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="hb-cost-0001")
+    assert again.json() == response.json() and again["Idempotent-Replayed"] == "true"
+
+
+def test_a_heartbeat_does_not_wait_for_the_wal_flush(make_pilot):
+    """Its transaction commits asynchronously (``synchronous_commit`` off for it alone): a
+    heartbeat's writes are all written again by the next one."""
+    pilot, _ = make_pilot()
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+        pilot_heartbeat(pilot_id=pilot.pk, state="idle")
+        cursor.execute("SHOW synchronous_commit")  # in the same (the test's) transaction
+        assert cursor.fetchone()[0] == "off"
+
+
+def test_an_idle_pilot_with_a_forgotten_attempt_still_fails_it(make_pilot, settings):
+    """The heartbeat skips the search for attempts the pilot does not name only when none
+    runs on it: one that does (started long ago, named nowhere) still fails as
+    ``not_on_pilot``."""
+    settings.WMS_NOT_ON_PILOT_GRACE = 60
+    pilot, _ = make_pilot()
+    pilot_heartbeat(pilot_id=pilot.pk, state="idle")
+    attempt = running_attempt(pilot)
+    type(attempt).objects.filter(pk=attempt.pk).update(
+        started_at=attempt.started_at.replace(year=2000)
+    )
+
+    pilot_heartbeat(pilot_id=pilot.pk, state="idle", reporting=[])
+
+    attempt.refresh_from_db()
+    assert attempt.state == AttemptState.FAILED and attempt.error_code == "not_on_pilot"
+
+
+def test_commands_come_in_the_order_they_were_made_and_once(make_pilot):
+    pilot, _ = make_pilot()
+    made = [pilot_command_create(pilot_id=pilot.pk, command=CommandKind.DRAIN) for _ in range(5)]
+
+    first = pilot_heartbeat(pilot_id=pilot.pk, state="idle")
+    again = pilot_heartbeat(pilot_id=pilot.pk, state="idle")
+
+    assert [c.id for c in first.commands] == [str(c.pk) for c in made]
+    assert again.commands == []
+    assert not PilotCommand.objects.filter(pilot=pilot, delivered_at__isnull=True).exists()
+
+
+def test_a_heartbeat_for_a_missing_pilot_leaves_the_callers_transaction_usable(make_pilot):
+    """The heartbeat has no savepoint of its own: a missing pilot writes nothing and is
+    refused outside its transaction, so a caller's transaction goes on."""
+    with pytest.raises(NotFound):
+        pilot_heartbeat(pilot_id=987654, state="idle")
+    pilot, _ = make_pilot()  # the test's transaction still works
+    assert pilot_heartbeat(pilot_id=pilot.pk, state="idle").state == PilotState.IDLE
+
+
+def test_a_healthy_heartbeat_writes_no_log_line(make_pilot, caplog):
+    """A pilot's call writes no request lines (the short path of ``wms.middleware``) and a
+    heartbeat that changes no state logs nothing; a change of state is logged."""
+    pilot, client = make_pilot()
+    with caplog.at_level("INFO"):
+        caplog.clear()
+        beat(client, pilot)  # registered → idle
+        changed = [r for r in caplog.records if r.levelno >= 20]
+        caplog.clear()
+        for _ in range(3):
+            assert beat(client, pilot).status_code == 200
+
+    assert [_event(r) for r in changed] == ["pilot_state_changed"]
+    assert [_event(r) for r in caplog.records if r.levelno >= 20] == []
+
+
+def _event(record) -> str | None:
+    return record.msg.get("event") if isinstance(record.msg, dict) else record.getMessage()
