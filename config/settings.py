@@ -103,7 +103,7 @@ MIDDLEWARE = [
 
 WMS_LEAN_AUTH_SCHEMES = ["Pilot"]
 WMS_LEAN_PATHS = [
-    r"/api/v1/pilots/[0-9]+/[a-z_-]+/\Z",  # heartbeat, terminate, events
+    r"/api/v1/pilots/[0-9]+/[a-z_-]+/\Z",  # heartbeat, terminate, events, starts
     r"/api/v1/jobs/[0-9a-fA-F-]{32,36}/(?:start|report)/\Z",
 ]
 WMS_LEAN_MIDDLEWARE = [
