@@ -57,7 +57,12 @@ def test_a_map_task_merged_in_groups_of_three_ends_with_one_merged_output(make_s
     )
 
     wait_until(
-        lambda: Task.objects.filter(pk=task.pk, output_closed_at__isnull=False).exists(),
+        # the finalizer claims output_closed_at in its transaction and closes the output
+        # dataset after that commits: both are awaited
+        lambda: (
+            Task.objects.filter(pk=task.pk, output_closed_at__isnull=False).exists()
+            and Dataset.objects.filter(uid=task.data_out_uid, state=DatasetState.CLOSED).exists()
+        ),
         timeout=300,
         what="the task to end and its output dataset to close",
         out=out,

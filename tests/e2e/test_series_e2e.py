@@ -133,7 +133,12 @@ def test_a_task_over_three_datasets_follows_the_open_one_and_ends_after_its_clos
         dsm.close_dataset(b.uid, source="command")  # the producer is done: the last file goes
 
     wait_until(
-        lambda: Task.objects.filter(pk=task.pk, output_closed_at__isnull=False).exists(),
+        # the finalizer claims output_closed_at in its transaction and closes the output
+        # dataset after that commits: both are awaited
+        lambda: (
+            Task.objects.filter(pk=task.pk, output_closed_at__isnull=False).exists()
+            and Dataset.objects.filter(uid=task.data_out_uid, state=DatasetState.CLOSED).exists()
+        ),
         timeout=180,
         what="the task to end after B's close and its output dataset to close",
         out=out,
