@@ -109,7 +109,12 @@ def _publish_confirmed(conn: Connection, channel, items: list[tuple[bytes, str, 
             singles.add(tag)
 
     def on_nack(tag: int, multiple: bool) -> None:
-        nacked.append(tag)
+        # the messages this nack refuses: every unconfirmed one up to tag (multiple), or one
+        if tag > upto:
+            if multiple:
+                nacked.extend(t for t in range(upto + 1, tag + 1) if t not in singles)
+            else:
+                nacked.append(tag)
         on_ack(tag, multiple)
 
     def outstanding() -> int:
