@@ -19,7 +19,7 @@ from jobs.start import Claim, jobs_claim
 from pilots.commands import CommandSpec, pilot_commands_create
 from pilots.models import CommandKind, Pilot, PilotState
 from wms.contract import JobMessage
-from wms.exceptions import JobNotQueued, NotFound, PilotNotLive, ValidationFailed
+from wms.exceptions import JobNotQueued, NotFound, PilotNotLive, ValidationFailed, WMSError
 from wms.statemachine import apply_transition
 
 log = structlog.get_logger(__name__)
@@ -87,6 +87,35 @@ def clean_starts(entries: Sequence[Any]) -> list[tuple[uuid.UUID, int] | Validat
         else:
             cleaned.append((uid, attempt))
     return cleaned
+
+
+def pilot_starts_answer(*, pilot: Pilot, entries: Sequence[Any]) -> list[dict[str, Any]]:
+    """``POST /pilots/{id}/starts/``: each entry checked (:func:`clean_starts`), the valid
+    ones started (:func:`pilot_jobs_start`), one result per entry in order: ``outcome:
+    started`` with the job message, or ``error`` and ``detail``."""
+    cleaned = clean_starts(entries)
+    valid = [c for c in cleaned if isinstance(c, tuple)]
+    claims = iter(pilot_jobs_start(pilot=pilot, starts=valid) if valid else [])
+    results: list[dict[str, Any]] = []
+    for entry, item in zip(entries, cleaned, strict=True):
+        if isinstance(item, tuple):
+            claim = next(claims)
+            head: dict[str, Any] = {"job_uuid": str(item[0]), "attempt": item[1]}
+            if claim.refusal is None:
+                assert claim.message is not None
+                results.append({**head, "outcome": "started", "job": claim.message.to_dict()})
+                continue
+            error: WMSError = claim.refusal
+        else:
+            raw = entry if isinstance(entry, dict) else {}
+            attempt = raw.get("attempt")
+            head = {
+                "job_uuid": str(raw.get("job_uuid") or ""),
+                "attempt": attempt if type(attempt) is int else None,
+            }
+            error = item
+        results.append({**head, "error": error.code, "detail": error.detail})
+    return results
 
 
 @transaction.atomic

@@ -38,7 +38,7 @@ from pilots.auth import (
     registration_token,
     request_pilot,
 )
-from pilots.protocol import clean_starts, pilot_jobs_start
+from pilots.protocol import pilot_starts_answer
 from pilots.services import (
     hash_token,
     pilot_heartbeat,
@@ -252,39 +252,7 @@ class PilotStartsView(PilotProtocolView):
     def post(self, request: Request, pilot_id: int) -> Response:
         serializer = PilotStartsSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        entries = serializer.validated_data["starts"]
-        cleaned = clean_starts(entries)
-        valid = [c for c in cleaned if isinstance(c, tuple)]
-        claims = iter(pilot_jobs_start(pilot=request_pilot(request), starts=valid) if valid else [])
-        results = []
-        attempt: int | None
-        for entry, item in zip(entries, cleaned, strict=True):
-            if isinstance(item, tuple):
-                job_uuid, attempt = str(item[0]), item[1]
-                claim = next(claims)
-                if claim.refusal is None:
-                    assert claim.message is not None
-                    results.append(
-                        {
-                            "job_uuid": job_uuid,
-                            "attempt": attempt,
-                            "outcome": "started",
-                            "job": claim.message.to_dict(),
-                        }
-                    )
-                    continue
-                error = claim.refusal
-            else:
-                job_uuid = str(entry.get("job_uuid") or "") if isinstance(entry, dict) else ""
-                raw_attempt = entry.get("attempt") if isinstance(entry, dict) else None
-                attempt = raw_attempt if type(raw_attempt) is int else None
-                error = item
-            results.append(
-                {
-                    "job_uuid": job_uuid,
-                    "attempt": attempt,
-                    "error": error.code,
-                    "detail": error.detail,
-                }
-            )
+        results = pilot_starts_answer(
+            pilot=request_pilot(request), entries=serializer.validated_data["starts"]
+        )
         return Response({"results": results})
